@@ -1,0 +1,1 @@
+"""Knowledge graph data: the container, built-in datasets, the MKGformer loader."""
