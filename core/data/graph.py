@@ -77,7 +77,9 @@ class AnswerIndex:
     def _keys(self, heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
         return heads.long() * self.num_query_relations + relations.long()
 
-    def lookup(self, heads: torch.Tensor, relations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(
+        self, heads: torch.Tensor, relations: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Answers of a batch of queries as sparse coordinates.
 
         Args:
@@ -89,7 +91,9 @@ class AnswerIndex:
             ``rows[i]``. Queries with no known answer contribute nothing.
         """
         keys = self._keys(heads, relations).cpu()
-        position = torch.searchsorted(self.query_keys, keys).clamp(max=max(len(self.query_keys) - 1, 0))
+        position = torch.searchsorted(self.query_keys, keys).clamp(
+            max=max(len(self.query_keys) - 1, 0)
+        )
         found = (
             self.query_keys[position] == keys
             if len(self.query_keys)
@@ -159,9 +163,14 @@ class KnowledgeGraph:
 
     def __post_init__(self) -> None:
         num_entities, num_relations = len(self.entities), len(self.relations)
-        for label, column in (("entity_texts", self.entity_texts), ("entity_images", self.entity_images)):
+        for label, column in (
+            ("entity_texts", self.entity_texts),
+            ("entity_images", self.entity_images),
+        ):
             if len(column) != num_entities:
-                raise ValueError(f"{self.name}: {label} has {len(column)} rows, expected {num_entities}")
+                raise ValueError(
+                    f"{self.name}: {label} has {len(column)} rows, expected {num_entities}"
+                )
         if len(self.relation_texts) != num_relations:
             raise ValueError(
                 f"{self.name}: relation_texts has {len(self.relation_texts)} rows, "
@@ -174,9 +183,13 @@ class KnowledgeGraph:
             if len(triples) == 0:
                 raise ValueError(f"{self.name}: the {split} split is empty")
             if int(triples[:, [0, 2]].max()) >= num_entities or int(triples.min()) < 0:
-                raise ValueError(f"{self.name}: {split} holds an entity id outside [0, {num_entities})")
+                raise ValueError(
+                    f"{self.name}: {split} holds an entity id outside [0, {num_entities})"
+                )
             if int(triples[:, 1].max()) >= num_relations:
-                raise ValueError(f"{self.name}: {split} holds a relation id outside [0, {num_relations})")
+                raise ValueError(
+                    f"{self.name}: {split} holds a relation id outside [0, {num_relations})"
+                )
 
     @property
     def num_entities(self) -> int:
@@ -206,7 +219,11 @@ class KnowledgeGraph:
 
     def train_answers(self) -> AnswerIndex:
         """Answer index over training triples only: labels and subgraph structure."""
-        return _cached(self, "train_answers", lambda: AnswerIndex(self.train, self.num_entities, self.num_relations))
+        return _cached(
+            self,
+            "train_answers",
+            lambda: AnswerIndex(self.train, self.num_entities, self.num_relations),
+        )
 
     def all_answers(self) -> AnswerIndex:
         """Answer index over train + valid + test: for filtered evaluation only."""
@@ -214,7 +231,9 @@ class KnowledgeGraph:
             self,
             "all_answers",
             lambda: AnswerIndex(
-                torch.cat([self.train, self.valid, self.test]), self.num_entities, self.num_relations
+                torch.cat([self.train, self.valid, self.test]),
+                self.num_entities,
+                self.num_relations,
             ),
         )
 
