@@ -1,0 +1,88 @@
+"""Datasets by name, the synthetic graph read back through the MKGformer loader, and `data check`."""
+
+import json
+
+import pytest
+
+from core.cli import main
+from core.data.files import DatasetError
+from core.data.mkgformer import LoadOptions, load_mkgformer
+from core.data.registry import load_dataset, synthetic_dataset_folder
+from core.data.synthetic import SyntheticSpec, generate_synthetic
+
+
+def test_synthetic_dataset_reads_back_through_the_mkgformer_loader(tmp_path):
+    spec = SyntheticSpec.preset("small", corrupt_image_fraction=0.05, image_coverage=0.9)
+    folder = generate_synthetic(spec, tmp_path / "syn", progress=False)
+    graph = load_mkgformer(folder, LoadOptions(cache_dir=str(tmp_path / "cache")))
+    written = json.loads((folder / "synthetic.json").read_text())
+
+    assert (graph.num_entities, graph.num_relations) == (spec.num_entities, spec.num_relations)
+    assert (len(graph.train), len(graph.valid), len(graph.test)) == (
+        spec.num_train,
+        spec.num_valid,
+        spec.num_test,
+    )
+    assert all(text for text in graph.entity_texts)  # long descriptions carry the text signal
+    assert graph.report["text_file"] == "entity2textlong.txt"
+    # Every corrupted file the generator wrote is skipped and counted under its reason.
+    corrupt = written["corrupt_images"]
+    assert graph.report["skipped_images"] == {
+        "black": len(corrupt["black"]),
+        "tiny": len(corrupt["one_pixel"]),
+        "unreadable": len(corrupt["truncated"]),
+    }
+    entities_without_folder = graph.report["entities_without_image_folder"]
+    written_files = spec.images_per_entity * (spec.num_entities - entities_without_folder)
+    kept = sum(len(images) for images in graph.entity_images)
+    assert kept + sum(graph.report["skipped_images"].values()) == written_files
+    assert entities_without_folder == spec.num_entities - round(0.9 * spec.num_entities)
+
+
+def test_synthetic_name_generates_once_into_the_cache(tmp_path):
+    first = load_dataset("synthetic", cache_dir=tmp_path)
+    folder = synthetic_dataset_folder(SyntheticSpec.preset("small"), tmp_path)
+    stamp = (folder / "synthetic.json").stat().st_mtime_ns
+    second = load_dataset("synthetic:small", cache_dir=tmp_path)
+    assert (folder / "synthetic.json").stat().st_mtime_ns == stamp
+    assert first.content_hash() == second.content_hash()
+    assert first.name == "synthetic-small"
+    assert [p.name for p in (tmp_path / "datasets").iterdir()] == [folder.name]  # no staging left
+
+
+def test_builtin_and_unknown_names(tmp_path):
+    assert load_dataset("nations", cache_dir=tmp_path).num_entities == 14
+    with pytest.raises(DatasetError, match="neither a known name .*umls.* nor a folder"):
+        load_dataset("fb15k-237", cache_dir=tmp_path)
+    with pytest.raises(DatasetError, match="synthetic:huge"):
+        load_dataset("synthetic:huge", cache_dir=tmp_path)
+
+
+def test_data_check_prints_counts_and_leakage(capsys):
+    assert main(["data", "check", "umls"]) == 0
+    out = capsys.readouterr().out
+    assert "entities     135" in out
+    assert "train 5,216 / valid 652 / test 661" in out
+    assert "leakage      test:" in out
+
+
+def test_data_check_json_and_errors(capsys, tmp_path):
+    assert main(["data", "check", "nations", "--json"]) == 0
+    statistics = json.loads(capsys.readouterr().out)
+    assert statistics["relations"] == 55
+    assert statistics["leakage"]["test"]["triples"] == 201
+    assert main(["data", "check", str(tmp_path / "missing")]) == 2
+    assert "neither a known name" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys):
+    for argv in (
+        ["--help"],
+        ["data", "--help"],
+        ["data", "check", "--help"],
+        ["data", "synth", "--help"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    assert "usage: diffcom data synth" in capsys.readouterr().out
