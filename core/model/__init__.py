@@ -1,0 +1,1 @@
+"""DiffusionCom model parts: the diffusion math and the conditional denoiser network."""
