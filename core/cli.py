@@ -71,6 +71,62 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_features(args: argparse.Namespace) -> int:
+    from core.config import load_config
+    from core.data.registry import load_dataset
+    from core.features import extract_features
+    from core.train.trainer import feature_settings
+
+    options, cache_dir = _load_options(args)
+    config = load_config(args.config, [f"data.dataset={args.dataset}", *args.set])
+    graph = load_dataset(args.dataset, options, cache_dir)
+    started = time.perf_counter()
+    features = extract_features(graph, feature_settings(config), cache_dir / "features")
+    source = "cache hit" if features.from_cache else "computed"
+    print(
+        f"{graph.name}: text {tuple(features.text.shape)} ({features.text_encoder}), image "
+        f"{tuple(features.image.shape)} ({features.image_encoder}); {source} in "
+        f"{time.perf_counter() - started:.1f} s\n  {features.cache_path}"
+    )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from core.config import load_config
+    from core.train.trainer import train
+
+    overrides = [*args.set]
+    if args.dataset:
+        overrides.insert(0, f"data.dataset={args.dataset}")
+    config = load_config(args.config, overrides)
+    results = train(
+        config, args.out, stage1_checkpoint=args.stage1_checkpoint, progress=not args.quiet
+    )
+    test = results["test"]["clean"]
+    print(
+        f"{results['dataset']} test (clean protocol): MRR {test['mrr']:.4f}  Hits@1 {test['hits@1']:.4f}  "
+        f"Hits@3 {test['hits@3']:.4f}  Hits@10 {test['hits@10']:.4f}  MR {test['mr']:.1f}"
+    )
+    for name, metrics in results["test"].items():
+        if name.startswith("official"):
+            print(
+                f"  {name} (label-using, reported only): MRR {metrics['mrr']:.4f}  Hits@1 {metrics['hits@1']:.4f}"
+            )
+    print(f"results: {Path(args.out).resolve() / 'results.json'}")
+    return 0
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (sections: data, features, model, ...)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set diffusion.steps=20 (repeatable)",
+    )
+
+
 def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     from core.data.mkgformer import CANDIDATE_SETS
 
@@ -105,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffcom",
         description="Train DiffusionCom, sweep and ablate it, and report the results.",
     )
-    nouns = parser.add_subparsers(dest="noun", metavar="{data}", required=True)
+    nouns = parser.add_subparsers(dest="noun", metavar="{data,train}", required=True)
 
     data = nouns.add_parser("data", help="inspect, generate and featurise datasets")
-    data_verbs = data.add_subparsers(dest="verb", metavar="{check,synth}", required=True)
+    data_verbs = data.add_subparsers(dest="verb", metavar="{check,synth,features}", required=True)
 
     check = data_verbs.add_parser(
         "check",
@@ -143,17 +199,51 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int)
     synth.add_argument("--overwrite", action="store_true", help="replace the folder's contents")
     synth.set_defaults(handler=_data_synth)
+
+    features = data_verbs.add_parser(
+        "features",
+        help="compute (or reuse) the cached frozen text and image features",
+        description="Extract the frozen per-entity text and image features a config asks for, or "
+        "report the cache entry that already holds them.",
+    )
+    features.add_argument("dataset", help="dataset name or folder")
+    _add_config_arguments(features)
+    _add_load_arguments(features)
+    features.set_defaults(handler=_data_features)
+
+    train = nouns.add_parser(
+        "train",
+        help="train and evaluate one DiffusionCom run",
+        description="Train stage 1 (extractor) and stage 2 (denoiser), evaluate valid and test under "
+        "the clean protocol (and the official min-of-S protocol, labelled), and write config.json, "
+        "metrics.jsonl, checkpoints/ and results.json into --out. An interrupted run resumes when "
+        "started again with the same --out.",
+    )
+    train.add_argument("--dataset", help="shortcut for --set data.dataset=NAME")
+    _add_config_arguments(train)
+    train.add_argument("--out", required=True, help="run directory")
+    train.add_argument("--stage1-checkpoint", help="reuse the stage-1 extractor of this checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(handler=_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``diffcom`` console script; returns the exit status."""
     from core.data.files import DatasetError
+    from core.train.checkpoint import CheckpointError
+    from core.train.trainer import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (DatasetError, ValueError, FileExistsError) as error:
+    except (
+        DatasetError,
+        CheckpointError,
+        NonFiniteLossError,
+        ValueError,
+        FileExistsError,
+    ) as error:
         print(f"diffcom: error: {error}", file=sys.stderr)
         return 2
 

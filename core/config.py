@@ -88,7 +88,7 @@ class StructureConfig:
 
     encoder: str = _choice("mgat", ("mgat", "none"))
     conv: str = _choice("gatv2", ("gat", "gatv2"))
-    hops: int = _range(1, 1, 3)
+    hops: int = _range(1, 1, 1)  # 1-hop subgraphs only for now
     max_nodes: int = _range(32, 2, 4096)
     neighbour_selection: str = _choice("relation", ("relation", "random"))
     heads: int = _range(2, 1, 16)

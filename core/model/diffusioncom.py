@@ -1,0 +1,168 @@
+"""DiffusionCom: the extractor's scores x_0 refined by a conditional diffusion over candidates.
+
+This module wires the parts together; the diffusion math stays in :mod:`core.model.diffusion`, the
+network pieces in :mod:`core.model.extractor` and :mod:`core.model.denoiser`.
+
+What is diffused: the extractor's scores over all entities (``diffuse="full"``) or over its top-k
+candidates (``"top-k"``, ordered by score or, as the released code does, by entity id), standardised
+per query (zero mean, unit variance) so that the noise schedule means the same thing whatever the
+scale of the logits. Ranking is unchanged by that standardisation.
+
+Inference starts the reverse chain from the noised x_0, ``x_K = sqrt(ᾱ_K)·x_0 + sqrt(1−ᾱ_K)·ε``, as
+the released code does: with the released linear schedule ᾱ_K is near 0.9, so a chain started from
+pure noise would not match the forward process. The ``clean`` protocol uses ε = 0 and a deterministic
+chain; the ``official`` passes draw ε and step noise at random.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import DiffusionConfig, LossConfig
+from core.model.denoiser import CDenoiser
+from core.model.diffusion import GaussianDiffusion, scatter_top_k, select_top_k
+from core.model.extractor import ExtractorOutput, StructureMKGformer
+
+__all__ = ["DiffusionCom", "standardise"]
+
+
+def standardise(scores: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` scores → zero mean, unit standard deviation per row."""
+    centred = scores - scores.mean(dim=1, keepdim=True)
+    return centred / (centred.std(dim=1, keepdim=True) + 1e-6)
+
+
+class DiffusionCom(nn.Module):
+    """The extractor (stage 1) and the denoiser (stage 2) with the diffusion process.
+
+    Args:
+        extractor: Structure-MKGformer.
+        diffusion: the diffusion settings; ``enabled=False`` builds no denoiser (stage 1 only).
+    """
+
+    def __init__(self, extractor: StructureMKGformer, diffusion: DiffusionConfig) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.settings = diffusion
+        self.num_entities = extractor.num_entities
+        self.num_diffused = (
+            min(diffusion.top_k, self.num_entities)
+            if diffusion.diffuse == "top-k"
+            else self.num_entities
+        )
+        self.denoiser = None
+        self.diffusion = None
+        if diffusion.enabled:
+            width = extractor.entity_embedding.embedding_dim
+            self.denoiser = CDenoiser(
+                num_outputs=self.num_diffused,
+                condition_dim=2 * width,  # Z'_mask and the pooled visual tokens
+                width=diffusion.denoiser_width,
+                depth=diffusion.denoiser_depth,
+                dropout=diffusion.denoiser_dropout,
+            )
+            self.diffusion = GaussianDiffusion.from_schedule(
+                diffusion.schedule,
+                diffusion.steps,
+                target=diffusion.target,
+                reverse=diffusion.reverse,
+                beta_start=diffusion.beta_start,
+                beta_end=diffusion.beta_end,
+            )
+
+    # ------------------------------------------------------------------------------ pieces
+
+    def _x0(
+        self, output: ExtractorOutput
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """x_0 ``(B, N)``, the kept entity ids ``(B, N)`` (``None`` for all) and the condition."""
+        scores = output.scores
+        indices = None
+        if self.settings.diffuse == "top-k":
+            scores, indices = select_top_k(
+                scores, self.num_diffused, order=self.settings.top_k_order
+            )
+        condition = torch.cat([output.condition, output.visual], dim=1)
+        return standardise(scores), indices, condition
+
+    def _full_scores(self, x0_hat: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        """Put diffused values back over all ``E`` entities (outside the top-k: below every kept one)."""
+        if indices is None:
+            return x0_hat
+        return scatter_top_k(x0_hat, indices, self.num_entities)
+
+    # ------------------------------------------------------------------------------ inference
+
+    def stage1_scores(self, heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
+        """``(B, E)`` extractor scores (the model without diffusion)."""
+        return self.extractor(heads, relations).scores
+
+    def scores(
+        self,
+        heads: torch.Tensor,
+        relations: torch.Tensor,
+        *,
+        stochastic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``(B, E)`` final scores: x̂_0 from the reverse chain (or stage-1 scores without diffusion).
+
+        ``stochastic=False`` is the clean protocol (ε = 0, no step noise, no random draw);
+        ``stochastic=True`` draws the start noise and step noise from ``generator``.
+        """
+        output = self.extractor(heads, relations)
+        if self.diffusion is None:
+            return output.scores
+        x0, indices, condition = self._x0(output)
+        last = torch.full(
+            (len(heads),), self.diffusion.num_timesteps - 1, dtype=torch.long, device=x0.device
+        )
+        noise = (
+            torch.randn(x0.shape, generator=generator, device=x0.device)
+            if stochastic
+            else torch.zeros_like(x0)
+        )
+        x_T = self.diffusion.q_sample(x0, last, noise)
+        x0_hat = self.diffusion.sample(
+            self.denoiser,
+            x0.shape,
+            condition,
+            generator=generator,
+            deterministic=not stochastic,
+            x_T=x_T,
+        )
+        return self._full_scores(x0_hat, indices)
+
+    # ------------------------------------------------------------------------------ losses
+
+    def denoising_loss(
+        self, heads: torch.Tensor, relations: torch.Tensor, labels: torch.Tensor, loss: LossConfig
+    ) -> dict[str, torch.Tensor]:
+        """Stage-2 loss: ``w_kl·KL(softmax(x_0) ‖ softmax(x̂_0)) + w_bce·BCE(x̂_0, labels)``.
+
+        Args:
+            labels: ``(B, E)`` multi-hot training answers (already smoothed).
+
+        Returns:
+            ``{"loss", "kl", "bce"}`` scalars.
+        """
+        output = self.extractor(heads, relations)
+        x0, indices, condition = self._x0(output)
+        if self.settings.reverse == "residual":
+            t = torch.full(
+                (len(heads),), self.diffusion.num_timesteps - 1, dtype=torch.long, device=x0.device
+            )
+        else:
+            t = torch.randint(0, self.diffusion.num_timesteps, (len(heads),), device=x0.device)
+        x0_hat = self.diffusion.training_losses(self.denoiser, x0, t, condition)["x0_pred"]
+        targets = labels if indices is None else labels.gather(1, indices)
+        kl = F.kl_div(
+            F.log_softmax(x0_hat, dim=1),
+            F.log_softmax(x0, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        bce = F.binary_cross_entropy_with_logits(x0_hat, targets)
+        return {"loss": loss.w_kl * kl + loss.w_bce * bce, "kl": kl.detach(), "bce": bce.detach()}

@@ -1,0 +1,209 @@
+"""Structure-MKGformer: the feature extractor that scores every candidate entity (x_0).
+
+A query ``(head, relation, ?)`` becomes a short token sequence::
+
+    [head entity] [relation] [MASK] [head text] | [visual_1] … [visual_m]
+
+The first ``num_layers − fusion_layers`` transformer layers see the textual tokens only; the last
+``fusion_layers`` layers also see the head's visual tokens, which is where MKGformer fuses the image
+encoder into the text encoder. The hidden state at ``[MASK]`` is H_mask. The MGAT structure encoder
+turns the head's training-only subgraph into Z_mask, adaptive fusion gives
+Z' = λ·H_mask + (1−λ)·Z_mask, and the score head compares Z' with every entity's multimodal
+representation: those scores are x_0, the conditional distribution the diffusion stage refines.
+
+Text and image features are frozen (computed once by ``core.features``) and held as buffers; the
+learned parts are the entity and relation embeddings, the projections, the transformer, MGAT and λ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.config import ModelConfig, StructureConfig
+from core.model.structure import AdaptiveFusion, MGATEncoder, SubgraphSampler
+
+__all__ = ["ExtractorOutput", "StructureMKGformer"]
+
+_VISUAL_TOKENS = 2  # image features are projected into this many visual tokens
+
+
+@dataclass
+class ExtractorOutput:
+    """What one forward pass of the extractor returns.
+
+    Attributes:
+        scores: ``(B, E)`` logits over every entity: x_0.
+        condition: ``(B, d)`` Z'_mask, the fused query state that conditions the denoiser.
+        visual: ``(B, d)`` mean of the head's visual tokens (zeros without images).
+    """
+
+    scores: torch.Tensor
+    condition: torch.Tensor
+    visual: torch.Tensor
+
+
+class StructureMKGformer(nn.Module):
+    """Scores every entity for a batch of ``(head, relation)`` queries.
+
+    Args:
+        num_entities: ``E``.
+        num_relations: ``R`` forward relations; queries use ``2R`` (reciprocals).
+        text_features: ``(E, Dt)`` frozen text features (``Dt`` may be 0).
+        text_mask: ``(E,)`` bool, entities that have text.
+        image_features: ``(E, Di)`` frozen image features (``Di`` may be 0).
+        image_mask: ``(E,)`` bool, entities that have at least one image.
+        model: sizes and which modalities are used.
+        structure: the structure encoder and fusion settings.
+        sampler: the training-only subgraph sampler (required when ``structure.encoder == "mgat"``).
+    """
+
+    def __init__(
+        self,
+        num_entities: int,
+        num_relations: int,
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_features: torch.Tensor,
+        image_mask: torch.Tensor,
+        model: ModelConfig,
+        structure: StructureConfig,
+        sampler: SubgraphSampler | None = None,
+    ) -> None:
+        super().__init__()
+        width = model.hidden_dim
+        self.num_entities = num_entities
+        self.use_text = model.use_text and text_features.shape[1] > 0
+        self.use_image = model.use_image and image_features.shape[1] > 0
+        self.register_buffer("text_features", text_features.float(), persistent=False)
+        self.register_buffer("text_mask", text_mask.float().unsqueeze(1), persistent=False)
+        self.register_buffer("image_features", image_features.float(), persistent=False)
+        self.register_buffer("image_mask", image_mask.float().unsqueeze(1), persistent=False)
+
+        self.entity_embedding = nn.Embedding(num_entities, width)
+        self.relation_embedding = nn.Embedding(2 * num_relations, width)
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        # Token roles: head, relation, mask, text, visual.
+        self.role_embedding = nn.Embedding(5, width)
+        self.text_projection = nn.Linear(text_features.shape[1], width) if self.use_text else None
+        self.image_projection = (
+            nn.Linear(image_features.shape[1], width * _VISUAL_TOKENS) if self.use_image else None
+        )
+        nn.init.normal_(self.entity_embedding.weight, std=0.02)
+        nn.init.normal_(self.relation_embedding.weight, std=0.02)
+
+        def layers(count: int) -> nn.ModuleList:
+            return nn.ModuleList(
+                nn.TransformerEncoderLayer(
+                    width,
+                    model.num_heads,
+                    dim_feedforward=4 * width,
+                    dropout=model.dropout,
+                    activation="gelu",
+                    batch_first=True,
+                    norm_first=True,
+                )
+                for _ in range(count)
+            )
+
+        self.text_layers = layers(model.num_layers - model.fusion_layers)
+        self.fusion_layers = layers(model.fusion_layers)
+        self.sequence_norm = nn.LayerNorm(width)
+
+        self.structure_encoder = None
+        if structure.encoder == "mgat":
+            if sampler is None:
+                raise ValueError(
+                    "structure.encoder=mgat needs a SubgraphSampler built from training triples"
+                )
+            self.sampler = sampler
+            self.structure_encoder = MGATEncoder(
+                hidden_dim=width,
+                num_relations=num_relations,
+                heads=structure.heads,
+                layers=structure.layers,
+                conv=structure.conv,
+                dropout=model.dropout,
+            )
+            self.fusion = AdaptiveFusion(width, structure.fusion, structure.lambda_fusion)
+        self.output_norm = nn.LayerNorm(width)
+        self.entity_bias = nn.Parameter(torch.zeros(num_entities))
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _visual_tokens(self, entities: torch.Tensor) -> torch.Tensor:
+        """``(..., m, d)`` visual tokens of entities (zero where an entity has no image)."""
+        projected = self.image_projection(self.image_features[entities])
+        projected = projected * self.image_mask[entities]
+        return projected.view(*entities.shape, _VISUAL_TOKENS, -1)
+
+    def entity_representations(self, entities: torch.Tensor | None = None) -> torch.Tensor:
+        """Multimodal entity states: embedding + projected text + mean visual token.
+
+        Args:
+            entities: ids of any shape ``S``; ``None`` for all entities.
+
+        Returns:
+            ``(*S, d)`` (``(E, d)`` for all entities).
+        """
+        if entities is None:
+            entities = torch.arange(self.num_entities, device=self.entity_embedding.weight.device)
+        states = self.entity_embedding(entities)
+        if self.use_text:
+            states = (
+                states
+                + self.text_projection(self.text_features[entities]) * self.text_mask[entities]
+            )
+        if self.use_image:
+            states = states + self._visual_tokens(entities).mean(dim=-2)
+        return states
+
+    def forward(self, heads: torch.Tensor, relations: torch.Tensor) -> ExtractorOutput:
+        """Score all entities for ``(B,)`` heads and ``(B,)`` relations in ``[0, 2R)``."""
+        batch = heads.shape[0]
+        roles = self.role_embedding.weight
+        head_state = self.entity_representations(heads)  # (B, d)
+        tokens = [
+            self.entity_embedding(heads) + roles[0],
+            self.relation_embedding(relations) + roles[1],
+            self.mask_token.expand(batch, -1) + roles[2],
+        ]
+        if self.use_text:
+            text = self.text_projection(self.text_features[heads]) * self.text_mask[heads]
+            tokens.append(text + roles[3])
+        sequence = torch.stack(tokens, dim=1)  # (B, T, d)
+        for layer in self.text_layers:
+            sequence = layer(sequence)
+        if self.use_image:
+            visual_tokens = self._visual_tokens(heads)  # (B, m, d)
+            visual = visual_tokens.mean(dim=1)
+            sequence = torch.cat([sequence, visual_tokens + roles[4]], dim=1)
+        else:
+            visual = torch.zeros_like(head_state)
+        for layer in self.fusion_layers:
+            sequence = layer(sequence)
+        h_mask = self.sequence_norm(sequence[:, 2])  # (B, d)
+
+        condition = h_mask
+        if self.structure_encoder is not None:
+            subgraph = self.sampler.sample(heads, relations)
+            device = heads.device
+            neighbours = subgraph.neighbours.to(device)
+            z_mask = self.structure_encoder(
+                mask_state=h_mask,
+                head_state=head_state,
+                neighbour_states=self.entity_representations(neighbours),
+                edge_relations=subgraph.edge_relations.to(device),
+                query_relations=relations,
+                mask=subgraph.mask.to(device),
+            )
+            condition = self.fusion(h_mask, z_mask)
+        condition = self.output_norm(condition)
+        scores = condition @ self.entity_representations().T + self.entity_bias  # (B, E)
+        return ExtractorOutput(scores=scores, condition=condition, visual=visual)
+
+    def fusion_lambda(self) -> float | None:
+        """Current λ (mean over dimensions for a per-dimension gate); ``None`` without MGAT."""
+        return None if self.structure_encoder is None else float(self.fusion.current_lambda())

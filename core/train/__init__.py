@@ -1,0 +1,1 @@
+"""The two-stage trainer of DiffusionCom and its checkpoints."""

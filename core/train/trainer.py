@@ -1,0 +1,517 @@
+"""The DiffusionCom recipe, top to bottom: set-up → stage 1 → stage 2 → evaluation.
+
+Stage 1 trains Structure-MKGformer with BCE over all candidates (training answers as multi-hot
+labels). Stage 2 trains the conditional denoiser with ``w_kl·KL + w_bce·BCE``, the extractor frozen
+(the paper) or fine-tuned (the released code). Model selection and early stopping use valid MRR under
+the clean protocol only. Every epoch appends to ``metrics.jsonl`` and writes a full-state checkpoint,
+so a killed run resumes where it stopped and continues the same curve.
+
+Accelerate places the model, runs mixed precision and shards batches when launched on several
+processes (``accelerate launch --num_processes N``); the recipe is the same on one CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from core.config import ExperimentConfig, config_from_dict, config_to_dict, save_config
+from core.data.graph import KnowledgeGraph
+from core.data.mkgformer import LoadOptions
+from core.data.registry import load_dataset
+from core.evaluation import QueryRanks, RankingResult, evaluate
+from core.features import FeatureSettings, extract_features
+from core.model.diffusioncom import DiffusionCom
+from core.model.extractor import StructureMKGformer
+from core.model.structure import SubgraphSampler
+from core.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+__all__ = ["NonFiniteLossError", "TrainingRun", "train"]
+
+MetricsCallback = Callable[[dict], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint is kept for inspection or resume."""
+
+
+@dataclass
+class TrainingRun:
+    """What the set-up builds once and both stages use."""
+
+    config: ExperimentConfig
+    graph: KnowledgeGraph
+    model: DiffusionCom
+    queries: torch.Tensor  # (Q, 2) unique training (head, relation in [0, 2R)) queries
+    accelerator: Accelerator
+    out_dir: Path
+
+
+# ------------------------------------------------------------------------------------------ set-up
+
+
+def feature_settings(config: ExperimentConfig) -> FeatureSettings:
+    """The feature extractor settings a config asks for (a modality switched off is not computed)."""
+    features, model = config.features, config.model
+    text = features.text_encoder if model.use_text else "none"
+    image = features.image_encoder if model.use_image else "none"
+    text_path = image_path = None
+    if text not in ("minilm", "none"):
+        text, text_path = "local", text
+    if image.startswith("clip:"):
+        image, image_path = "clip", image[len("clip:") :]
+    return FeatureSettings(
+        text_encoder=text,
+        text_model_path=text_path,
+        text_max_length=features.text_max_length,
+        image_encoder=image,
+        image_model_path=image_path,
+        image_size=features.image_size,
+        max_images_per_entity=features.max_images_per_entity,
+    )
+
+
+def build_model(
+    config: ExperimentConfig, graph: KnowledgeGraph, progress: bool = True
+) -> DiffusionCom:
+    """Extract (or reuse) frozen features and build the model for ``graph``."""
+    features = extract_features(graph, feature_settings(config), progress=progress)
+    sampler = None
+    if config.structure.encoder == "mgat":
+        sampler = SubgraphSampler(
+            graph.train,
+            graph.num_entities,
+            graph.num_relations,
+            max_nodes=config.structure.max_nodes,
+            selection=config.structure.neighbour_selection,
+            seed=config.seed,
+            hops=config.structure.hops,
+        )
+    extractor = StructureMKGformer(
+        graph.num_entities,
+        graph.num_relations,
+        features.text,
+        features.text_mask,
+        features.image,
+        features.image_mask,
+        config.model,
+        config.structure,
+        sampler,
+    )
+    return DiffusionCom(extractor, config.diffusion)
+
+
+def _training_queries(graph: KnowledgeGraph) -> torch.Tensor:
+    """``(Q, 2)`` unique (head, relation) queries of the training split, both directions."""
+    return torch.unique(graph.queries("train")[:, :2], dim=0)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to zero."""
+    warmup = max(1, int(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _epoch_batches(
+    queries: torch.Tensor, config: ExperimentConfig, stage: int, epoch: int, accelerator
+) -> list:
+    """This process's batches of one epoch, in an order fixed by (seed, stage, epoch).
+
+    Every process gets the same number of batches (the remainder is dropped on multi-process runs)
+    so gradient synchronisation never waits on a process that ran out.
+    """
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + stage * 10_007 + epoch)
+    order = queries[torch.randperm(len(queries), generator=generator)]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1:
+        per_process = len(order) // world
+        order = order[rank * per_process : (rank + 1) * per_process]
+    return list(order.split(config.train.batch_size))
+
+
+def _labels(graph: KnowledgeGraph, batch: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """``(B, E)`` multi-hot training answers, smoothed towards ``1/E``."""
+    labels = graph.train_answers().multi_hot(batch[:, 0], batch[:, 1])
+    return labels * (1.0 - smoothing) + smoothing / graph.num_entities
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def _clean_scorer(model: DiffusionCom, stage: int, config: ExperimentConfig):
+    """Score function of the clean protocol: deterministic, no label use."""
+    if stage == 1 or model.diffusion is None:
+        return model.stage1_scores
+    if config.eval.clean_inference == "zero-noise":
+        return model.scores
+
+    def mean_of_samples(heads, relations):
+        generator = torch.Generator(device=heads.device).manual_seed(config.seed)
+        samples = [
+            model.scores(heads, relations, stochastic=True, generator=generator)
+            for _ in range(config.eval.clean_samples)
+        ]
+        return torch.stack(samples).mean(dim=0)
+
+    return mean_of_samples
+
+
+def evaluate_clean(
+    model: DiffusionCom, graph: KnowledgeGraph, split: str, stage: int, config
+) -> RankingResult:
+    """Filtered ranks of ``split`` under the clean protocol."""
+    model.eval()
+    scorer = _clean_scorer(model, stage, config)
+    device = next(model.parameters()).device
+    return evaluate(scorer, graph, split, config.eval.batch_size, device=device)
+
+
+def evaluate_official(
+    model: DiffusionCom, graph: KnowledgeGraph, split: str, config
+) -> RankingResult:
+    """The released code's protocol: S stochastic passes, the minimum gold rank kept per query.
+
+    This uses the gold answer to pick among passes (an oracle), so it is reported beside the clean
+    protocol only to measure how much it inflates the numbers, never used to select models.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+    passes = [
+        evaluate(
+            lambda h, r: model.scores(h, r, stochastic=True, generator=generator),
+            graph,
+            split,
+            config.eval.batch_size,
+            device=device,
+        )
+        for _ in range(config.eval.official_samples)
+    ]
+    ranks = QueryRanks(
+        **{
+            tie: torch.stack([p.ranks.get(tie) for p in passes]).min(dim=0).values
+            for tie in ("optimistic", "pessimistic", "realistic")
+        },
+        num_options=passes[0].ranks.num_options,
+    )
+    return RankingResult(passes[0].queries, ranks, passes[0].num_relations, passes[0].ks)
+
+
+# ------------------------------------------------------------------------------------------ the recipe
+
+
+def _check_resume_config(saved: dict, config: ExperimentConfig, path: Path) -> None:
+    """Resume continues the same run: any differing key is an error naming it."""
+    current = config_to_dict(config)
+    differences = [
+        f"{section}.{key}: checkpoint {saved[section][key]!r} vs now {current[section][key]!r}"
+        if isinstance(saved.get(section), dict)
+        else f"{section}: checkpoint {saved.get(section)!r} vs now {current[section]!r}"
+        for section in current
+        for key in (current[section] if isinstance(current[section], dict) else [None])
+        if (saved.get(section, {}).get(key) if key is not None else saved.get(section))
+        != (current[section][key] if key is not None else current[section])
+    ]
+    if differences:
+        raise CheckpointError(f"{path}: belongs to another config; " + "; ".join(differences[:5]))
+
+
+def _run_stage(
+    run: TrainingRun,
+    stage: int,
+    state: dict,
+    callback: MetricsCallback | None,
+    progress: bool,
+) -> None:
+    """Train one stage epoch by epoch from ``state`` (fresh or resumed); keeps the best weights."""
+    config, model, accelerator = run.config, run.model, run.accelerator
+    stage_key = f"stage{stage}"
+    epochs = config.train.stage1_epochs if stage == 1 else config.train.stage2_epochs
+    if stage == 1:
+        trained = model.extractor
+        learning_rate = config.train.lr_stage1
+    else:
+        trained = model if config.loss.stage2_extractor == "finetune" else model.denoiser
+        model.extractor.requires_grad_(config.loss.stage2_extractor == "finetune")
+        learning_rate = config.train.lr_stage2
+    parameters = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters, lr=learning_rate, weight_decay=config.train.weight_decay
+    )
+    steps_per_epoch = len(_epoch_batches(run.queries, config, stage, 0, accelerator))
+    scheduler = _scheduler(
+        optimizer, max(1, epochs * steps_per_epoch), config.train.warmup_fraction
+    )
+    progress_state = state.get(stage_key)
+    if progress_state is None:
+        progress_state = {"epoch": 0, "best_mrr": -1.0, "best_epoch": -1, "stale": 0, "done": False}
+    else:
+        optimizer.load_state_dict(progress_state["optimizer"])
+        scheduler.load_state_dict(progress_state["scheduler"])
+    trained_wrapped, optimizer = accelerator.prepare(trained, optimizer)
+
+    while progress_state["epoch"] < epochs and not progress_state["done"]:
+        epoch = progress_state["epoch"]
+        model.train()
+        if stage == 2 and config.loss.stage2_extractor == "frozen":
+            model.extractor.eval()  # frozen: no dropout either
+        started, loss_sum, kl_sum, bce_sum, batches = time.perf_counter(), 0.0, 0.0, 0.0, 0
+        batches_of_epoch = _epoch_batches(run.queries, config, stage, epoch, accelerator)
+        bar = tqdm(
+            batches_of_epoch,
+            desc=f"stage {stage} epoch {epoch + 1}/{epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        for batch in bar:
+            batch = batch.to(accelerator.device)
+            labels = _labels(run.graph, batch.cpu(), config.loss.label_smoothing).to(
+                accelerator.device
+            )
+            with accelerator.autocast():
+                if stage == 1:
+                    scores = trained_wrapped(batch[:, 0], batch[:, 1]).scores
+                    loss = F.binary_cross_entropy_with_logits(scores.float(), labels)
+                    parts = {}
+                else:
+                    parts = model.denoising_loss(batch[:, 0], batch[:, 1], labels, config.loss)
+                    loss = parts["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"stage {stage}, epoch {epoch + 1}, batch {batches + 1}: loss is {loss.item()}; "
+                    f"the last checkpoint in {run.out_dir / 'checkpoints'} holds the state before this epoch"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if config.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(parameters, config.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item()
+            kl_sum += float(parts.get("kl", 0.0))
+            bce_sum += float(parts.get("bce", 0.0))
+            batches += 1
+            bar.set_postfix(loss=f"{loss_sum / batches:.4f}")
+        train_seconds = time.perf_counter() - started
+
+        record = {
+            "stage": stage,
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(batches, 1),
+            "lr": scheduler.get_last_lr()[0],
+            "train_seconds": round(train_seconds, 3),
+        }
+        if stage == 2:
+            record.update(kl=kl_sum / max(batches, 1), bce=bce_sum / max(batches, 1))
+        if model.extractor.fusion_lambda() is not None:
+            record["lambda"] = model.extractor.fusion_lambda()
+        if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == epochs:
+            valid = evaluate_clean(model, run.graph, "valid", stage, config).metrics(
+                config.eval.tie
+            )
+            record.update({f"valid.clean.{name}": value for name, value in valid.items()})
+            if valid["mrr"] > progress_state["best_mrr"]:
+                progress_state.update(best_mrr=valid["mrr"], best_epoch=epoch + 1, stale=0)
+                state[f"best_{stage_key}"] = {
+                    k: v.detach().clone() for k, v in model.state_dict().items()
+                }
+            else:
+                progress_state["stale"] += config.train.eval_every
+                if config.train.patience and progress_state["stale"] >= config.train.patience:
+                    progress_state["done"] = True
+                    record["early_stopped"] = True
+        progress_state["epoch"] = epoch + 1
+        progress_state["optimizer"] = optimizer.state_dict()
+        progress_state["scheduler"] = scheduler.state_dict()
+        state[stage_key] = progress_state
+
+        if accelerator.is_main_process:
+            with (run.out_dir / "metrics.jsonl").open("a") as stream:
+                stream.write(json.dumps(record) + "\n")
+            state["model"] = model.state_dict()
+            state["rng"] = rng_state()
+            save_checkpoint(state, run.out_dir / "checkpoints" / "last.pt")
+        if callback is not None:
+            callback(record)
+    # Continue from the best weights of this stage (best valid MRR under the clean protocol).
+    if f"best_{stage_key}" in state:
+        model.load_state_dict(state[f"best_{stage_key}"])
+    accelerator.free_memory()
+
+
+def train(
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    callback: MetricsCallback | None = None,
+    stage1_checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train and evaluate one run; resumes from ``out_dir/checkpoints/last.pt`` when present.
+
+    Args:
+        config: the run's config (saved as ``config.json``).
+        out_dir: the run directory.
+        callback: called with every epoch's metrics record (the hook sweeps report through).
+        stage1_checkpoint: a finished run's ``last.pt`` whose stage-1 extractor is reused, so only
+            stage 2 trains. Its stage-1 config must equal this run's.
+        progress: show progress bars.
+
+    Returns:
+        The ``results.json`` content.
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    use_cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=config.train.mixed_precision
+        if not use_cpu or config.train.mixed_precision == "bf16"
+        else "no",
+    )
+
+    started = time.perf_counter()
+    graph = load_dataset(
+        config.data.dataset,
+        LoadOptions(
+            candidates=config.data.candidates,
+            drop_unknown=config.data.drop_unknown,
+            image_root=config.data.image_root,
+        ),
+    )
+    model = build_model(config, graph, progress=progress and accelerator.is_main_process).to(
+        accelerator.device
+    )
+    run = TrainingRun(config, graph, model, _training_queries(graph), accelerator, out_dir)
+
+    last = out_dir / "checkpoints" / "last.pt"
+    state: dict = {"config": config_to_dict(config), "stage": 1}
+    if last.exists():
+        state = load_checkpoint(last)
+        _check_resume_config(state["config"], config, last)
+        _load_weights(model, state["model"], last)
+        set_rng_state(state["rng"])
+    elif stage1_checkpoint is not None:
+        reused = load_checkpoint(Path(stage1_checkpoint))
+        _check_stage1_compatible(
+            config_from_dict(reused["config"]), config, Path(stage1_checkpoint)
+        )
+        weights = reused.get("best_stage1") or reused["model"]
+        _load_weights(
+            model.extractor,
+            {k[len("extractor.") :]: v for k, v in weights.items() if k.startswith("extractor.")},
+            Path(stage1_checkpoint),
+        )
+        state.update(
+            stage=2,
+            stage1={**reused["stage1"], "done": True, "epoch": config.train.stage1_epochs},
+            best_stage1=weights,
+        )
+    if accelerator.is_main_process:
+        save_config(config, out_dir / "config.json")
+
+    if state["stage"] == 1:
+        _run_stage(run, 1, state, callback, progress)
+        state["stage"] = 2
+    if model.diffusion is not None and config.train.stage2_epochs > 0:
+        _run_stage(run, 2, state, callback, progress)
+    train_seconds = time.perf_counter() - started
+
+    results = _final_results(run, state, train_seconds)
+    if accelerator.is_main_process:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{path}: weights do not fit this model: {str(error).splitlines()[0]} ..."
+        ) from None
+
+
+def _check_stage1_compatible(
+    reused: ExperimentConfig, config: ExperimentConfig, path: Path
+) -> None:
+    """Stage-1 reuse is only honest when everything stage 1 depends on is identical."""
+    sections = ("data", "features", "model", "structure")
+    differing = [s for s in sections if getattr(reused, s) != getattr(config, s)]
+    for key in ("stage1_epochs", "batch_size", "lr_stage1", "weight_decay", "warmup_fraction"):
+        if getattr(reused.train, key) != getattr(config.train, key):
+            differing.append(f"train.{key}")
+    if reused.loss.label_smoothing != config.loss.label_smoothing:
+        differing.append("loss.label_smoothing")
+    if reused.seed != config.seed:
+        differing.append("seed")
+    if differing:
+        raise CheckpointError(f"{path}: stage 1 was trained with another {', '.join(differing)}")
+
+
+def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
+    """Valid and test metrics of the selected weights under both protocols, and timings."""
+    config, model, graph = run.config, run.model, run.graph
+    final_stage = 2 if model.diffusion is not None and config.train.stage2_epochs > 0 else 1
+    results: dict = {
+        "dataset": graph.name,
+        "dataset_hash": graph.content_hash(),
+        "final_stage": final_stage,
+    }
+    for split in ("valid", "test"):
+        started = time.perf_counter()
+        clean = evaluate_clean(model, graph, split, final_stage, config)
+        milliseconds = 1000 * (time.perf_counter() - started) / len(clean)
+        results[split] = {"clean": clean.metrics(config.eval.tie), "clean_all": clean.to_dict()}
+        results[split]["inference_ms_per_query"] = milliseconds
+        if final_stage == 2:
+            results[split]["stage1_clean"] = evaluate_clean(model, graph, split, 1, config).metrics(
+                config.eval.tie
+            )
+            if config.eval.report_official:
+                official = evaluate_official(model, graph, split, config)
+                results[split][f"official-min-of-{config.eval.official_samples}"] = (
+                    official.metrics(config.eval.tie)
+                )
+        run.out_dir.joinpath(f"ranks_{split}.pt").parent.mkdir(exist_ok=True)
+        torch.save(
+            {"queries": clean.queries, "realistic": clean.ranks.realistic},
+            run.out_dir / f"ranks_{split}.pt",
+        )
+    results["protocol_note"] = (
+        "clean: one deterministic pass, no label use (model selection uses it); "
+        "official-min-of-S: minimum gold rank over S stochastic passes, label-using, reported only"
+    )
+    results["best_epochs"] = {k: state[k]["best_epoch"] for k in ("stage1", "stage2") if k in state}
+    results["timings"] = {"train_seconds": round(train_seconds, 2)}
+    results["environment"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(run.accelerator.device),
+    }
+    return results
