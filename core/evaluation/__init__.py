@@ -1,0 +1,21 @@
+"""Evaluation: filtered rank-based link-prediction metrics."""
+
+from core.evaluation.ranking import (
+    DIRECTIONS,
+    TIE_POLICIES,
+    QueryRanks,
+    RankAccumulator,
+    RankingResult,
+    evaluate,
+    filtered_ranks,
+)
+
+__all__ = [
+    "DIRECTIONS",
+    "TIE_POLICIES",
+    "QueryRanks",
+    "RankAccumulator",
+    "RankingResult",
+    "evaluate",
+    "filtered_ranks",
+]
