@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,6 +103,8 @@ def _train(args: argparse.Namespace) -> int:
     results = train(
         config, args.out, stage1_checkpoint=args.stage1_checkpoint, progress=not args.quiet
     )
+    if os.environ.get("RANK", "0") != "0":  # a multi-process launch: the main process reports
+        return 0
     test = results["test"]["clean"]
     print(
         f"{results['dataset']} test (clean protocol): MRR {test['mrr']:.4f}  Hits@1 {test['hits@1']:.4f}  "

@@ -312,7 +312,8 @@ def evaluate(
 
     Args:
         score_fn: maps ``(B,)`` heads and ``(B,)`` relations in ``[0, 2R)`` to ``(B, E)`` scores
-            over all entities, higher is better. Called under ``torch.inference_mode()``.
+            over all entities, higher is better. Called under ``torch.no_grad()`` (not inference
+            mode, so the returned ranks stay ordinary tensors that later code may modify).
         graph: the knowledge graph; filtering uses ``graph.all_answers()`` and
             ``graph.candidate_mask``.
         split: ``"train"``, ``"valid"`` or ``"test"``; its queries come from ``graph.queries``.
@@ -330,7 +331,7 @@ def evaluate(
     filter_index = graph.all_answers()
     candidate_mask = graph.candidate_mask
     accumulator = RankAccumulator(graph.num_relations, ks)
-    with torch.inference_mode():
+    with torch.no_grad():
         for batch in queries.split(batch_size):
             if device is not None:
                 batch = batch.to(device)

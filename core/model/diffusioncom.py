@@ -137,6 +137,16 @@ class DiffusionCom(nn.Module):
 
     # ------------------------------------------------------------------------------ losses
 
+    def forward(
+        self, heads: torch.Tensor, relations: torch.Tensor, labels: torch.Tensor, loss: LossConfig
+    ) -> dict[str, torch.Tensor]:
+        """The stage-2 training loss (see :meth:`denoising_loss`).
+
+        Training goes through ``forward`` so that a distributed wrapper (DDP under Accelerate)
+        sees the call and synchronises gradients; inference uses :meth:`scores`.
+        """
+        return self.denoising_loss(heads, relations, labels, loss)
+
     def denoising_loss(
         self, heads: torch.Tensor, relations: torch.Tensor, labels: torch.Tensor, loss: LossConfig
     ) -> dict[str, torch.Tensor]:

@@ -255,7 +255,9 @@ def _run_stage(
         trained = model.extractor
         learning_rate = config.train.lr_stage1
     else:
-        trained = model if config.loss.stage2_extractor == "finetune" else model.denoiser
+        # The whole model is wrapped; with a frozen extractor only the denoiser has trainable
+        # parameters, so only its gradients are synchronised across processes.
+        trained = model
         model.extractor.requires_grad_(config.loss.stage2_extractor == "finetune")
         learning_rate = config.train.lr_stage2
     parameters = [p for p in trained.parameters() if p.requires_grad]
@@ -298,7 +300,7 @@ def _run_stage(
                     loss = F.binary_cross_entropy_with_logits(scores.float(), labels)
                     parts = {}
                 else:
-                    parts = model.denoising_loss(batch[:, 0], batch[:, 1], labels, config.loss)
+                    parts = trained_wrapped(batch[:, 0], batch[:, 1], labels, config.loss)
                     loss = parts["loss"]
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -513,5 +515,6 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(run.accelerator.device),
+        "processes": run.accelerator.num_processes,
     }
     return results

@@ -144,3 +144,43 @@ def test_train_command(tmp_path, capsys):
     assert "test (clean protocol): MRR" in out
     assert main([*argv, "--set", "diffusion.stepz=1"]) == 2
     assert "unknown key diffusion.stepz" in capsys.readouterr().err
+
+
+def test_two_process_run_on_cpu(tmp_path):
+    """Two CPU processes (gloo) under torchrun: Accelerate shards batches, DDP syncs gradients."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port for the process group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "core.cli",
+        "train",
+        "--quiet",
+        "--out",
+        str(tmp_path / "two"),
+        *sum([["--set", s] for s in SMOKE], []),
+    ]
+    finished = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=os.environ.copy()
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("test (clean protocol)") == 1  # only the main process reports
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert 0 < results["test"]["clean"]["mrr"] <= 1
+    assert results["environment"]["processes"] == 2
+    records = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 4  # written once, by the main process
