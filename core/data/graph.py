@@ -91,6 +91,9 @@ class AnswerIndex:
             ``rows[i]``. Queries with no known answer contribute nothing.
         """
         keys = self._keys(heads, relations).cpu()
+        if len(self.query_keys) == 0:  # an index without facts answers nothing
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty.clone()
         position = torch.searchsorted(self.query_keys, keys).clamp(
             max=max(len(self.query_keys) - 1, 0)
         )

@@ -62,3 +62,12 @@ def test_answer_indexes_separate_training_from_evaluation_facts():
 def test_unknown_builtin_name_lists_choices():
     with pytest.raises(DatasetError, match="kinships, nations, umls"):
         load_builtin("fb15k")
+
+
+def test_an_empty_answer_index_answers_nothing():
+    from core.data.graph import AnswerIndex
+
+    index = AnswerIndex(torch.zeros(0, 3, dtype=torch.long), num_entities=4, num_relations=2)
+    rows, cols = index.lookup(torch.tensor([0, 1]), torch.tensor([0, 3]))
+    assert rows.numel() == cols.numel() == 0
+    assert index.multi_hot(torch.tensor([0]), torch.tensor([1])).sum() == 0
