@@ -93,6 +93,24 @@ class DiffusionCom(nn.Module):
             return x0_hat
         return scatter_top_k(x0_hat, indices, self.num_entities)
 
+    def _denoiser_output(
+        self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor
+    ) -> torch.Tensor:
+        """The denoiser as the diffusion sees it: ``(B, N)`` x̂_0 or ε̂ for ``(B, N)`` x_t.
+
+        Under ``target="x0"`` the network predicts a correction to the skip estimate
+        ``x_t / sqrt(ᾱ_t)`` (the x_0 that x_t implies with ε = 0), so an untrained, zero-initialised
+        denoiser returns the extractor's ranking unchanged and training only has to learn how to
+        improve it. Under ``target="epsilon"`` a zero ε̂ already implies that same estimate.
+        """
+        output = self.denoiser(x_t, t, condition)
+        if self.settings.target != "x0":
+            return output
+        skip = torch.as_tensor(
+            self.diffusion.sqrt_recip_alphas_cumprod, dtype=x_t.dtype, device=x_t.device
+        )[t].unsqueeze(1)
+        return skip * x_t + output
+
     # ------------------------------------------------------------------------------ inference
 
     def stage1_scores(self, heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
@@ -126,7 +144,7 @@ class DiffusionCom(nn.Module):
         )
         x_T = self.diffusion.q_sample(x0, last, noise)
         x0_hat = self.diffusion.sample(
-            self.denoiser,
+            self._denoiser_output,
             x0.shape,
             condition,
             generator=generator,
@@ -166,7 +184,7 @@ class DiffusionCom(nn.Module):
             )
         else:
             t = torch.randint(0, self.diffusion.num_timesteps, (len(heads),), device=x0.device)
-        x0_hat = self.diffusion.training_losses(self.denoiser, x0, t, condition)["x0_pred"]
+        x0_hat = self.diffusion.training_losses(self._denoiser_output, x0, t, condition)["x0_pred"]
         targets = labels if indices is None else labels.gather(1, indices)
         kl = F.kl_div(
             F.log_softmax(x0_hat, dim=1),
