@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from core.config import ExperimentConfig, config_from_dict, config_to_dict, save_config
+from core.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, save_config
 from core.data.graph import KnowledgeGraph
 from core.data.mkgformer import LoadOptions
 from core.data.registry import load_dataset
@@ -224,17 +225,22 @@ def evaluate_official(
 # ------------------------------------------------------------------------------------------ the recipe
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"diffusion": {"steps": 5}}`` → ``{"diffusion.steps": 5}``."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(_flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return flat
+
+
 def _check_resume_config(saved: dict, config: ExperimentConfig, path: Path) -> None:
     """Resume continues the same run: any differing key is an error naming it."""
-    current = config_to_dict(config)
+    before, now = _flatten(saved), _flatten(config_to_dict(config))
     differences = [
-        f"{section}.{key}: checkpoint {saved[section][key]!r} vs now {current[section][key]!r}"
-        if isinstance(saved.get(section), dict)
-        else f"{section}: checkpoint {saved.get(section)!r} vs now {current[section]!r}"
-        for section in current
-        for key in (current[section] if isinstance(current[section], dict) else [None])
-        if (saved.get(section, {}).get(key) if key is not None else saved.get(section))
-        != (current[section][key] if key is not None else current[section])
+        f"{key}: checkpoint {before.get(key)!r} vs now {now.get(key)!r}"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key)
     ]
     if differences:
         raise CheckpointError(f"{path}: belongs to another config; " + "; ".join(differences[:5]))
@@ -390,12 +396,13 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     use_cpu = not torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        mixed_precision=config.train.mixed_precision
-        if not use_cpu or config.train.mixed_precision == "bf16"
-        else "no",
-    )
+    if use_cpu and config.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU; on a CPU choose bf16 or no")
+    # Accelerate keeps its settings in a process-wide singleton; a process that runs several
+    # trainings (tests, a sweep worker) must start each from its own config. The process group
+    # (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=config.train.mixed_precision)
 
     started = time.perf_counter()
     graph = load_dataset(

@@ -184,3 +184,15 @@ def test_two_process_run_on_cpu(tmp_path):
     assert results["environment"]["processes"] == 2
     records = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 4  # written once, by the main process
+
+
+def test_bf16_mixed_precision_on_cpu_and_fp16_refused(tmp_path):
+    results = train(smoke_config("train.mixed_precision=bf16"), tmp_path / "bf16", progress=False)
+    assert 0 < results["test"]["clean"]["mrr"] <= 1
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs a GPU"):
+            train(smoke_config("train.mixed_precision=fp16"), tmp_path / "fp16", progress=False)
+    # A plain run after a mixed-precision one in the same process is unaffected.
+    again = train(smoke_config(), tmp_path / "plain", progress=False)
+    reference = train(smoke_config(), tmp_path / "reference", progress=False)
+    assert again["test"]["clean_all"] == reference["test"]["clean_all"]
