@@ -44,6 +44,20 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+#: SyntheticSpec fields that `diffcom data synth` can override (flag: field without "num_").
+_SYNTH_OVERRIDES = (
+    ("num_entities", int),
+    ("num_relations", int),
+    ("num_train", int),
+    ("num_valid", int),
+    ("num_test", int),
+    ("images_per_entity", int),
+    ("text_informativeness", float),
+    ("image_informativeness", float),
+    ("seed", int),
+)
+
+
 def _data_synth(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -51,19 +65,9 @@ def _data_synth(args: argparse.Namespace) -> int:
 
     spec = SyntheticSpec.preset(args.preset)
     overrides = {
-        key: value
-        for key, value in {
-            "num_entities": args.entities,
-            "num_relations": args.relations,
-            "num_train": args.train,
-            "num_valid": args.valid,
-            "num_test": args.test,
-            "images_per_entity": args.images_per_entity,
-            "text_informativeness": args.text_informativeness,
-            "image_informativeness": args.image_informativeness,
-            "seed": args.seed,
-        }.items()
-        if value is not None
+        field: getattr(args, field)
+        for field, _ in _SYNTH_OVERRIDES
+        if getattr(args, field) is not None
     }
     spec = dataclasses.replace(spec, **overrides)
     started = time.perf_counter()
@@ -191,15 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--preset", default="small", help="small, fb15k-237-img or wn18-img (default: small)"
     )
-    synth.add_argument("--entities", type=int)
-    synth.add_argument("--relations", type=int)
-    synth.add_argument("--train", type=int)
-    synth.add_argument("--valid", type=int)
-    synth.add_argument("--test", type=int)
-    synth.add_argument("--images-per-entity", type=int)
-    synth.add_argument("--text-informativeness", type=float)
-    synth.add_argument("--image-informativeness", type=float)
-    synth.add_argument("--seed", type=int)
+    for field, kind in _SYNTH_OVERRIDES:
+        synth.add_argument(
+            "--" + field.removeprefix("num_").replace("_", "-"), dest=field, type=kind
+        )
     synth.add_argument("--overwrite", action="store_true", help="replace the folder's contents")
     synth.set_defaults(handler=_data_synth)
 

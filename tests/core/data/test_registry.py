@@ -86,3 +86,13 @@ def test_every_command_has_help(capsys):
             main(argv)
         assert exit_info.value.code == 0
     assert "usage: diffcom data synth" in capsys.readouterr().out
+
+
+def test_data_synth_command_writes_a_loadable_dataset(tmp_path, capsys):
+    out = tmp_path / "syn"
+    argv = ["data", "synth", str(out), "--entities", "60", "--relations", "4", "--train", "400"]
+    assert main([*argv, "--valid", "30", "--test", "30", "--images-per-entity", "1"]) == 0
+    graph = load_mkgformer(out)
+    assert (graph.num_entities, graph.num_relations, len(graph.train)) == (60, 4, 400)
+    assert main(["data", "synth", str(out)]) == 2  # never writes into a non-empty folder
+    assert "diffcom: error:" in capsys.readouterr().err
