@@ -96,3 +96,20 @@ def test_data_synth_command_writes_a_loadable_dataset(tmp_path, capsys):
     assert (graph.num_entities, graph.num_relations, len(graph.train)) == (60, 4, 400)
     assert main(["data", "synth", str(out)]) == 2  # never writes into a non-empty folder
     assert "diffcom: error:" in capsys.readouterr().err
+
+
+def test_data_features_command_computes_then_hits_the_cache(tmp_path, capsys):
+    argv = [
+        "data",
+        "features",
+        "nations",
+        "--cache-dir",
+        str(tmp_path),
+        "--set",
+        "features.image_encoder=none",
+    ]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "text (14, 384) (minilm)" in first and "computed" in first
+    assert main(argv) == 0
+    assert "cache hit" in capsys.readouterr().out
