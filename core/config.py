@@ -168,7 +168,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = _range(0, 0, 2**31 - 1)
 
     def __post_init__(self) -> None:
         if self.model.hidden_dim % self.model.num_heads:
@@ -210,12 +210,20 @@ def _coerce(value, annotation, key: str):
     elif annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif annotation is str:
         if isinstance(value, str):
             return value
     else:  # pragma: no cover - every field is one of the types above
         return value
-    raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    hint = ""
+    if annotation is str and isinstance(value, bool):
+        hint = " (YAML reads yes/no/on/off as booleans: quote the value)"
+    raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}{hint}")
 
 
 def _check_field(spec: dataclasses.Field, value, key: str) -> None:
@@ -266,15 +274,41 @@ def config_to_dict(config: ExperimentConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+def _override_value(raw: str):
+    """Read an override value as YAML 1.2's core schema would.
+
+    PyYAML follows YAML 1.1, where ``no`` is ``False`` and ``1e-4`` is a string; on a command line
+    both surprise (``--set train.mixed_precision=no``), so plain words stay strings, numbers in any
+    notation are numbers and only ``true``/``false``/``null`` are special.
+    """
+    text = raw.strip()
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "~", ""):
+        return None if lowered else ""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text[:1] in "[{\"'":
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"value {raw!r} is not valid YAML ({error})") from None
+    return text
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
-    """``"diffusion.steps=20"`` → ``(["diffusion", "steps"], 20)``; the value is read as YAML."""
+    """``"diffusion.steps=20"`` → ``(["diffusion", "steps"], 20)`` (see :func:`_override_value`)."""
     key, equals, raw = text.partition("=")
     if not equals or not key.strip():
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. diffusion.steps=20")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from None
+        value = _override_value(raw)
+    except ConfigError as error:
+        raise ConfigError(f"override {text!r}: {error}") from None
     return key.strip().split("."), value
 
 

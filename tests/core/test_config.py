@@ -75,3 +75,20 @@ def test_yaml_is_read_safely(tmp_path):
     path.write_text("seed: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_override_values_read_as_a_person_means_them(tmp_path):
+    config = load_config(
+        overrides=["train.mixed_precision=no", "train.lr_stage1=1e-4", "model.use_text=false"]
+    )
+    assert config.train.mixed_precision == "no"
+    assert config.train.lr_stage1 == 1e-4
+    assert config.model.use_text is False
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr_stage2: 5e-4\n  mixed_precision: no\n")
+    with pytest.raises(ConfigError, match="expected str, got False .*quote the value"):
+        load_config(path)
+    path.write_text("train:\n  lr_stage2: 5e-4\n")
+    assert load_config(path).train.lr_stage2 == 5e-4
+    with pytest.raises(ConfigError, match=r"seed: -3 is outside"):
+        load_config(overrides=["seed=-3"])
