@@ -1,0 +1,1051 @@
+"""Studies as data: searches, ablations and sensitivity sweeps read from YAML and checked up front.
+
+A study file (``sweeps/studies/*.yaml``) names its launch command on its first line and describes
+one of three kinds of study over the typed experiment config of :mod:`core.config`::
+
+    # diffcom sweep launch sweeps/studies/paper-ablation.yaml
+    name: paper-ablation            # optional; the file name without .yaml by default
+    kind: ablation                  # search | ablation | sensitivity
+    description: ...                # optional
+    base_config: null               # optional core config YAML, relative to this file
+    overrides:                      # dotted config keys set in every trial
+      data.dataset: synthetic:small
+    seeds: [0, 1, 2]                # every cell (or drawn point) trains once per seed
+    resources: {cpus: 1, gpus: 0, workers: 1}
+    metric: valid.clean.mrr         # valid split, clean protocol only
+    mode: max
+
+    variants:                       # kind: ablation -- one cell per variant
+      full: {}
+      no-mgat: {structure.encoder: none}
+
+    axes:                           # kind: sensitivity -- one axis at a time
+      diffusion.steps: [5, 10, 20]
+    defaults:                       # the value each axis key keeps while another axis moves
+      diffusion.steps: 20
+
+    search:                         # kind: search
+      algorithm: optuna-tpe         # optuna-tpe | random | grid
+      seed: 0                       # seeds the searcher
+      num_samples: 32               # not for grid: a grid runs every point
+      asha: {max_t: 30, grace_period: 5, reduction_factor: 3}   # or null
+      space:
+        diffusion.steps: {type: randint, low: 5, high: 100, q: 5}
+        diffusion.denoiser_width: {type: choice, values: [256, 512, 1024]}
+        train.lr_stage1: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
+
+:func:`load_study` checks everything before any work starts: each config key named anywhere
+must exist in :class:`core.config.ExperimentConfig` and each concrete value (override, variant,
+axis value, grid point, range bound) must build a valid config; every error is a
+:class:`StudyError` naming the study file and the dotted study key. :func:`expand_trials` turns an
+ablation, a sensitivity sweep or a grid search into trials with stable, readable names such as
+``ablation/no-mgat/seed-1``; optuna and random searches draw their trials inside Ray Tune, from
+:attr:`Study.search`. This module never imports Ray.
+
+Distributions (``low`` and ``high`` are both inclusive, unlike Ray's ``randint``):
+
+* ``choice`` / ``grid``: ``values`` (non-empty, distinct); ``grid`` runs every value and only
+  belongs to ``algorithm: grid``, which takes nothing else.
+* ``uniform``, ``loguniform`` (``low > 0``), ``randint`` (integers): ``low < high``; optional
+  ``q > 0`` quantises to multiples of ``q``, so ``low`` and ``high`` must be multiples of it.
+
+Note that YAML 1.1 (PyYAML) reads ``1e-4`` as text: write ``1.0e-4``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import re
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from core.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
+
+__all__ = [
+    "ALGORITHMS",
+    "DISTRIBUTION_TYPES",
+    "KINDS",
+    "STUDIES_DIR",
+    "Asha",
+    "Axis",
+    "Choice",
+    "Distribution",
+    "Grid",
+    "LogUniform",
+    "RandInt",
+    "Resources",
+    "Search",
+    "Study",
+    "StudyError",
+    "Trial",
+    "Uniform",
+    "Variant",
+    "expand_trials",
+    "load_study",
+    "shipped_studies",
+    "study_config",
+    "trial_config",
+]
+
+KINDS = ("search", "ablation", "sensitivity")
+"""The kinds of study."""
+
+ALGORITHMS = ("optuna-tpe", "random", "grid")
+"""Search algorithms of a ``search`` study."""
+
+STUDIES_DIR = Path(__file__).resolve().parent / "studies"
+"""The folder of the studies that ship with the package."""
+
+_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_NAME_RULE = "lowercase letters, digits, '-' and '_', starting with a letter or digit"
+_METRIC_PATTERN = re.compile(r"valid\.clean\.(mr|mrr|hits@[1-9][0-9]*)")
+_MAX_CELL_LENGTH = (
+    120  # longer cell names are cut and end in a hash, to stay a valid directory name
+)
+
+
+class StudyError(ValueError):
+    """A study file that is not valid; the message names the file and the dotted study key."""
+
+
+# --------------------------------------------------------------------------------- distributions
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of ``values``, drawn by the search algorithm."""
+
+    values: tuple
+    type: ClassVar[str] = "choice"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Every one of ``values`` (``algorithm: grid`` only)."""
+
+    values: tuple
+    type: ClassVar[str] = "grid"
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """A float uniform in ``[low, high]``; with ``q``, a multiple of ``q`` there."""
+
+    low: float
+    high: float
+    q: float | None = None
+    type: ClassVar[str] = "uniform"
+
+
+@dataclass(frozen=True)
+class LogUniform:
+    """A float whose log is uniform in ``[log low, log high]`` (``low > 0``); ``q`` quantises."""
+
+    low: float
+    high: float
+    q: float | None = None
+    type: ClassVar[str] = "loguniform"
+
+
+@dataclass(frozen=True)
+class RandInt:
+    """An integer uniform in ``[low, high]``, both inclusive; with ``q``, a multiple of ``q`` there.
+
+    Ray's ``tune.randint`` excludes ``high`` and ``tune.qrandint`` includes it: the Ray adapter
+    passes ``high + 1`` to the former.
+    """
+
+    low: int
+    high: int
+    q: int | None = None
+    type: ClassVar[str] = "randint"
+
+
+Distribution = Choice | Grid | Uniform | LogUniform | RandInt
+"""One entry of a search space."""
+
+_DISTRIBUTIONS: dict[str, type] = {
+    cls.type: cls for cls in (Choice, Grid, Uniform, LogUniform, RandInt)
+}
+DISTRIBUTION_TYPES = tuple(_DISTRIBUTIONS)
+"""The ``type`` names a search-space entry can have."""
+
+
+# ----------------------------------------------------------------------------------- the study
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial asks Ray for: ``cpus`` and ``gpus`` for each of its ``workers`` processes."""
+
+    cpus: float = 1
+    gpus: float = 0
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class Asha:
+    """Asynchronous successive halving over the trial's reports (one per epoch)."""
+
+    max_t: int
+    grace_period: int = 1
+    reduction_factor: float = 4
+
+
+@dataclass(frozen=True)
+class Search:
+    """The search part of a ``search`` study.
+
+    Attributes:
+        algorithm: one of :data:`ALGORITHMS`.
+        space: ``(config key, distribution)`` pairs in file order.
+        seed: the searcher's seed.
+        num_samples: points to draw (``None`` for a grid, which runs every point).
+        asha: early stopping of poor trials, or ``None``.
+    """
+
+    algorithm: str
+    space: tuple[tuple[str, Distribution], ...]
+    seed: int = 0
+    num_samples: int | None = None
+    asha: Asha | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation cell: a readable directory name and the config overrides it makes."""
+
+    name: str
+    overrides: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One sensitivity axis: a config key and the values it takes, one at a time."""
+
+    key: str
+    values: tuple
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study file; build it with :func:`load_study`.
+
+    Attributes:
+        path: the study file (absolute).
+        name: a readable directory name.
+        kind: one of :data:`KINDS`.
+        description: free text.
+        base_config: a core config YAML (absolute), or ``None`` for the config defaults.
+        overrides: ``(dotted config key, value)`` pairs set in every trial, in file order.
+        seeds: training seeds; every cell (or drawn point) trains once per seed.
+        resources: per trial.
+        metric: the metric trials are compared by (``valid.clean.*``).
+        mode: ``"max"`` or ``"min"``.
+        search: the search part (``search`` studies).
+        variants: the ablation cells (``ablation`` studies).
+        axes: the axes (``sensitivity`` studies).
+        defaults: ``(axis key, value)`` pairs each axis key keeps while another axis moves.
+    """
+
+    path: Path
+    name: str
+    kind: str
+    description: str = ""
+    base_config: Path | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    resources: Resources = Resources()
+    metric: str = "valid.clean.mrr"
+    mode: str = "max"
+    search: Search | None = None
+    variants: tuple[Variant, ...] = ()
+    axes: tuple[Axis, ...] = ()
+    defaults: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One run of an expanded study.
+
+    Attributes:
+        name: a stable relative directory, e.g. ``ablation/no-mgat/seed-1`` or
+            ``sensitivity/diffusion.steps=40/seed-0``.
+        cell: the part of the name that says what the cell changes (``no-mgat``).
+        seed: the training seed (the config's ``seed``).
+        changes: ``(dotted config key, value)`` pairs this cell sets.
+        overrides: every pair of the trial: the study's overrides, a sensitivity study's defaults,
+            then ``changes``, each key once with the last value set. The seed is not among them.
+    """
+
+    name: str
+    cell: str
+    seed: int
+    changes: tuple[tuple[str, Any], ...]
+    overrides: tuple[tuple[str, Any], ...]
+
+    def override_strings(self) -> list[str]:
+        """``KEY=VALUE`` strings, seed last, for ``core.config.load_config(base_config, ...)``."""
+        pairs = [*self.overrides, ("seed", self.seed)]
+        return [f"{key}={_render_yaml(value)}" for key, value in pairs]
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def load_study(path: str | Path) -> Study:
+    """Read a study file (``yaml.safe_load``) and check it completely.
+
+    Args:
+        path: the study YAML.
+
+    Returns:
+        The validated :class:`Study`.
+
+    Raises:
+        StudyError: naming the file and the dotted study key (and the line, for YAML errors):
+            unknown study or config keys, bad values, empty or inverted ranges, unknown
+            distributions, bad or repeated names, and anything the config rejects.
+    """
+    path = Path(path)
+    reader = _Reader(path)
+    data = reader.read()
+    kind = data.get("kind")
+    if kind not in KINDS:
+        what = "missing" if kind is None else f"{kind!r} is not a kind of study"
+        raise reader.error("kind", f"{what}; choose one of {', '.join(KINDS)}")
+    reader.check_keys(data, kind)
+
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+        raise reader.error("name", f"{name!r} is not a readable directory name ({_NAME_RULE})")
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise reader.error("description", "expected text")
+
+    base_config, base_tree = reader.base_config(data.get("base_config"))
+    overrides = reader.pairs(data.get("overrides"), "overrides")
+    base_tree = reader.check_cell(base_tree, overrides, "overrides")
+
+    metric, mode = reader.metric(data.get("metric", "valid.clean.mrr"), data.get("mode", "max"))
+    study = {
+        "path": path.resolve(),
+        "name": name,
+        "kind": kind,
+        "description": description,
+        "base_config": base_config,
+        "overrides": overrides,
+        "seeds": reader.seeds(data.get("seeds", [0])),
+        "resources": reader.resources(data.get("resources")),
+        "metric": metric,
+        "mode": mode,
+    }
+    if kind == "search":
+        study["search"] = reader.search(data.get("search"), base_tree)
+    elif kind == "ablation":
+        study["variants"] = reader.variants(data.get("variants"), base_tree)
+    else:
+        study["axes"], study["defaults"] = reader.axes(
+            data.get("axes"), data.get("defaults"), base_tree
+        )
+    result = Study(**study)
+    if kind != "search" or result.search.algorithm == "grid":
+        _cells(result)  # names must be unique once made into directory names
+    return result
+
+
+def shipped_studies() -> list[Path]:
+    """The study files that ship in ``sweeps/studies``, sorted by name."""
+    return sorted(STUDIES_DIR.glob("*.yaml"))
+
+
+# ------------------------------------------------------------------------------------ expanding
+
+
+def expand_trials(study: Study) -> list[Trial]:
+    """Every trial of an ablation, a sensitivity sweep or a grid search, seed by seed.
+
+    The order is deterministic: all cells with the first seed, then all with the second, and so
+    on, so a partial sweep already covers every cell. Names are stable across calls and runs.
+
+    Raises:
+        StudyError: for optuna and random searches, whose points Ray Tune draws.
+    """
+    return [
+        Trial(
+            name=f"{study.kind}/{cell}/seed-{seed}",
+            cell=cell,
+            seed=seed,
+            changes=changes,
+            overrides=_merge(study.overrides, study.defaults, changes),
+        )
+        for seed in study.seeds
+        for cell, changes in _cells(study)
+    ]
+
+
+def study_config(
+    study: Study, changes: Iterable[tuple[str, Any]] = (), seed: int | None = None
+) -> ExperimentConfig:
+    """The config of one point of a study: base config, overrides, defaults, then ``changes``.
+
+    The Ray adapter calls this with the values a searcher drew (``sampled.items()``).
+
+    Raises:
+        StudyError: naming the study file when the result is not a valid config.
+    """
+    try:
+        tree = _apply(
+            _base_tree(study.base_config), _merge(study.overrides, study.defaults, tuple(changes))
+        )
+        if seed is not None:
+            tree["seed"] = seed
+        return config_from_dict(tree)
+    except ConfigError as error:
+        raise StudyError(f"{study.path}: {error}") from None
+
+
+def trial_config(study: Study, trial: Trial) -> ExperimentConfig:
+    """The full config of one expanded trial, seed included."""
+    return study_config(study, trial.changes, trial.seed)
+
+
+def _cells(study: Study) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
+    """``(cell name, changes)`` of every cell of an expandable study, names checked unique."""
+    if study.kind == "ablation":
+        cells = [(variant.name, variant.overrides) for variant in study.variants]
+    elif study.kind == "sensitivity":
+        cells = [
+            (_cell_name(((axis.key, value),)), ((axis.key, value),))
+            for axis in study.axes
+            for value in axis.values
+        ]
+    elif study.search is not None and study.search.algorithm == "grid":
+        keys = [key for key, _ in study.search.space]
+        points = itertools.product(*(distribution.values for _, distribution in study.search.space))
+        changes = [tuple(zip(keys, point, strict=True)) for point in points]
+        cells = [(_cell_name(pairs), pairs) for pairs in changes]
+    else:
+        algorithm = study.search.algorithm if study.search else None
+        raise StudyError(
+            f"{study.path}: search.algorithm: {algorithm} draws its trials inside Ray Tune; "
+            "expand_trials covers ablation and sensitivity studies and grid searches"
+        )
+    seen: dict[str, tuple] = {}
+    for cell, changes in cells:
+        if cell in seen:
+            raise StudyError(
+                f"{study.path}: {_describe(changes)} and {_describe(seen[cell])} both make the "
+                f"trial directory {cell!r}; make the values differ in their text"
+            )
+        seen[cell] = changes
+    return cells
+
+
+def _merge(*groups: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    """Pairs of several groups, each key once (where it first appears) with its last value."""
+    merged: dict[str, Any] = {}
+    for group in groups:
+        merged.update(group)
+    return tuple(merged.items())
+
+
+def _cell_name(changes: tuple[tuple[str, Any], ...]) -> str:
+    text = ",".join(f"{key}={_label(value)}" for key, value in changes)
+    text = re.sub(r"[^A-Za-z0-9._+=,-]", "_", text)
+    if len(text) > _MAX_CELL_LENGTH:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+        text = f"{text[: _MAX_CELL_LENGTH - 11]}-{digest}"
+    return text
+
+
+def _label(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _describe(changes) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in changes)
+
+
+# -------------------------------------------------------------------------- config-key helpers
+
+
+def _leaf_keys(cls=ExperimentConfig, prefix: str = "") -> dict[str, Any]:
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for spec in dataclasses.fields(cls):
+        key = f"{prefix}{spec.name}"
+        if dataclasses.is_dataclass(hints[spec.name]):
+            keys.update(_leaf_keys(hints[spec.name], f"{key}."))
+        else:
+            keys[key] = hints[spec.name]
+    return keys
+
+
+_CONFIG_KEYS = _leaf_keys()
+_SECTIONS = list(dict.fromkeys(key.rpartition(".")[0] for key in _CONFIG_KEYS if "." in key))
+
+
+def _value_type(key: str) -> type:
+    """The Python type of a config key's values (``str | None`` → ``str``)."""
+    annotation = _CONFIG_KEYS[key]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation
+
+
+def _check_config_key(key) -> None:
+    """Raise ConfigError unless ``key`` names one config value that a study may set."""
+    if not isinstance(key, str):
+        raise ConfigError(f"config keys are dotted text such as diffusion.steps, got {key!r}")
+    if key == "seed":
+        raise ConfigError("seed is set for each trial from the study's seeds, not as an override")
+    if key in _CONFIG_KEYS:
+        return
+    if key in _SECTIONS:
+        keys = ", ".join(name for name in _CONFIG_KEYS if name.startswith(f"{key}."))
+        raise ConfigError(f"{key} is a section, not a key; name one of its keys: {keys}")
+    close = difflib.get_close_matches(key, list(_CONFIG_KEYS), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    section = key.rpartition(".")[0]
+    if section in _SECTIONS:
+        names = [name.rpartition(".")[2] for name in _CONFIG_KEYS if name.startswith(f"{section}.")]
+        raise ConfigError(
+            f"unknown config key {key}; {hint}valid keys of {section}: {', '.join(names)}"
+        )
+    raise ConfigError(
+        f"unknown config key {key}; {hint}keys are SECTION.NAME with a section among "
+        f"{', '.join(_SECTIONS)}"
+    )
+
+
+def _normalise(key: str, value):
+    """Catch YAML 1.1 surprises for ``key`` and turn ints into floats where floats are expected."""
+    expected = _value_type(key)
+    if expected in (int, float) and isinstance(value, str) and _float_text(value) is not None:
+        raise ConfigError(
+            f"{key}: {value!r} is text, not a number (YAML 1.1 also reads 1e-4 as text); "
+            f"write {_float_text(value)}"
+        )
+    if expected is str and isinstance(value, bool):
+        raise ConfigError(
+            f"{key}: got {value!r}: YAML reads unquoted yes/no/on/off/true/false as booleans; "
+            "quote the text"
+        )
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _float_text(text: str) -> str | None:
+    """``"1e-4"`` → ``"1.0e-4"`` (what PyYAML reads as a number), or None if it is no number."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(number):
+        return None
+    if re.fullmatch(r"[-+]?[0-9]+", text.strip()):
+        return text.strip()
+    mantissa, e, exponent = text.strip().lower().partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    if e and exponent[:1] not in "+-":
+        exponent = f"+{exponent}"
+    return f"{mantissa}{e}{exponent}"
+
+
+def _base_tree(base_config: Path | None) -> dict:
+    return config_to_dict(load_config(base_config) if base_config else ExperimentConfig())
+
+
+def _apply(tree: dict, pairs: Iterable[tuple[str, Any]]) -> dict:
+    """A copy of the full config tree ``tree`` with each dotted key set."""
+    tree = copy.deepcopy(tree)
+    for key, value in pairs:
+        node = tree
+        *sections, name = key.split(".")
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    return tree
+
+
+def _render_yaml(value) -> str:
+    """A value as YAML text that ``core.config.parse_override`` reads back as the same value."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        if math.isinf(value):
+            return ".inf" if value > 0 else "-.inf"
+        return _float_text(repr(value))
+    if isinstance(value, str):
+        try:
+            if value and yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+        return json.dumps(value)
+    return json.dumps(value)
+
+
+# -------------------------------------------------------------------------------------- reader
+
+
+class _Reader:
+    """Reads the parts of one study file; every error names the file and the dotted study key."""
+
+    _COMMON = (
+        "name",
+        "kind",
+        "description",
+        "base_config",
+        "overrides",
+        "seeds",
+        "resources",
+        "metric",
+        "mode",
+    )
+    _BY_KIND = {
+        "search": ("search",),
+        "ablation": ("variants",),
+        "sensitivity": ("axes", "defaults"),
+    }
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def error(self, location: str, message: str) -> StudyError:
+        """``FILE: LOCATION: MESSAGE``, saying a config key once when both end and start with it."""
+        parts = location.split(".")
+        for start in range(len(parts)):
+            repeated = ".".join(parts[start:]) + ": "
+            if message.startswith(repeated):
+                message = message[len(repeated) :]
+                break
+        return StudyError(
+            f"{self.path}: {location}: {message}" if location else f"{self.path}: {message}"
+        )
+
+    # --- the file
+
+    def read(self) -> dict:
+        try:
+            text = self.path.read_text()
+        except OSError as error:
+            raise StudyError(f"{self.path}: cannot read study ({error.strerror})") from None
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            if root is not None:
+                self._check_duplicates(root, "", set())
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or error
+            raise StudyError(f"{self.path}{where}: not valid YAML ({problem})") from None
+        if data is None:
+            raise self.error("", "the study is empty; it needs at least kind")
+        if not isinstance(data, dict):
+            raise self.error("", f"expected a mapping of study keys, got {type(data).__name__}")
+        return data
+
+    def _check_duplicates(self, node, location: str, visited: set) -> None:
+        """PyYAML keeps the last of repeated mapping keys silently; refuse them instead."""
+        if id(node) in visited:
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_lines: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                child = f"{location}.{key}" if location else key
+                line = key_node.start_mark.line + 1
+                if key in first_lines and isinstance(key_node, yaml.ScalarNode):
+                    raise StudyError(
+                        f"{self.path}:{line}: {child}: repeated key "
+                        f"(first on line {first_lines[key]})"
+                    )
+                first_lines[key] = line
+                self._check_duplicates(value_node, child, visited)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._check_duplicates(item, f"{location}[{index}]", visited)
+
+    def check_keys(self, data: dict, kind: str) -> None:
+        valid = (*self._COMMON, *self._BY_KIND[kind])
+        for key in data:
+            if key in valid:
+                continue
+            for other, keys in self._BY_KIND.items():
+                if key in keys:
+                    raise self.error(key, f"belongs to {other} studies; this study is kind {kind}")
+            raise self.error(
+                str(key), f"unknown study key; valid keys of a {kind} study: {', '.join(valid)}"
+            )
+        main = self._BY_KIND[kind][0]
+        if data.get(main) is None:
+            raise self.error(main, f"missing; a {kind} study needs it")
+
+    # --- common parts
+
+    def base_config(self, value) -> tuple[Path | None, dict]:
+        if value is None:
+            return None, _base_tree(None)
+        if not isinstance(value, str) or not value:
+            raise self.error("base_config", f"expected a path relative to the study, got {value!r}")
+        path = (self.path.parent / value).resolve()
+        try:
+            return path, _base_tree(path)
+        except ConfigError as error:
+            raise self.error("base_config", str(error)) from None
+
+    def pairs(self, mapping, location: str) -> tuple[tuple[str, Any], ...]:
+        """``{dotted key: value}`` → ``((key, value), ...)``, each key a settable config value."""
+        if mapping is None:
+            return ()
+        if not isinstance(mapping, dict):
+            raise self.error(
+                location, f"expected a mapping of dotted config keys to values, got {mapping!r}"
+            )
+        pairs = []
+        for key, value in mapping.items():
+            try:
+                _check_config_key(key)
+                pairs.append((key, _normalise(key, value)))
+            except ConfigError as error:
+                raise self.error(f"{location}.{key}", str(error)) from None
+        return tuple(pairs)
+
+    def check_cell(
+        self, tree: dict, pairs: Iterable[tuple[str, Any]], location: str, keyed: bool = True
+    ) -> dict:
+        """Apply ``pairs`` to ``tree`` and build the config; return the new tree.
+
+        With ``keyed``, ``location`` holds the pairs as keys, and an error about one key names it.
+        """
+        pairs = tuple(pairs)
+        tree = _apply(tree, pairs)
+        try:
+            config_from_dict(tree)
+        except ConfigError as error:
+            message = str(error)
+            where = next(
+                (
+                    f"{location}.{key}"
+                    for key, _ in pairs
+                    if keyed and message.startswith(f"{key}:")
+                ),
+                location,
+            )
+            raise self.error(where, message) from None
+        return tree
+
+    def seeds(self, value) -> tuple[int, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.error("seeds", f"expected a non-empty list of integers, got {value!r}")
+        for index, seed in enumerate(value):
+            if not _is_int(seed) or seed < 0:
+                raise self.error(f"seeds[{index}]", f"expected an integer >= 0, got {seed!r}")
+        if len(set(value)) != len(value):
+            raise self.error("seeds", f"repeated seeds in {value}")
+        return tuple(value)
+
+    def resources(self, value) -> Resources:
+        if value is None:
+            return Resources()
+        values = self.mapping(value, "resources", ("cpus", "gpus", "workers"))
+        cpus = values.get("cpus", 1)
+        if not _is_number(cpus) or cpus <= 0:
+            raise self.error("resources.cpus", f"expected a number > 0, got {cpus!r}")
+        gpus = values.get("gpus", 0)
+        if not _is_number(gpus) or gpus < 0 or (gpus > 1 and gpus != int(gpus)):
+            raise self.error(
+                "resources.gpus",
+                f"expected 0, a fraction of one GPU or a whole number of GPUs, got {gpus!r}",
+            )
+        workers = values.get("workers", 1)
+        if not _is_int(workers) or workers < 1:
+            raise self.error("resources.workers", f"expected an integer >= 1, got {workers!r}")
+        return Resources(cpus=cpus, gpus=gpus, workers=workers)
+
+    def metric(self, metric, mode) -> tuple[str, str]:
+        if not isinstance(metric, str) or not _METRIC_PATTERN.fullmatch(metric):
+            raise self.error(
+                "metric",
+                f"{metric!r} cannot select models: only valid-split metrics of the clean protocol "
+                "can (the official min-of-S protocol uses the label); choose valid.clean.mrr, "
+                "valid.clean.mr or valid.clean.hits@K",
+            )
+        if mode not in ("max", "min"):
+            raise self.error("mode", f"{mode!r} is not valid; choose max or min")
+        better = "min" if metric == "valid.clean.mr" else "max"
+        if mode != better:
+            raise self.error(
+                "mode",
+                f"{metric} is better when {'lower' if better == 'min' else 'higher'}; "
+                f"use mode: {better}",
+            )
+        return metric, mode
+
+    def mapping(self, value, location: str, keys: tuple[str, ...]) -> dict:
+        if not isinstance(value, dict):
+            raise self.error(
+                location, f"expected a mapping with keys {', '.join(keys)}, got {value!r}"
+            )
+        for key in value:
+            if key not in keys:
+                raise self.error(f"{location}.{key}", f"unknown key; valid keys: {', '.join(keys)}")
+        return value
+
+    def values(self, value, location: str, key: str) -> tuple:
+        """A non-empty list of distinct values for config key ``key``."""
+        if not isinstance(value, list) or not value:
+            raise self.error(location, f"expected a non-empty list of values, got {value!r}")
+        values = []
+        for index, item in enumerate(value):
+            try:
+                item = _normalise(key, item)
+            except ConfigError as error:
+                raise self.error(f"{location}[{index}]", str(error)) from None
+            if item in values:
+                raise self.error(f"{location}[{index}]", f"{item!r} is repeated")
+            values.append(item)
+        return tuple(values)
+
+    # --- kinds
+
+    def variants(self, value, tree: dict) -> tuple[Variant, ...]:
+        if not isinstance(value, dict) or not value:
+            raise self.error(
+                "variants", "expected a mapping of variant names to overrides, e.g. full: {}"
+            )
+        variants: list[Variant] = []
+        configs: dict = {}
+        for name, overrides in value.items():
+            if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+                hint = (
+                    " (YAML reads unquoted yes/no/on/off as booleans)"
+                    if isinstance(name, bool)
+                    else ""
+                )
+                raise self.error(
+                    f"variants.{name}",
+                    f"{name!r} is not a readable directory name ({_NAME_RULE}){hint}",
+                )
+            location = f"variants.{name}"
+            pairs = self.pairs(overrides, location)
+            config = config_from_dict(self.check_cell(tree, pairs, location))
+            if config in configs:
+                raise self.error(location, f"gives the same config as variants.{configs[config]}")
+            configs[config] = name
+            variants.append(Variant(name=name, overrides=pairs))
+        return tuple(variants)
+
+    def axes(self, value, defaults, tree: dict):
+        if not isinstance(value, dict) or not value:
+            raise self.error(
+                "axes",
+                "expected a mapping of config keys to value lists, e.g. diffusion.steps: [5, 10]",
+            )
+        axes = []
+        for key, values in value.items():
+            try:
+                _check_config_key(key)
+            except ConfigError as error:
+                raise self.error(f"axes.{key}", str(error)) from None
+            axes.append(Axis(key=key, values=self.values(values, f"axes.{key}", key)))
+        default_pairs = self.pairs(defaults, "defaults")
+        for key, _ in default_pairs:
+            if key not in value:
+                raise self.error(
+                    f"defaults.{key}",
+                    "not an axis; defaults give each axis key its value while another axis "
+                    "moves, and settings for every trial go under overrides",
+                )
+        tree = self.check_cell(tree, default_pairs, "defaults")
+        for axis in axes:
+            for index, item in enumerate(axis.values):
+                location = f"axes.{axis.key}[{index}]"
+                self.check_cell(tree, [(axis.key, item)], location, keyed=False)
+        return tuple(axes), default_pairs
+
+    def search(self, value, tree: dict) -> Search:
+        keys = ("algorithm", "seed", "num_samples", "asha", "space")
+        value = self.mapping(value, "search", keys)
+        algorithm = value.get("algorithm")
+        if algorithm not in ALGORITHMS:
+            what = "missing" if algorithm is None else f"{algorithm!r} is not a search algorithm"
+            raise self.error("search.algorithm", f"{what}; choose one of {', '.join(ALGORITHMS)}")
+        seed = value.get("seed", 0)
+        if not _is_int(seed) or seed < 0:
+            raise self.error("search.seed", f"expected an integer >= 0, got {seed!r}")
+        num_samples = value.get("num_samples")
+        if algorithm == "grid":
+            if num_samples is not None:
+                raise self.error(
+                    "search.num_samples",
+                    "a grid search runs every point once per seed; remove num_samples",
+                )
+        elif not _is_int(num_samples) or num_samples < 1:
+            raise self.error(
+                "search.num_samples",
+                f"expected the number of points to draw (>= 1), got {num_samples!r}",
+            )
+        asha = self.asha(value.get("asha"))
+
+        space = value.get("space")
+        if not isinstance(space, dict) or not space:
+            raise self.error(
+                "search.space",
+                "expected a mapping of config keys to distributions, e.g. "
+                "diffusion.steps: {type: randint, low: 5, high: 100}",
+            )
+        pairs = []
+        for key, spec in space.items():
+            location = f"search.space.{key}"
+            try:
+                _check_config_key(key)
+            except ConfigError as error:
+                raise self.error(location, str(error)) from None
+            distribution = self.distribution(key, spec, location, tree)
+            if (distribution.type == "grid") != (algorithm == "grid"):
+                message = (
+                    "algorithm: grid runs grid entries only; make it {type: grid, values: [...]}"
+                    if algorithm == "grid"
+                    else f"grid entries need algorithm: grid; {algorithm} draws from choice, "
+                    "uniform, loguniform or randint"
+                )
+                raise self.error(location, message)
+            if algorithm == "optuna-tpe" and distribution.type == "loguniform" and distribution.q:
+                raise self.error(f"{location}.q", "Optuna ignores q on a loguniform; remove it")
+            pairs.append((key, distribution))
+        if algorithm == "grid":
+            keys = [key for key, _ in pairs]
+            for point in itertools.product(*(d.values for _, d in pairs)):
+                try:
+                    config_from_dict(_apply(tree, zip(keys, point, strict=True)))
+                except ConfigError as error:
+                    raise self.error(
+                        "search.space",
+                        f"the grid point {_describe(zip(keys, point, strict=True))} fails: {error}",
+                    ) from None
+        return Search(
+            algorithm=algorithm, space=tuple(pairs), seed=seed, num_samples=num_samples, asha=asha
+        )
+
+    def asha(self, value) -> Asha | None:
+        if value is None:
+            return None
+        value = self.mapping(value, "search.asha", ("max_t", "grace_period", "reduction_factor"))
+        max_t = value.get("max_t")
+        if not _is_int(max_t) or max_t < 1:
+            raise self.error(
+                "search.asha.max_t", f"expected the most epochs a trial runs (>= 1), got {max_t!r}"
+            )
+        grace = value.get("grace_period", 1)
+        if not _is_int(grace) or not 1 <= grace <= max_t:
+            raise self.error(
+                "search.asha.grace_period",
+                f"expected an integer in [1, max_t={max_t}], got {grace!r}",
+            )
+        factor = value.get("reduction_factor", 4)
+        if not _is_number(factor) or factor <= 1:
+            raise self.error(
+                "search.asha.reduction_factor", f"expected a number > 1, got {factor!r}"
+            )
+        return Asha(max_t=max_t, grace_period=grace, reduction_factor=factor)
+
+    def distribution(self, key: str, spec, location: str, tree: dict) -> Distribution:
+        if not isinstance(spec, dict):
+            raise self.error(
+                location,
+                f"expected a distribution such as {{type: choice, values: [...]}}, got {spec!r}",
+            )
+        name = spec.get("type")
+        if name not in _DISTRIBUTIONS:
+            what = "missing distribution type" if name is None else f"unknown distribution {name!r}"
+            raise self.error(
+                f"{location}.type", f"{what}; choose one of {', '.join(DISTRIBUTION_TYPES)}"
+            )
+        cls = _DISTRIBUTIONS[name]
+        params = [spec_field.name for spec_field in dataclasses.fields(cls)]
+        for param in spec:
+            if param != "type" and param not in params:
+                raise self.error(f"{location}.{param}", f"{name} takes {', '.join(params)}")
+
+        if cls in (Choice, Grid):
+            values = self.values(spec.get("values"), f"{location}.values", key)
+            for index, item in enumerate(values):
+                self.check_cell(tree, [(key, item)], f"{location}.values[{index}]", keyed=False)
+            return cls(values=values)
+
+        integer = cls is RandInt
+        expected = _value_type(key)
+        if expected not in (int, float) or (expected is int and not integer):
+            use = "use randint for an integer key" if expected is int else "use choice"
+            raise self.error(
+                location,
+                f"{name} draws {'integers' if integer else 'floats'} but {key} takes "
+                f"{expected.__name__} values; {use}",
+            )
+        bounds = {}
+        for param in ("low", "high", "q"):
+            item = spec.get(param)
+            if item is None:
+                if param == "q":
+                    continue
+                raise self.error(f"{location}.{param}", f"missing; {name} needs low and high")
+            if isinstance(item, str) and _float_text(item) is not None:
+                raise self.error(
+                    f"{location}.{param}",
+                    f"{item!r} is text, not a number (YAML 1.1 also reads 1e-4 as text); "
+                    f"write {_float_text(item)}",
+                )
+            if not (_is_int(item) if integer else _is_number(item)) or not math.isfinite(item):
+                kind = "an integer" if integer else "a number"
+                raise self.error(f"{location}.{param}", f"expected {kind}, got {item!r}")
+            bounds[param] = item if integer else float(item)
+        low, high, q = bounds["low"], bounds["high"], bounds.get("q")
+        if not low < high:
+            raise self.error(location, f"empty range: low ({low}) must be below high ({high})")
+        if cls is LogUniform and low <= 0:
+            raise self.error(f"{location}.low", f"loguniform needs low > 0, got {low}")
+        if q is not None:
+            if q <= 0:
+                raise self.error(f"{location}.q", f"expected q > 0, got {q}")
+            for param in ("low", "high"):
+                ratio = bounds[param] / q
+                if not math.isclose(ratio, round(ratio), rel_tol=1e-9, abs_tol=1e-9):
+                    raise self.error(
+                        f"{location}.{param}",
+                        f"{bounds[param]} is not a multiple of q={q}; every sampler must "
+                        "draw the same values",
+                    )
+        for param in ("low", "high"):
+            self.check_cell(tree, [(key, bounds[param])], f"{location}.{param}", keyed=False)
+        return cls(low=low, high=high, q=q)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

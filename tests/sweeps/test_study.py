@@ -1,0 +1,521 @@
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from core.config import config_to_dict, load_config
+from sweeps.study import (
+    STUDIES_DIR,
+    Choice,
+    Grid,
+    LogUniform,
+    RandInt,
+    StudyError,
+    Uniform,
+    expand_trials,
+    load_study,
+    shipped_studies,
+    study_config,
+    trial_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+EXPECTED_STUDIES = {
+    "demo",
+    "paper-ablation",
+    "search-umls",
+    "sensitivity-depth",
+    "sensitivity-lambda",
+    "sensitivity-loss",
+    "sensitivity-steps",
+    "sensitivity-width",
+}
+
+
+def write_study(tmp_path, text: str) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def expandable(study) -> bool:
+    return study.kind != "search" or study.search.algorithm == "grid"
+
+
+# ------------------------------------------------------------------------------ shipped studies
+
+
+@pytest.mark.parametrize("path", shipped_studies(), ids=lambda path: path.stem)
+def test_every_shipped_study_loads_and_names_its_launch_command(path):
+    study = load_study(path)
+    first_line = path.read_text().splitlines()[0]
+    assert first_line == f"# diffcom sweep launch sweeps/studies/{path.name}"
+    assert study.name == path.stem
+    assert study.metric == "valid.clean.mrr" and study.mode == "max"
+    if expandable(study):
+        trials = expand_trials(study)
+        names = [trial.name for trial in trials]
+        assert len(set(names)) == len(names)
+        assert all(re.fullmatch(r"[a-z]+/[A-Za-z0-9._+=,-]+/seed-\d+", name) for name in names)
+        for trial in trials:
+            config = trial_config(study, trial)
+            assert config.seed == trial.seed
+            # The override strings rebuild the same config through core.config's own parser.
+            assert load_config(study.base_config, trial.override_strings()) == config
+
+
+def test_the_shipped_set_is_complete():
+    assert {path.stem for path in shipped_studies()} == EXPECTED_STUDIES
+    assert STUDIES_DIR == REPO / "sweeps" / "studies"
+
+
+def test_paper_ablation_expands_to_27_stable_trials():
+    study = load_study(STUDIES_DIR / "paper-ablation.yaml")
+    trials = expand_trials(study)
+    assert len(trials) == 27
+    assert [variant.name for variant in study.variants] == [
+        "full",
+        "no-mgat",
+        "no-kl",
+        "no-bce",
+        "no-diffusion",
+        "fixed-lambda",
+        "no-image",
+        "no-text",
+        "official-code",
+    ]
+    assert trials[0].name == "ablation/full/seed-0"
+    assert trials[9 + 1].name == "ablation/no-mgat/seed-1"  # seed by seed, cells in file order
+    again = expand_trials(load_study(STUDIES_DIR / "paper-ablation.yaml"))
+    assert [trial.name for trial in again] == [trial.name for trial in trials]
+    assert again == trials
+
+    configs = {trial.cell: trial_config(study, trial) for trial in trials if trial.seed == 0}
+    assert configs["full"].data.dataset == "synthetic:small"
+    assert configs["full"].structure.fusion == "learned-scalar"
+    assert configs["no-mgat"].structure.encoder == "none"
+    assert configs["no-kl"].loss.w_kl == 0.0 and configs["no-bce"].loss.w_bce == 0.0
+    assert configs["no-diffusion"].diffusion.enabled is False
+    assert not configs["no-image"].model.use_image and not configs["no-text"].model.use_text
+    official = configs["official-code"]
+    assert (official.diffusion.diffuse, official.diffusion.top_k) == ("top-k", 1024)
+    assert official.diffusion.top_k_order == "id"
+    assert (official.diffusion.reverse, official.diffusion.target) == ("residual", "epsilon")
+    assert (official.structure.fusion, official.structure.lambda_fusion) == ("fixed", 0.5)
+    assert official.loss.stage2_extractor == "finetune"
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "values", "trials"),
+    [
+        ("sensitivity-steps", "diffusion.steps", [5, 10, 20, 30, 40, 60, 100], 21),
+        ("sensitivity-width", "diffusion.denoiser_width", [128, 256, 512, 1024, 2048], 15),
+        ("sensitivity-depth", "diffusion.denoiser_depth", [1, 2, 3, 4], 12),
+        ("sensitivity-lambda", "structure.lambda_fusion", [0.0, 0.25, 0.5, 0.75, 1.0], 15),
+    ],
+)
+def test_sensitivity_studies_sweep_one_axis(name, key, values, trials):
+    study = load_study(STUDIES_DIR / f"{name}.yaml")
+    assert [(axis.key, list(axis.values)) for axis in study.axes] == [(key, values)]
+    expanded = expand_trials(study)
+    assert len(expanded) == trials
+    assert expanded[1].name == f"sensitivity/{key}={values[1]}/seed-0"
+
+
+def test_sensitivity_lambda_fixes_the_fusion_and_loss_moves_one_weight_at_a_time():
+    lambda_study = load_study(STUDIES_DIR / "sensitivity-lambda.yaml")
+    for trial in expand_trials(lambda_study):
+        config = trial_config(lambda_study, trial)
+        assert config.structure.fusion == "fixed"
+        assert config.structure.lambda_fusion == trial.changes[0][1]
+
+    loss = load_study(STUDIES_DIR / "sensitivity-loss.yaml")
+    trials = [trial for trial in expand_trials(loss) if trial.seed == 0]
+    assert len(trials) == 14
+    for trial in trials:
+        config = trial_config(loss, trial)
+        moved, value = trial.changes[0]
+        other = "loss.w_bce" if moved == "loss.w_kl" else "loss.w_kl"
+        assert getattr(config.loss, moved.split(".")[1]) == value
+        assert getattr(config.loss, other.split(".")[1]) == 1.0
+        assert sum(1 for key, _ in trial.overrides if key == moved) == 1  # each key once
+
+
+def _differences(left, right, prefix=""):
+    keys = set()
+    for name, value in left.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            keys |= _differences(value, right[name], f"{key}.")
+        elif value != right[name]:
+            keys.add(key)
+    return keys
+
+
+def test_sensitivity_centres_match_the_full_model_of_the_ablation():
+    ablation = load_study(STUDIES_DIR / "paper-ablation.yaml")
+    full = config_to_dict(study_config(ablation))
+    for name in ("steps", "width", "depth", "lambda", "loss"):
+        study = load_study(STUDIES_DIR / f"sensitivity-{name}.yaml")
+        centre = config_to_dict(study_config(study))
+        allowed = {axis.key for axis in study.axes} | {"structure.fusion"}
+        assert _differences(centre, full) <= allowed, name
+
+
+def test_search_umls_holds_what_the_ray_adapter_needs():
+    study = load_study(STUDIES_DIR / "search-umls.yaml")
+    search = study.search
+    assert (search.algorithm, search.seed, search.num_samples) == ("optuna-tpe", 0, 32)
+    assert search.asha is not None and search.asha.max_t == 30
+    space = dict(search.space)
+    assert space["diffusion.steps"] == RandInt(low=5, high=100, q=5)
+    assert isinstance(space["diffusion.denoiser_width"], Choice)
+    assert space["train.lr_stage1"] == LogUniform(low=1e-4, high=1e-2)
+    assert isinstance(space["structure.lambda_fusion"], Uniform)
+    assert set(space) >= {"diffusion.denoiser_depth", "loss.w_kl", "loss.w_bce", "train.lr_stage2"}
+    with pytest.raises(StudyError, match=r"search-umls\.yaml: search\.algorithm: optuna-tpe draws"):
+        expand_trials(study)
+    sampled = study_config(study, [("diffusion.steps", 35), ("loss.w_kl", 0.3)], seed=4)
+    assert (sampled.diffusion.steps, sampled.loss.w_kl, sampled.seed) == (35, 0.3, 4)
+
+
+def test_demo_is_four_small_trials_on_umls():
+    study = load_study(STUDIES_DIR / "demo.yaml")
+    assert study.base_config == REPO / "core" / "configs" / "demo.yaml"
+    trials = expand_trials(study)
+    assert len(trials) == 4
+    for trial in trials:
+        config = trial_config(study, trial)
+        assert config.data.dataset == "umls"
+        assert config.train.stage1_epochs + config.train.stage2_epochs <= 6
+
+
+# --------------------------------------------------------------------------------- grid search
+
+
+def test_grid_search_expands_the_cartesian_product_times_seeds(tmp_path):
+    path = write_study(
+        tmp_path,
+        """\
+        kind: search
+        seeds: [0, 1]
+        search:
+          algorithm: grid
+          space:
+            diffusion.schedule: {type: grid, values: [linear, cosine]}
+            diffusion.steps: {type: grid, values: [5, 10, 20]}
+        """,
+    )
+    study = load_study(path)
+    assert study.name == "bad" and isinstance(dict(study.search.space)["diffusion.steps"], Grid)
+    trials = expand_trials(study)
+    assert len(trials) == 12
+    assert trials[0].name == "search/diffusion.schedule=linear,diffusion.steps=5/seed-0"
+    assert trials[-1].name == "search/diffusion.schedule=cosine,diffusion.steps=20/seed-1"
+    assert trial_config(study, trials[-1]).diffusion.schedule == "cosine"
+
+
+def test_random_search_is_expanded_by_ray_not_here(tmp_path):
+    path = write_study(
+        tmp_path,
+        """\
+        kind: search
+        search:
+          algorithm: random
+          num_samples: 4
+          space:
+            loss.w_kl: {type: uniform, low: 0, high: 2, q: 0.5}
+        """,
+    )
+    study = load_study(path)
+    assert dict(study.search.space)["loss.w_kl"] == Uniform(low=0.0, high=2.0, q=0.5)
+    with pytest.raises(StudyError, match=r"bad\.yaml: search\.algorithm: random draws"):
+        expand_trials(study)
+
+
+def test_override_strings_survive_yaml_surprises(tmp_path):
+    path = write_study(
+        tmp_path,
+        """\
+        kind: ablation
+        overrides:
+          data.dataset: "no"
+          data.image_root: "/data/a #b: c"
+          train.lr_stage1: 1.0e-5
+          train.mixed_precision: "no"
+        variants:
+          tiny-lr:
+            train.lr_stage2: 1.0e-7
+            data.image_root: null
+        """,
+    )
+    study = load_study(path)
+    (trial,) = expand_trials(study)
+    assert load_config(None, trial.override_strings()) == trial_config(study, trial)
+    assert trial_config(study, trial).train.lr_stage2 == 1e-7
+
+
+# ------------------------------------------------------------------------------------- errors
+
+ABLATION = "kind: ablation\nvariants:\n  full: {}\n"
+SEARCH = "kind: search\nsearch:\n  algorithm: optuna-tpe\n  num_samples: 4\n  space:\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # unknown keys
+        (
+            ABLATION + "  x:\n    diffusion.stepz: 3\n",
+            r"variants\.x\.diffusion\.stepz: unknown config key diffusion\.stepz; did you mean "
+            r"diffusion\.steps\? valid keys of diffusion: enabled, steps",
+        ),
+        (
+            SEARCH + "    nonsense.key: {type: choice, values: [1]}\n",
+            r"search\.space\.nonsense\.key: unknown config key nonsense\.key",
+        ),
+        (ABLATION + "sedes: [0]\n", r"sedes: unknown study key; valid keys of a ablation study"),
+        (ABLATION + "axes: {diffusion.steps: [1]}\n", r"axes: belongs to sensitivity studies"),
+        (
+            "kind: ablation\noverrides:\n  diffusion: {steps: 3}\nvariants: {full: {}}\n",
+            r"overrides\.diffusion: diffusion is a section, not a key",
+        ),
+        (ABLATION + "  x: {seed: 3}\n", r"variants\.x\.seed: seed is set for each trial"),
+        ("kind: ablations\n", r"kind: 'ablations' is not a kind of study; choose one of search"),
+        ("name: x\n", r"kind: missing"),
+        ("kind: sensitivity\n", r"axes: missing; a sensitivity study needs it"),
+        # bad values for a key
+        (
+            ABLATION + "  x:\n    structure.fusion: mean\n",
+            r"variants\.x\.structure\.fusion: 'mean' is not valid; "
+            r"choose one of learned-scalar, learned-vector, fixed",
+        ),
+        (
+            ABLATION + "  x:\n    diffusion.reverse: residual\n",
+            r"variants\.x: diffusion\.reverse=residual .* needs diffusion\.target=epsilon",
+        ),
+        (
+            ABLATION + "  x:\n    train.lr_stage1: 1e-4\n",
+            r"variants\.x\.train\.lr_stage1: '1e-4' is text, not a number .* write 1\.0e-4",
+        ),
+        (
+            ABLATION + "  x:\n    train.mixed_precision: no\n",
+            r"variants\.x\.train\.mixed_precision: got False: YAML reads unquoted yes/no",
+        ),
+        (
+            "kind: ablation\noverrides: {structure.max_nodes: 1}\nvariants: {full: {}}\n",
+            r"overrides\.structure\.max_nodes: 1 is outside \[2, 4096\]",
+        ),
+        (
+            ABLATION + "  x: {structure.encoder: none}\n  y: {structure.encoder: none}\n",
+            r"variants\.y: gives the same config as variants\.x",
+        ),
+        # distributions
+        (
+            SEARCH + "    diffusion.steps: {type: choice, values: []}\n",
+            r"search\.space\.diffusion\.steps\.values: expected a non-empty list",
+        ),
+        (
+            SEARCH + "    diffusion.steps: {type: choice, values: [5, 5]}\n",
+            r"search\.space\.diffusion\.steps\.values\[1\]: 5 is repeated",
+        ),
+        (
+            SEARCH + "    diffusion.steps: {type: randint, low: 10, high: 10}\n",
+            r"search\.space\.diffusion\.steps: empty range: low \(10\) must be below high \(10\)",
+        ),
+        (
+            SEARCH + "    loss.w_kl: {type: uniform, low: 2, high: 1}\n",
+            r"search\.space\.loss\.w_kl: empty range: low \(2\.0\) must be below high \(1\.0\)",
+        ),
+        (
+            SEARCH + "    loss.w_kl: {type: loguniform, low: 0, high: 1}\n",
+            r"search\.space\.loss\.w_kl\.low: loguniform needs low > 0, got 0\.0",
+        ),
+        (
+            SEARCH + "    loss.w_kl: {type: normal, mean: 1}\n",
+            r"search\.space\.loss\.w_kl\.type: unknown distribution 'normal'; "
+            r"choose one of choice, grid, uniform, loguniform, randint",
+        ),
+        (
+            SEARCH + "    loss.w_kl: {low: 0.1, high: 1.0}\n",
+            r"search\.space\.loss\.w_kl\.type: missing distribution type",
+        ),
+        (
+            SEARCH + "    loss.w_kl: {type: uniform, low: 0.1, high: 1.0, step: 2}\n",
+            r"search\.space\.loss\.w_kl\.step: uniform takes low, high, q",
+        ),
+        (
+            SEARCH + "    diffusion.steps: {type: randint, low: 1, high: 5000}\n",
+            r"search\.space\.diffusion\.steps\.high: diffusion\.steps: 5000 is outside \[1, 1000\]",
+        ),
+        (
+            SEARCH + "    diffusion.steps: {type: uniform, low: 1, high: 50}\n",
+            r"search\.space\.diffusion\.steps: uniform draws floats but diffusion\.steps takes "
+            r"int values; use randint",
+        ),
+        (
+            SEARCH + "    diffusion.steps: {type: randint, low: 1.5, high: 50}\n",
+            r"search\.space\.diffusion\.steps\.low: expected an integer, got 1\.5",
+        ),
+        (
+            SEARCH + "    train.lr_stage1: {type: loguniform, low: 1e-4, high: 1.0e-2}\n",
+            r"search\.space\.train\.lr_stage1\.low: '1e-4' is text.* write 1\.0e-4",
+        ),
+        (
+            SEARCH + "    diffusion.steps: {type: randint, low: 5, high: 98, q: 5}\n",
+            r"search\.space\.diffusion\.steps\.high: 98 is not a multiple of q=5",
+        ),
+        (
+            SEARCH + "    diffusion.steps: {type: randint, low: 5, high: 10, q: 0}\n",
+            r"search\.space\.diffusion\.steps\.q: expected q > 0",
+        ),
+        (
+            SEARCH + "    loss.w_kl: {type: loguniform, low: 0.1, high: 1.0, q: 0.1}\n",
+            r"search\.space\.loss\.w_kl\.q: Optuna ignores q on a loguniform",
+        ),
+        (
+            SEARCH + "    diffusion.steps: {type: grid, values: [5, 10]}\n",
+            r"search\.space\.diffusion\.steps: grid entries need algorithm: grid",
+        ),
+        (
+            "kind: search\nsearch:\n  algorithm: grid\n  space:\n"
+            "    diffusion.steps: {type: choice, values: [5, 10]}\n",
+            r"search\.space\.diffusion\.steps: algorithm: grid runs grid entries only",
+        ),
+        (
+            "kind: search\nsearch:\n  algorithm: grid\n  num_samples: 3\n  space:\n"
+            "    diffusion.steps: {type: grid, values: [5, 10]}\n",
+            r"search\.num_samples: a grid search runs every point once per seed",
+        ),
+        (
+            "kind: search\nsearch:\n  algorithm: grid\n  space:\n"
+            "    diffusion.reverse: {type: grid, values: [ddpm, residual]}\n",
+            r"search\.space\.diffusion\.reverse\.values\[1\]: .* needs diffusion\.target=epsilon",
+        ),
+        (
+            "kind: search\nsearch:\n  algorithm: bayes\n",
+            r"search\.algorithm: 'bayes' is not a search algorithm; choose one of optuna-tpe",
+        ),
+        (
+            SEARCH.replace("num_samples: 4", "num_samples: 0")
+            + "    loss.w_kl: {type: uniform, low: 0.1, high: 1.0}\n",
+            r"search\.num_samples: expected the number of points to draw",
+        ),
+        (
+            SEARCH.replace("  space:\n", "  asha: {max_t: 10, grace_period: 20}\n  space:\n")
+            + "    loss.w_kl: {type: uniform, low: 0.1, high: 1.0}\n",
+            r"search\.asha\.grace_period: expected an integer in \[1, max_t=10\]",
+        ),
+        # names
+        (
+            ABLATION + "  No-MGAT: {structure.encoder: none}\n",
+            r"variants\.No-MGAT: 'No-MGAT' is not",
+        ),
+        (ABLATION + "  ../up: {structure.encoder: none}\n", r"variants\.\.\./up: '\.\./up' is not"),
+        (
+            ABLATION + "  a/b: {structure.encoder: none}\n",
+            r"variants\.a/b: 'a/b' is not a readable",
+        ),
+        (ABLATION + "  no: {structure.encoder: none}\n", r"variants\.False: False is not.*yes/no"),
+        ("name: My Study\n" + ABLATION, r"name: 'My Study' is not a readable directory name"),
+        # common parts
+        (ABLATION + "seeds: []\n", r"seeds: expected a non-empty list of integers"),
+        (ABLATION + "seeds: [0, 0]\n", r"seeds: repeated seeds"),
+        (ABLATION + "seeds: [0, -1]\n", r"seeds\[1\]: expected an integer >= 0"),
+        (ABLATION + "resources: {cpus: 0}\n", r"resources\.cpus: expected a number > 0"),
+        (ABLATION + "resources: {gpus: 1.5}\n", r"resources\.gpus: expected 0, a fraction"),
+        (ABLATION + "resources: {memory: 4}\n", r"resources\.memory: unknown key"),
+        (
+            ABLATION + "metric: test.official-min-of-20.mrr\n",
+            r"metric: 'test\.official-min-of-20\.mrr' cannot select models",
+        ),
+        (ABLATION + "metric: valid.clean.mr\n", r"mode: valid\.clean\.mr is better when lower"),
+        (ABLATION + "base_config: missing.yaml\n", r"base_config: .*missing\.yaml: cannot read"),
+        (
+            "kind: sensitivity\naxes: {diffusion.steps: [5, 10]}\ndefaults: {loss.w_kl: 1.0}\n",
+            r"defaults\.loss\.w_kl: not an axis",
+        ),
+        (
+            "kind: sensitivity\naxes: {diffusion.steps: [5, 10, 5]}\n",
+            r"axes\.diffusion\.steps\[2\]: 5 is repeated",
+        ),
+        (
+            "kind: sensitivity\naxes: {diffusion.steps: [5, 0]}\n",
+            r"axes\.diffusion\.steps\[1\]: diffusion\.steps: 0 is outside \[1, 1000\]",
+        ),
+        ("", r"the study is empty"),
+        ("- kind\n", r"expected a mapping of study keys, got list"),
+    ],
+)
+def test_bad_studies_name_the_file_and_the_key(tmp_path, text, message):
+    path = write_study(tmp_path, text)
+    with pytest.raises(StudyError, match=rf"^{re.escape(str(path))}(:\d+)?: {message}"):
+        load_study(path)
+
+
+def test_repeated_variants_are_refused_with_both_lines(tmp_path):
+    # PyYAML would silently keep the last of two equal keys.
+    path = write_study(
+        tmp_path, ABLATION + "  no-mgat: {structure.encoder: none}\n  no-mgat: {loss.w_kl: 0.0}\n"
+    )
+    with pytest.raises(
+        StudyError,
+        match=rf"^{re.escape(str(path))}:5: variants\.no-mgat: repeated key \(first on line 4\)",
+    ):
+        load_study(path)
+
+
+def test_yaml_syntax_errors_give_the_line(tmp_path):
+    path = write_study(tmp_path, "name: x\nkind: ablation\nvariants: full: {}\n")
+    with pytest.raises(StudyError, match=rf"^{re.escape(str(path))}:3: not valid YAML"):
+        load_study(path)
+    path.write_text("kind: ablation\nvariants:\n  full: !!python/object/apply:os.system [ls]\n")
+    with pytest.raises(StudyError, match=rf"^{re.escape(str(path))}:3: not valid YAML"):
+        load_study(path)
+
+
+def test_a_missing_study_file_is_named(tmp_path):
+    with pytest.raises(StudyError, match=r"nowhere\.yaml: cannot read study"):
+        load_study(tmp_path / "nowhere.yaml")
+
+
+def test_cells_that_make_the_same_directory_name_are_refused(tmp_path):
+    path = write_study(
+        tmp_path,
+        """\
+        kind: sensitivity
+        axes:
+          data.dataset: ["a/b", "a:b"]
+        """,
+    )
+    with pytest.raises(StudyError, match=r"bad\.yaml: .*both make the trial directory"):
+        load_study(path)
+
+
+def test_study_module_does_not_import_ray():
+    code = "import sys, sweeps.study; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+    assert not re.search(
+        r"^\s*(import|from)\s+ray\b", (REPO / "sweeps" / "study.py").read_text(), re.M
+    )
+
+
+def test_long_cell_names_are_cut_and_stay_distinct(tmp_path):
+    long = "x" * 200
+    path = write_study(
+        tmp_path,
+        f"""\
+        kind: sensitivity
+        axes:
+          data.dataset: [{long}a, {long}b]
+        """,
+    )
+    names = [trial.cell for trial in expand_trials(load_study(path))]
+    assert len(set(names)) == 2
+    assert all(len(name) <= 120 and name.startswith("data.dataset=xxx") for name in names)
