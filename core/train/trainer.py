@@ -353,6 +353,8 @@ def _run_stage(
                     progress_state["done"] = True
                     record["early_stopped"] = True
         progress_state["epoch"] = epoch + 1
+        # Wall time of all epochs so far, across resumes (evaluation included).
+        state["train_seconds"] = state.get("train_seconds", 0.0) + time.perf_counter() - started
         progress_state["optimizer"] = optimizer.state_dict()
         progress_state["scheduler"] = scheduler.state_dict()
         state[stage_key] = progress_state
@@ -404,7 +406,6 @@ def train(
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=config.train.mixed_precision)
 
-    started = time.perf_counter()
     graph = load_dataset(
         config.data.dataset,
         LoadOptions(
@@ -449,9 +450,7 @@ def train(
         state["stage"] = 2
     if model.diffusion is not None and config.train.stage2_epochs > 0:
         _run_stage(run, 2, state, callback, progress)
-    train_seconds = time.perf_counter() - started
-
-    results = _final_results(run, state, train_seconds)
+    results = _final_results(run, state, state.get("train_seconds", 0.0))
     if accelerator.is_main_process:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -517,6 +516,8 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
         "official-min-of-S: minimum gold rank over S stochastic passes, label-using, reported only"
     )
     results["best_epochs"] = {k: state[k]["best_epoch"] for k in ("stage1", "stage2") if k in state}
+    # Epochs of both stages with their validation, summed over resumes; excludes set-up and
+    # the final evaluation.
     results["timings"] = {"train_seconds": round(train_seconds, 2)}
     results["environment"] = {
         "python": platform.python_version(),

@@ -81,6 +81,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     strip = [{k: v for k, v in json.loads(x).items() if k != "train_seconds"} for x in lines]
     full = [{k: v for k, v in json.loads(x).items() if k != "train_seconds"} for x in full_lines]
     assert strip == full
+    # The reported training time covers the epochs before the kill too.
+    epoch_seconds = sum(json.loads(x)["train_seconds"] for x in lines)
+    assert resumed["timings"]["train_seconds"] >= epoch_seconds
 
 
 def test_stage2_only_run_from_a_stage1_checkpoint(tmp_path):
