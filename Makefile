@@ -32,8 +32,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Each benchmark runs our code and its peer side by side and prints ratios; see BENCHMARKS.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_inference_k.py --threads 1
+	$(BIN)/python benchmarks/bench_scale.py --threads 1
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
