@@ -281,6 +281,8 @@ def _run_stage(
         optimizer.load_state_dict(progress_state["optimizer"])
         scheduler.load_state_dict(progress_state["scheduler"])
     trained_wrapped, optimizer = accelerator.prepare(trained, optimizer)
+    frozen_extractor = stage == 2 and config.loss.stage2_extractor == "frozen"
+    model.extractor.freeze_entity_table(frozen_extractor)
 
     while progress_state["epoch"] < epochs and not progress_state["done"]:
         epoch = progress_state["epoch"]
@@ -368,6 +370,7 @@ def _run_stage(
         if callback is not None:
             callback(record)
     # Continue from the best weights of this stage (best valid MRR under the clean protocol).
+    model.extractor.freeze_entity_table(False)
     if f"best_{stage_key}" in state:
         model.load_state_dict(state[f"best_{stage_key}"])
     accelerator.free_memory()

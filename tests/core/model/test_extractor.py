@@ -68,3 +68,15 @@ def test_zero_width_features_disable_a_modality():
     extractor = _extractor(image_dim=0)
     assert extractor.image_projection is None
     assert extractor(torch.tensor([0]), torch.tensor([0])).visual.abs().sum() == 0
+
+
+def test_frozen_entity_table_gives_the_same_scores():
+    extractor = _extractor().eval()
+    heads, relations = torch.tensor([0, 1, 3]), torch.tensor([0, 5, R + 2])
+    with torch.no_grad():
+        fresh = extractor(heads, relations).scores
+        extractor.freeze_entity_table(True)
+        cached = extractor(heads, relations).scores
+        extractor.freeze_entity_table(False)
+    assert torch.allclose(fresh, cached, atol=1e-6)
+    assert extractor._frozen_table is None
