@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_inference_k.py --threads 1
 	$(BIN)/python benchmarks/bench_scale.py --threads 1
+	$(BIN)/python benchmarks/bench_quality.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
