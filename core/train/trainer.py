@@ -509,7 +509,6 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
                 results[split][f"official-min-of-{config.eval.official_samples}"] = (
                     official.metrics(config.eval.tie)
                 )
-        run.out_dir.joinpath(f"ranks_{split}.pt").parent.mkdir(exist_ok=True)
         torch.save(
             {"queries": clean.queries, "realistic": clean.ranks.realistic},
             run.out_dir / f"ranks_{split}.pt",
