@@ -44,8 +44,8 @@ def _choice(default: str, choices: tuple[str, ...]):
     return field(default=default, metadata={"choices": choices})
 
 
-def _range(default, low=None, high=None, *, low_open=False):
-    return field(default=default, metadata={"range": (low, high, low_open)})
+def _range(default, low=None, high=None, *, low_open=False, high_open=False):
+    return field(default=default, metadata={"range": (low, high, low_open, high_open)})
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ class DiffusionConfig:
     enabled: bool = True  # False: stage 1 only (the "−diffusion" ablation)
     steps: int = _range(20, 1, 1000)
     schedule: str = _choice("linear", ("linear", "cosine"))
-    beta_start: float = _range(1e-4, 0.0, 1.0, low_open=True)
-    beta_end: float = _range(0.02, 0.0, 1.0, low_open=True)
+    beta_start: float = _range(1e-4, 0.0, 1.0, low_open=True, high_open=True)
+    beta_end: float = _range(0.02, 0.0, 1.0, low_open=True, high_open=True)
     target: str = _choice("x0", ("x0", "epsilon"))
     reverse: str = _choice("ddpm", ("ddpm", "residual"))
     diffuse: str = _choice("full", ("full", "top-k"))
@@ -232,11 +232,11 @@ def _check_field(spec: dataclasses.Field, value, key: str) -> None:
         raise ConfigError(f"{key}: {value!r} is not valid; choose one of {', '.join(choices)}")
     bounds = spec.metadata.get("range")
     if bounds is not None and value is not None:
-        low, high, low_open = bounds
+        low, high, low_open, high_open = bounds
         if (low is not None and (value <= low if low_open else value < low)) or (
-            high is not None and value > high
+            high is not None and (value >= high if high_open else value > high)
         ):
-            interval = f"{'(' if low_open else '['}{low}, {high}]"
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise ConfigError(f"{key}: {value!r} is outside {interval}")
 
 

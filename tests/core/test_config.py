@@ -44,6 +44,7 @@ def test_yaml_file_and_overrides_combine(tmp_path):
         ),
         ("diffusion.steps=0", r"diffusion.steps: 0 is outside \[1, 1000\]"),
         ("train.lr_stage1=0", r"train.lr_stage1: 0.0 is outside \(0.0, 10.0\]"),
+        ("diffusion.beta_end=1.0", r"diffusion.beta_end: 1.0 is outside \(0.0, 1.0\)"),
         ("train.batch_size=1.5", "train.batch_size: expected int, got 1.5"),
         ("model.use_text=maybe", "model.use_text: expected bool, got 'maybe'"),
         ("model=3", "model: expected a mapping"),
