@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffcom",
         description="Train DiffusionCom, sweep and ablate it, and report the results.",
     )
-    nouns = parser.add_subparsers(dest="noun", metavar="{data,train}", required=True)
+    nouns = parser.add_subparsers(dest="noun", metavar="{data,train,sweep}", required=True)
 
     data = nouns.add_parser("data", help="inspect, generate and featurise datasets")
     data_verbs = data.add_subparsers(dest="verb", metavar="{check,synth,features}", required=True)
@@ -227,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage1-checkpoint", help="reuse the stage-1 extractor of this checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
+
+    # One `diffcom` command for the whole project: the sweep commands live with the sweeps
+    # package (which never loads Ray until a sweep actually starts).
+    from sweeps.cli import add_sweep_commands
+
+    add_sweep_commands(nouns)
     return parser
 
 

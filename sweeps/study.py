@@ -75,6 +75,7 @@ from core.config import ConfigError, ExperimentConfig, config_from_dict, config_
 
 __all__ = [
     "ALGORITHMS",
+    "point_config",
     "DISTRIBUTION_TYPES",
     "KINDS",
     "STUDIES_DIR",
@@ -415,6 +416,15 @@ def study_config(
         return config_from_dict(tree)
     except ConfigError as error:
         raise StudyError(f"{study.path}: {error}") from None
+
+
+def point_config(base: dict, changes: Iterable[tuple[str, Any]], seed: int) -> ExperimentConfig:
+    """The config of a drawn search point from the study's base tree (``study_config`` as a dict).
+
+    Trials on other nodes build their configs from this saved tree instead of re-reading the
+    study file and its base config, which may exist only where the study was launched.
+    """
+    return config_from_dict({**_apply(base, tuple(changes)), "seed": seed})
 
 
 def trial_config(study: Study, trial: Trial) -> ExperimentConfig:

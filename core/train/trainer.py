@@ -429,6 +429,8 @@ def train(
         _check_resume_config(state["config"], config, last)
         _load_weights(model, state["model"], last)
         set_rng_state(state["rng"])
+        if accelerator.is_main_process:
+            _forget_epochs_after(out_dir / "metrics.jsonl", state)
     elif stage1_checkpoint is not None:
         reused = load_checkpoint(Path(stage1_checkpoint))
         _check_stage1_compatible(
@@ -457,6 +459,24 @@ def train(
     if accelerator.is_main_process:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _forget_epochs_after(metrics_file: Path, state: dict) -> None:
+    """Drop ``metrics.jsonl`` records newer than the checkpoint being resumed.
+
+    A run killed between writing an epoch's record and its checkpoint repeats that epoch; without
+    this its record would appear twice.
+    """
+    if not metrics_file.is_file():
+        return
+    reached = {stage: state.get(f"stage{stage}", {}).get("epoch", 0) for stage in (1, 2)}
+    kept = [
+        line
+        for line in metrics_file.read_text().splitlines()
+        if line.strip()
+        and json.loads(line).get("epoch", 0) <= reached.get(json.loads(line).get("stage"), 0)
+    ]
+    metrics_file.write_text("".join(f"{line}\n" for line in kept))
 
 
 def _load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:

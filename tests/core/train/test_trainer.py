@@ -74,6 +74,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     with pytest.raises(Stop):
         train(smoke_config(), tmp_path / "killed", callback=die_after_third_epoch, progress=False)
     assert not (tmp_path / "killed" / "results.json").exists()
+    # A kill between an epoch's record and its checkpoint leaves a record the checkpoint lacks.
+    with (tmp_path / "killed" / "metrics.jsonl").open("a") as stream:
+        stream.write(json.dumps({"stage": 2, "epoch": 2, "loss": 0.0}) + "\n")
     resumed = train(smoke_config(), tmp_path / "killed", progress=False)
     assert resumed["test"]["clean_all"] == uninterrupted["test"]["clean_all"]
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()

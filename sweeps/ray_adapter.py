@@ -1,0 +1,598 @@
+"""The one place Ray is used: studies become Ray Tune experiments; trials run :func:`run_trial`.
+
+``launch`` validates the study, writes the experiment folder (see :mod:`sweeps.experiment`) and
+runs a ``Tuner``; ``resume`` restores it (finished trials stay finished, unfinished ones continue
+from their checkpoints, errored ones are retried, the searcher state and the concurrency limit are
+restored from Tune's own state); ``extend`` launches a new experiment linked to an old one.
+
+Ray's API has changed shape several times; everything that touches it is in this module, written
+against Ray 2.6x (``tune.report``/``tune.get_checkpoint``, Train V2's ``TorchTrainer`` inside a
+Tune function for multi-worker trials).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from core.config import config_from_dict, config_to_dict
+from sweeps.experiment import (
+    EXPERIMENT_FILE,
+    PLAN_FILE,
+    ExperimentError,
+    check_name,
+    code_revision,
+    experiment_dir,
+    now,
+    package_versions,
+    read_experiment,
+    read_json,
+    resolve_storage,
+    write_json,
+)
+from sweeps.study import (
+    Choice,
+    LogUniform,
+    RandInt,
+    Study,
+    StudyError,
+    Uniform,
+    expand_trials,
+    load_study,
+    point_config,
+    study_config,
+    trial_config,
+)
+from sweeps.trial import RunSpec, run_trial
+
+__all__ = ["extend", "launch", "resume"]
+
+#: Retries of a failed trial (a lost node, a killed worker) from its last checkpoint.
+MAX_FAILURES = 2
+
+
+# ---------------------------------------------------------------------------------- public API
+
+
+def launch(
+    study_path: str | Path,
+    *,
+    name: str | None = None,
+    storage: str | Path | None = None,
+    address: str | None = None,
+    verbose: int = 1,
+) -> Path:
+    """Run a study as a new experiment ``<storage>/<name>``; returns the experiment folder.
+
+    Args:
+        study_path: the study YAML.
+        name: the experiment name (default: the study's name); an existing one is refused.
+        storage: a path every node sees, or ``file://`` URI (default :func:`default_storage`).
+        address: a running Ray cluster to join; ``None`` starts a local Ray on this machine.
+        verbose: Tune's console verbosity (0-3).
+    """
+    study = load_study(study_path)  # every check before Ray starts
+    return _launch(study, name, resolve_storage(storage), address, verbose=verbose)
+
+
+def _launch(
+    study: Study,
+    name: str | None,
+    storage_root: Path,
+    address: str | None,
+    *,
+    parents: tuple[Path, ...] = (),
+    history: list[tuple[dict, float]] = (),
+    extension: dict | None = None,
+    verbose: int = 1,
+) -> Path:
+    folder = experiment_dir(storage_root, check_name(name or study.name), must_exist=False)
+    _start_ray(address)
+    _check_storage_visible(storage_root)
+
+    folder.mkdir(parents=True)
+    header = f"# extended from {parents[-1]}: {extension}\n" if extension else ""
+    (folder / "study.yaml").write_text(header + study.path.read_text())
+    if study.kind == "search" and study.search.algorithm != "grid":
+        plan: dict[str, Any] = {
+            "base": config_to_dict(study_config(study)),
+            "space": [key for key, _ in study.search.space],
+            "seeds": list(study.seeds),
+        }
+    else:
+        plan = {
+            "trials": {t.name: config_to_dict(trial_config(study, t)) for t in expand_trials(study)}
+        }
+    write_json(folder / PLAN_FILE, plan)
+    write_json(
+        folder / EXPERIMENT_FILE,
+        {
+            "name": folder.name,
+            "kind": study.kind,
+            "description": study.description,
+            "study_file": str(study.path),
+            "study_sha256": hashlib.sha256(study.path.read_bytes()).hexdigest(),
+            "extension": extension,
+            "metric": study.metric,
+            "mode": study.mode,
+            "seeds": list(study.seeds),
+            "resources": vars(study.resources),
+            "search": _describe_search(study),
+            "parents": [str(p) for p in parents],
+            "created": now(),
+            "address": address,
+            "code": code_revision(),
+            "packages": package_versions(),
+            "cluster_resources": _cluster_resources(),
+        },
+    )
+    tuner = _tuner(study, folder, plan, list(history), verbose)
+    _fit(tuner)
+    return folder
+
+
+def resume(
+    name: str,
+    *,
+    storage: str | Path | None = None,
+    address: str | None = None,
+    verbose: int = 1,
+) -> Path:
+    """Continue an interrupted experiment from Tune's saved state; returns its folder."""
+    from ray import tune
+
+    folder = experiment_dir(resolve_storage(storage), name, must_exist=True)
+    metadata = read_experiment(folder)
+    if not tune.Tuner.can_restore(str(folder)):
+        raise ExperimentError(
+            f"{folder}: Ray Tune never saved its state here (the launch stopped before the first "
+            "trial started); launch the study again under a new --name"
+        )
+    _start_ray(address)
+    _check_storage_visible(folder.parent)
+    tuner = tune.Tuner.restore(
+        str(folder),
+        trainable=_trainable_with_resources(folder, metadata["resources"]),
+        resume_unfinished=True,
+        resume_errored=True,
+    )
+    _fit(tuner)
+    return folder
+
+
+def extend(
+    name: str,
+    *,
+    samples: int | None = None,
+    seeds: tuple[int, ...] | None = None,
+    new_name: str | None = None,
+    storage: str | Path | None = None,
+    address: str | None = None,
+    verbose: int = 1,
+) -> Path:
+    """Add trials to a finished study as a new experiment linked to ``name`` (left untouched).
+
+    A search gets ``samples`` more points (an Optuna searcher is warm-started with every finished
+    point of the old experiment); an ablation, sensitivity or grid study gets its cells on the new
+    ``seeds``. Stage-1 checkpoints of the old experiment are reused, read-only.
+    """
+    storage_root = resolve_storage(storage)
+    old = experiment_dir(storage_root, name, must_exist=True)
+    metadata = read_experiment(old)
+    study_file = Path(metadata["study_file"])
+    if not study_file.is_file():
+        raise ExperimentError(f"{old}: its study file {study_file} is gone; extend needs it")
+    if hashlib.sha256(study_file.read_bytes()).hexdigest() != metadata["study_sha256"]:
+        raise ExperimentError(
+            f"{study_file} changed since {name!r} was launched; extend adds trials of the same "
+            "study only: launch the edited study as a new experiment instead"
+        )
+    study = load_study(study_file)
+    new_name = check_name(new_name or _next_name(storage_root, name))
+    history: list[tuple[dict, float]] = []
+    if study.kind == "search" and study.search.algorithm != "grid":
+        if not samples or samples < 1 or seeds:
+            raise ExperimentError(f"{name!r} is a search: extend it with --samples N (N >= 1)")
+        history = _finished_points(old, metadata)
+        # A new searcher seed, so a random search does not draw the old points again.
+        searcher_seed = study.search.seed + 1 + len(metadata.get("parents", []))
+        search = dataclasses.replace(study.search, num_samples=samples, seed=searcher_seed)
+        study = dataclasses.replace(study, search=search)
+        extension = {"samples": samples, "searcher_seed": searcher_seed, "warm_start": len(history)}
+    else:
+        if not seeds or samples:
+            raise ExperimentError(
+                f"{name!r} is a {study.kind} study: extend it with --seeds S [S ...] (new seeds)"
+            )
+        repeated = sorted(set(seeds) & set(metadata["seeds"]))
+        if repeated:
+            raise ExperimentError(f"{name!r} already ran seeds {repeated}; give new seeds")
+        study = dataclasses.replace(study, seeds=tuple(seeds))
+        extension = {"seeds": list(seeds)}
+    return _launch(
+        study,
+        new_name,
+        storage_root,
+        address,
+        parents=(*[Path(p) for p in metadata.get("parents", [])], old),
+        history=history,
+        extension=extension,
+        verbose=verbose,
+    )
+
+
+# ---------------------------------------------------------------------------- the trial itself
+
+
+def _runs_for(config: dict, folder: Path, plan: dict, trial_id: str) -> tuple[str, list[RunSpec]]:
+    """The trial's name and its runs from Tune's config dict."""
+    if "trial" in config:
+        name = config["trial"]
+        return name, [RunSpec(name, config_from_dict(plan["trials"][name]))]
+    point = {key: _plain(config[key]) for key in plan["space"]}
+    name = f"search/{trial_id}"
+    runs = [
+        RunSpec(f"{name}/seed-{seed}", point_config(plan["base"], point.items(), seed))
+        for seed in plan["seeds"]
+    ]
+    return name, runs
+
+
+def _plain(value):
+    """Numpy scalars from a searcher as Python numbers (configs and JSON want plain types)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _tune_trial(config: dict, experiment: str, cpus: float) -> None:
+    """A Tune function trainable: one trial in this process."""
+    import ray
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(cpus)))
+    folder = Path(experiment)
+    name, runs = _runs_for(config, folder, read_json(folder / PLAN_FILE), _trial_id())
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        if not _reportable(metrics, folder):
+            return
+        if checkpoint_dir is not None and (checkpoint_dir / "last.pt").is_file():
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        else:
+            tune.report(metrics)
+
+    checkpoint = tune.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
+        _record_point(folder, runs, config)
+        run_trial(
+            folder,
+            name,
+            runs,
+            report,
+            restored_checkpoint=Path(restored) if restored else None,
+            node=ray.get_runtime_context().get_node_id(),
+        )
+
+
+def _multi_worker_trial(config: dict, experiment: str, cpus: float, gpus: float, workers: int):
+    """A Tune function trainable whose training runs on ``workers`` Ray Train workers."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    folder = Path(experiment)
+    trial_id = _trial_id()
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"tune_config": config, "experiment": experiment, "trial_id": trial_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{trial_id}-{uuid.uuid4().hex[:6]}",
+            storage_path=str(folder / "ray-train"),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def _worker_loop(loop_config: dict) -> None:
+    """One Ray Train worker: the core trainer's Accelerate code joins Ray's process group."""
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    folder = Path(loop_config["experiment"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    name, runs = _runs_for(
+        loop_config["tune_config"],
+        folder,
+        read_json(folder / PLAN_FILE),
+        loop_config["trial_id"],
+    )
+
+    def share(value):
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        # Train V2: every worker reports; the run folder on shared storage is the checkpoint.
+        if _reportable(metrics, folder):
+            ray.train.report(metrics)
+
+    if rank == 0:
+        _record_point(folder, runs, loop_config["tune_config"])
+    run_trial(
+        folder,
+        name,
+        runs,
+        report,
+        is_main=rank == 0,
+        share=share,
+        node=ray.get_runtime_context().get_node_id(),
+    )
+
+
+def _reportable(metrics: dict, folder: Path) -> bool:
+    """Tune needs the study metric in every report: epochs without validation are not sent."""
+    return _metric_of(folder) in metrics
+
+
+_METRICS: dict[Path, str] = {}
+
+
+def _metric_of(folder: Path) -> str:
+    if folder not in _METRICS:
+        _METRICS[folder] = read_experiment(folder)["metric"]
+    return _METRICS[folder]
+
+
+def _trial_id() -> str:
+    from ray import tune
+
+    return tune.get_context().get_trial_id()
+
+
+def _record_point(folder: Path, runs: list[RunSpec], config: dict) -> None:
+    """A search trial's drawn point, kept for ``extend`` to warm-start a searcher with."""
+    if "trial" in config:
+        return
+    plan = read_json(folder / PLAN_FILE)
+    point = {key: _plain(config[key]) for key in plan["space"]}
+    for spec in runs:
+        target = folder / "runs" / spec.name / "point.json"
+        if not target.is_file():
+            write_json(target, point)
+
+
+# -------------------------------------------------------------------------------- Tune set-up
+
+
+def _tuner(study: Study, folder: Path, plan: dict, history: list, verbose: int):
+    from ray import tune
+
+    resources = study.resources
+    tune_config = tune.TuneConfig(
+        metric=study.metric,
+        mode=study.mode,
+        max_concurrent_trials=_concurrency(resources),
+        trial_dirname_creator=_trial_dirname,
+    )
+    if "trials" in plan:
+        param_space: dict = {"trial": tune.grid_search(list(plan["trials"]))}
+    else:
+        param_space = {key: _tune_distribution(d) for key, d in study.search.space}
+        search = study.search
+        tune_config.num_samples = search.num_samples
+        if search.algorithm == "optuna-tpe":
+            from ray.tune.search.optuna import OptunaSearch
+
+            tune_config.search_alg = OptunaSearch(
+                metric=study.metric,
+                mode=study.mode,
+                seed=search.seed,
+                points_to_evaluate=[point for point, _ in history] or None,
+                evaluated_rewards=[value for _, value in history] or None,
+            )
+        else:
+            from ray.tune.search.basic_variant import BasicVariantGenerator
+
+            tune_config.search_alg = BasicVariantGenerator(random_state=search.seed)
+        if search.asha is not None:
+            from ray.tune.schedulers import ASHAScheduler
+
+            tune_config.scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=search.asha.max_t,
+                grace_period=search.asha.grace_period,
+                reduction_factor=search.asha.reduction_factor,
+            )
+    run_config = tune.RunConfig(
+        name=folder.name,
+        storage_path=str(folder.parent),
+        failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=verbose,
+    )
+    return tune.Tuner(
+        _trainable_with_resources(folder, vars(resources)),
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=run_config,
+    )
+
+
+def _trainable_with_resources(folder: Path, resources: dict):
+    """The trainable bound to its experiment folder, with the resources it asks Ray for."""
+    from ray import tune
+
+    cpus, gpus, workers = resources["cpus"], resources["gpus"], resources["workers"]
+    if workers == 1:
+        trainable = tune.with_parameters(_tune_trial, experiment=str(folder), cpus=cpus)
+        return tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus})
+    trainable = tune.with_parameters(
+        _multi_worker_trial, experiment=str(folder), cpus=cpus, gpus=gpus, workers=workers
+    )
+    # The trial's own process only waits for its workers, which reserve the real resources.
+    return tune.with_resources(trainable, {"cpu": 0.01})
+
+
+def _trial_dirname(trial) -> str:
+    label = trial.config.get("trial", f"search-{trial.trial_id}").replace("/", "__")
+    return f"{label}-{trial.trial_id}"
+
+
+def _tune_distribution(distribution):
+    from ray import tune
+
+    if isinstance(distribution, Choice):
+        return tune.choice(list(distribution.values))
+    if isinstance(distribution, Uniform):
+        if distribution.q:
+            return tune.quniform(distribution.low, distribution.high, distribution.q)
+        return tune.uniform(distribution.low, distribution.high)
+    if isinstance(distribution, LogUniform):
+        if distribution.q:
+            return tune.qloguniform(distribution.low, distribution.high, distribution.q)
+        return tune.loguniform(distribution.low, distribution.high)
+    if isinstance(distribution, RandInt):
+        # Both bounds inclusive in a study; Ray's randint excludes its upper bound, qrandint not.
+        if distribution.q:
+            return tune.qrandint(distribution.low, distribution.high, distribution.q)
+        return tune.randint(distribution.low, distribution.high + 1)
+    raise StudyError(f"no Ray Tune counterpart for {distribution!r}")
+
+
+def _describe_search(study: Study) -> dict | None:
+    if study.search is None:
+        return None
+    return {
+        "algorithm": study.search.algorithm,
+        "seed": study.search.seed,
+        "num_samples": study.search.num_samples,
+        "asha": vars(study.search.asha) if study.search.asha else None,
+        "space": {key: repr(d) for key, d in study.search.space},
+    }
+
+
+def _concurrency(resources) -> int:
+    """As many trials at once as the cluster's CPUs (and GPUs) hold, at least one."""
+    import ray
+
+    total = ray.cluster_resources()
+    per_trial_cpus = resources.cpus * resources.workers
+    limit = math.floor(total.get("CPU", 1) / per_trial_cpus) if per_trial_cpus else 1
+    if resources.gpus:
+        limit = min(limit, math.floor(total.get("GPU", 0) / (resources.gpus * resources.workers)))
+    if limit < 1:
+        raise ExperimentError(
+            f"one trial needs {per_trial_cpus} CPUs and {resources.gpus * resources.workers} GPUs; "
+            f"the cluster has {total.get('CPU', 0)} CPUs and {total.get('GPU', 0)} GPUs"
+        )
+    return limit
+
+
+def _cluster_resources() -> dict:
+    import ray
+
+    return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
+
+
+def _start_ray(address: str | None) -> None:
+    """Join ``address`` or start a local Ray with this machine's resources."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        # A local Ray on one machine needs no cluster token (Ray 2.6x asks for one by default).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address, include_dashboard=False, log_to_driver=True)
+
+
+def _check_storage_visible(storage_root: Path) -> None:
+    """Refuse storage that some node of a multi-node cluster cannot see."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) < 2:
+        return
+    storage_root.mkdir(parents=True, exist_ok=True)
+    marker = storage_root / f".diffcom-visible-{uuid.uuid4().hex}"
+    marker.write_text("shared storage check\n")
+    try:
+        probe = ray.remote(num_cpus=0)(_sees)
+        answers = ray.get(
+            [
+                probe.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+                ).remote(str(marker))
+                for node in nodes
+            ],
+            timeout=120,
+        )
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [f"{host} ({address})" for seen, host, address in answers if not seen]
+    if blind:
+        raise ExperimentError(
+            f"--storage {storage_root} is not shared: node(s) {', '.join(blind)} cannot see it. "
+            "A multi-node experiment needs storage every node mounts (e.g. NFS at the same path)"
+        )
+
+
+def _sees(path: str) -> tuple[bool, str, str]:
+    import socket
+
+    import ray
+
+    return os.path.exists(path), socket.gethostname(), ray.util.get_node_ip_address()
+
+
+def _fit(tuner) -> None:
+    results = tuner.fit()
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        print(f"{len(failed)} of {len(results)} trials failed; see `diffcom sweep status`")
+
+
+def _next_name(storage_root: Path, name: str) -> str:
+    index = 1
+    while (storage_root / f"{name}-ext{index}").exists():
+        index += 1
+    return f"{name}-ext{index}"
+
+
+def _finished_points(folder: Path, metadata: dict) -> list[tuple[dict, float]]:
+    """``(point, mean metric over seeds)`` of every finished search trial of an experiment."""
+    split, protocol, measure = metadata["metric"].split(".", 2)
+    points = []
+    for trial in sorted((folder / "runs" / "search").glob("*")):
+        values, point = [], None
+        for run in sorted(trial.glob("seed-*")):
+            try:
+                status = read_json(run / "status.json")
+                if status.get("state") != "finished":
+                    values = []
+                    break
+                point = read_json(run / "point.json")
+                values.append(read_json(run / "results.json")[split][protocol][measure])
+            except (ExperimentError, KeyError):
+                values = []
+                break
+        if values and point is not None and len(values) == len(metadata["seeds"]):
+            points.append((point, sum(values) / len(values)))
+    return points

@@ -1,0 +1,187 @@
+"""Stage-1 checkpoints shared by the trials of an experiment (no Ray here).
+
+Stage 1 trains the feature extractor alone; the diffusion steps, denoiser width and depth, the
+loss weights and every other stage-2 knob do not change it. Trials whose stage-1 configuration
+(and seed) is identical therefore share one stage-1 run, trained once under
+``<experiment>/stage1/<key>/`` where ``key`` hashes exactly the config values stage 1 depends on::
+
+    stage1/<key>.lock        an exclusive lock (flock) held while the key is looked up or trained
+    stage1/<key>/run/        the stage-1 run (config.json, metrics.jsonl, checkpoints/last.pt, ...)
+    stage1/<key>/done.json   written last: the checkpoint to reuse and what training it cost
+    stage1/<key>/events.jsonl  one line per trial that trained or reused it
+
+Two trials asking for the same key at once are safe: the second waits on the lock and then
+reuses. A trial killed while training leaves no ``done.json`` and releases the lock (the kernel
+drops it with the process); the next trial to ask resumes that partial run from its checkpoint.
+``flock`` works across the nodes of an NFS (v4) mount, which is what a multi-node experiment needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.config import ExperimentConfig, config_to_dict
+from sweeps.experiment import now, read_json, write_json
+
+__all__ = ["STAGE1_DIR", "Stage1Checkpoint", "Stage1Store", "stage1_key", "stage1_relevant"]
+
+STAGE1_DIR = "stage1"
+# Everything stage 1 reads: the data, the features, the extractor and its structure encoder, the
+# stage-1 optimisation and the seed. Kept beside core.train.trainer._check_stage1_compatible,
+# which refuses a reused checkpoint that differs in any of them.
+_SECTIONS = ("data", "features", "model", "structure")
+_TRAIN_KEYS = ("stage1_epochs", "batch_size", "lr_stage1", "weight_decay", "warmup_fraction")
+_TRAIN_KEYS += ("eval_every", "patience", "max_grad_norm", "mixed_precision")
+
+
+def stage1_relevant(config: ExperimentConfig) -> dict:
+    """The config values stage 1 depends on, as a nested dict."""
+    tree = config_to_dict(config)
+    return {
+        **{section: tree[section] for section in _SECTIONS},
+        "train": {key: tree["train"][key] for key in _TRAIN_KEYS},
+        "loss": {"label_smoothing": tree["loss"]["label_smoothing"]},
+        "seed": tree["seed"],
+    }
+
+
+def stage1_key(config: ExperimentConfig) -> str:
+    """A short content hash of :func:`stage1_relevant`."""
+    text = json.dumps(stage1_relevant(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stage1_only(config: ExperimentConfig) -> ExperimentConfig:
+    """The config of the shared stage-1 run: the trial's config without a stage 2."""
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, stage2_epochs=0))
+
+
+@dataclass(frozen=True)
+class Stage1Checkpoint:
+    """A stage-1 checkpoint a trial starts its stage 2 from.
+
+    Attributes:
+        key: the content key.
+        checkpoint: the ``last.pt`` holding the best stage-1 weights.
+        trained_here: whether this call trained it (``False``: reused).
+        train_seconds: what training it cost, whoever trained it.
+    """
+
+    key: str
+    checkpoint: Path
+    trained_here: bool
+    train_seconds: float
+
+
+class Stage1Store:
+    """Find or train the stage-1 run of a config, once per key across all trials.
+
+    Args:
+        root: ``<experiment>/stage1``.
+        read_only_roots: stores of parent experiments (``diffcom sweep extend``), searched for a
+            finished key but never written.
+    """
+
+    def __init__(self, root: Path, read_only_roots: tuple[Path, ...] = ()):
+        self.root = Path(root)
+        self.read_only_roots = tuple(Path(r) for r in read_only_roots)
+
+    def obtain(
+        self,
+        config: ExperimentConfig,
+        train_stage1: Callable[[ExperimentConfig, Path], dict],
+        *,
+        trial: str,
+        is_main: bool = True,
+        share: Callable[[object], object] = lambda value: value,
+    ) -> Stage1Checkpoint:
+        """The stage-1 checkpoint of ``config``, training it with ``train_stage1`` if needed.
+
+        Args:
+            config: the trial's config (its stage-2 settings are ignored).
+            train_stage1: ``(stage-1 config, run directory) -> results``; resumes from the run
+                directory's checkpoint when one is there.
+            trial: the asking trial's name, logged in ``events.jsonl``.
+            is_main: in a multi-process trial, only the main process locks and writes; all
+                processes train together.
+            share: broadcasts the main process's value to every process (identity for one).
+        """
+        key = stage1_key(config)
+        for root in (self.root, *self.read_only_roots):
+            found = share(self._finished(root, key) if is_main else None)
+            if found is not None:
+                if is_main:
+                    self._event(key, "reused", trial, source=str(root))
+                return Stage1Checkpoint(key, Path(found["checkpoint"]), False, found["seconds"])
+        with self._lock(key, enabled=is_main):
+            found = share(self._finished(self.root, key) if is_main else None)
+            if found is not None:  # another trial trained it while this one waited
+                if is_main:
+                    self._event(key, "reused", trial, source=str(self.root))
+                return Stage1Checkpoint(key, Path(found["checkpoint"]), False, found["seconds"])
+            run_dir = self.root / key / "run"
+            if is_main:
+                self._event(key, "training", trial)
+            started = time.perf_counter()
+            results = train_stage1(stage1_only(config), run_dir)
+            seconds = float(results.get("timings", {}).get("train_seconds", 0.0))
+            checkpoint = run_dir / "checkpoints" / "last.pt"
+            if is_main:
+                write_json(
+                    self.root / key / "done.json",
+                    {
+                        "checkpoint": str(checkpoint),
+                        "seconds": seconds,
+                        "wall_seconds": round(time.perf_counter() - started, 2),
+                        "trained_by": trial,
+                        "finished": now(),
+                        "stage1_config": stage1_relevant(config),
+                    },
+                )
+                self._event(key, "trained", trial)
+            return Stage1Checkpoint(key, checkpoint, True, seconds)
+
+    def events(self) -> list[dict]:
+        """Every ``trained``/``reused``/``training`` event of every key, oldest first."""
+        events = []
+        for path in sorted(self.root.glob("*/events.jsonl")):
+            events += [json.loads(line) for line in path.read_text().splitlines() if line]
+        return sorted(events, key=lambda event: event["precise_time"])
+
+    @staticmethod
+    def _finished(root: Path, key: str) -> dict | None:
+        done = root / key / "done.json"
+        if not done.is_file():
+            return None
+        found = read_json(done)
+        # The store may have been moved or mounted elsewhere since: trust the layout.
+        found["checkpoint"] = str(root / key / "run" / "checkpoints" / "last.pt")
+        return found if Path(found["checkpoint"]).is_file() else None
+
+    @contextlib.contextmanager
+    def _lock(self, key: str, *, enabled: bool) -> Iterator[None]:
+        if not enabled:
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / f"{key}.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _event(self, key: str, event: str, trial: str, **extra) -> None:
+        path = self.root / key / "events.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"time": now(), "precise_time": time.time(), "event": event, "trial": trial}
+        with path.open("a") as stream:
+            stream.write(json.dumps({**record, **extra}) + "\n")

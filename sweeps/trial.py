@@ -1,0 +1,259 @@
+"""One trial of a sweep as plain Python: stage-1 reuse, core training, provenance, reports.
+
+:func:`run_trial` is everything a Ray trial does, written without Ray: the adapter in
+:mod:`sweeps.ray_adapter` hands it a ``report`` function that forwards to Tune, tests hand it a list.
+A trial trains one config per seed (one for an ablation or sensitivity cell, one per study seed
+for a drawn search point), each in its own run folder under ``<experiment>/runs/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.config import ExperimentConfig, config_to_dict
+from core.data.mkgformer import LoadOptions
+from core.data.registry import load_dataset
+from core.train.checkpoint import CheckpointError, load_checkpoint
+from core.train.trainer import NonFiniteLossError, train
+from sweeps.experiment import (
+    code_revision,
+    now,
+    package_versions,
+    read_json,
+    write_json,
+)
+from sweeps.stage1 import STAGE1_DIR, Stage1Store
+
+__all__ = ["NON_FINITE", "RunSpec", "TrialFailed", "flatten_results", "run_trial"]
+
+#: ``status.json`` ``failure`` of a run whose loss became NaN or infinite. Such a failure repeats
+#: exactly on a retry from the same checkpoint, so a retried or resumed run fails at once instead.
+NON_FINITE = "non-finite-loss"
+
+Report = Callable[[dict, Path | None], None]
+
+
+class TrialFailed(RuntimeError):
+    """A run of the trial failed; the message names the run folder and the reason."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One core run of a trial: its folder under ``runs/`` and its full config."""
+
+    name: str
+    config: ExperimentConfig
+
+
+def flatten_results(results: dict) -> dict:
+    """``results.json`` metrics as flat ``split.protocol.measure`` keys (``valid.clean.mrr``)."""
+    flat = {}
+    for split in ("valid", "test"):
+        for protocol, values in results.get(split, {}).items():
+            if isinstance(values, dict) and protocol != "clean_all":
+                flat.update({f"{split}.{protocol}.{k}": v for k, v in values.items()})
+        if "inference_ms_per_query" in results.get(split, {}):
+            flat[f"{split}.inference_ms_per_query"] = results[split]["inference_ms_per_query"]
+    flat["train_seconds"] = results.get("timings", {}).get("train_seconds")
+    return flat
+
+
+def run_trial(
+    experiment: Path,
+    trial: str,
+    runs: list[RunSpec],
+    report: Report,
+    *,
+    restored_checkpoint: Path | None = None,
+    is_main: bool = True,
+    share: Callable[[object], object] = lambda value: value,
+    node: str | None = None,
+) -> dict:
+    """Train every run of a trial in turn, reporting each epoch and each finished run.
+
+    Args:
+        experiment: the experiment folder.
+        trial: the trial's name (logged with stage-1 reuse).
+        runs: the runs, one per seed.
+        report: ``(metrics, checkpoint folder or None)``, called after each epoch and after each
+            run; the checkpoint folder holds the run's ``last.pt``.
+        restored_checkpoint: the checkpoint folder the scheduler restored this trial from, used
+            when the run folder's own checkpoint is missing (a run folder on lost storage).
+        is_main, share: for multi-process trials (see :meth:`Stage1Store.obtain`).
+        node: where this attempt runs (a Ray node id), recorded in ``status.json``.
+
+    Returns:
+        The last report: the mean over finished runs of each flattened result metric.
+
+    Raises:
+        TrialFailed: a run failed (NaN loss, bad checkpoint, any error); its ``status.json``
+            says why, and the trial's earlier runs stay finished.
+    """
+    experiment = Path(experiment)
+    metadata = read_json(experiment / "experiment.json")
+    store = Stage1Store(
+        experiment / STAGE1_DIR,
+        tuple(Path(p) / STAGE1_DIR for p in metadata.get("parents", [])),
+    )
+    finished: list[dict] = []
+    for index, spec in enumerate(runs):
+        run_dir = experiment / "runs" / spec.name
+        results_file = run_dir / "results.json"
+        status_file = run_dir / "status.json"
+        status = read_json(status_file) if status_file.is_file() else {"attempts": []}
+        if status.get("state") == "finished" and results_file.is_file():
+            finished.append(read_json(results_file))
+            continue
+        if status.get("failure") == NON_FINITE:
+            raise TrialFailed(f"{run_dir}: {status['error']} (not retried: it would repeat)")
+        if restored_checkpoint is not None and index == len(finished):
+            _restore(run_dir, Path(restored_checkpoint))
+        resumed_from = _progress(run_dir / "checkpoints" / "last.pt")
+
+        status.update(
+            state="running",
+            seed=spec.config.seed,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            error=None,
+            failure=None,
+        )
+        status["attempts"].append(
+            {"started": now(), "host": status["host"], "node": node, "resumed_from": resumed_from}
+        )
+        if is_main:
+            write_json(status_file, status)
+            _write_provenance(run_dir, trial, spec, metadata)
+
+        def on_epoch(record: dict, spec=spec, run_dir=run_dir, status=status) -> None:
+            if is_main:
+                status["heartbeat"] = now()
+                status["last_epoch"] = [record["stage"], record["epoch"]]
+                write_json(run_dir / "status.json", status)
+            report(
+                {**record, "run": spec.name, "seed": spec.config.seed, "final": False},
+                run_dir / "checkpoints",
+            )
+
+        try:
+            stage1 = None
+            if resumed_from is None:
+                stage1 = store.obtain(
+                    spec.config,
+                    lambda config, folder: train(config, folder, progress=False),
+                    trial=trial,
+                    is_main=is_main,
+                    share=share,
+                )
+                status["stage1"] = {
+                    "key": stage1.key,
+                    "reused": not stage1.trained_here,
+                    "checkpoint": str(stage1.checkpoint),
+                    "train_seconds": stage1.train_seconds,
+                }
+                print(
+                    f"[{trial}] stage 1 {'trained' if stage1.trained_here else 'reused'}: "
+                    f"{stage1.checkpoint} (key {stage1.key}, {stage1.train_seconds:.1f} s of training)",
+                    flush=True,
+                )
+            results = train(
+                spec.config,
+                run_dir,
+                callback=on_epoch,
+                stage1_checkpoint=stage1.checkpoint if stage1 else None,
+                progress=False,
+            )
+        except NonFiniteLossError as error:
+            _fail(status, status_file, str(error), NON_FINITE, is_main)
+            raise TrialFailed(f"{run_dir}: {error}") from error
+        except Exception as error:  # recorded, then re-raised for the scheduler's retries
+            reason = f"{type(error).__name__}: {error}"
+            _fail(
+                status, status_file, reason, type(error).__name__, is_main, traceback.format_exc()
+            )
+            raise TrialFailed(f"{run_dir}: {reason}") from error
+        status.update(state="finished", finished=now())
+        if is_main:
+            write_json(status_file, status)
+        finished.append(results)
+        summary = _mean_of(finished)
+        summary.update(final=True, runs_finished=len(finished), runs=len(runs), run=spec.name)
+        report(summary, None)
+    return _mean_of(finished) | {"final": True, "runs_finished": len(finished), "runs": len(runs)}
+
+
+def _mean_of(results: list[dict]) -> dict:
+    flats = [flatten_results(r) for r in results]
+    keys = [k for k in flats[0] if all(isinstance(f.get(k), (int, float)) for f in flats)]
+    return {key: sum(f[key] for f in flats) / len(flats) for key in keys}
+
+
+def _fail(status, status_file, reason, failure, is_main, details=None) -> None:
+    status.update(state="failed", error=reason, failure=failure, failed=now())
+    if details:
+        status["traceback"] = details[-4000:]
+    if is_main:
+        write_json(status_file, status)
+
+
+def _progress(checkpoint: Path) -> list[int] | None:
+    """``[stage, epoch]`` a run resumes from, or ``None`` for a fresh run."""
+    if not checkpoint.is_file():
+        return None
+    try:
+        state = load_checkpoint(checkpoint)
+    except CheckpointError:
+        return None  # the trainer reports the damaged file when it resumes
+    stage = 2 if "stage2" in state else 1
+    return [stage, state.get(f"stage{stage}", {}).get("epoch", 0)]
+
+
+def _restore(run_dir: Path, restored: Path) -> None:
+    """Bring back the scheduler's copy of the checkpoint when the run folder lost a newer one."""
+    source = restored / "last.pt"
+    target = run_dir / "checkpoints" / "last.pt"
+    if not source.is_file():
+        return
+    have, offered = _progress(target), _progress(source)
+    if have is None or (offered is not None and offered > have):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target.with_suffix(".restoring"))
+        os.replace(target.with_suffix(".restoring"), target)
+
+
+def _write_provenance(run_dir: Path, trial: str, spec: RunSpec, metadata: dict) -> None:
+    """``trial.json``: everything needed to say where a result came from."""
+    config = spec.config
+    started = time.perf_counter()
+    graph = load_dataset(
+        config.data.dataset,
+        LoadOptions(
+            candidates=config.data.candidates,
+            drop_unknown=config.data.drop_unknown,
+            image_root=config.data.image_root,
+        ),
+    )
+    write_json(
+        run_dir / "trial.json",
+        {
+            "experiment": metadata["name"],
+            "trial": trial,
+            "run": spec.name,
+            "seed": config.seed,
+            "config": config_to_dict(config),
+            "dataset": graph.name,
+            "dataset_hash": graph.content_hash(),
+            "dataset_seconds": round(time.perf_counter() - started, 3),
+            "code": code_revision(),
+            "launched_from": metadata.get("code"),
+            "packages": package_versions(),
+            "host": socket.gethostname(),
+        },
+    )
