@@ -58,9 +58,13 @@ def _finish(folder: Path) -> int:
 
     metadata = read_experiment(folder)
     statuses = read_statuses(folder, metadata["metric"])
-    failed = [s for s in statuses if s.state != "finished"]
-    print(f"experiment {folder}: {len(statuses) - len(failed)} of {len(statuses)} runs finished")
-    return 1 if failed else 0
+    counts: dict[str, int] = {}
+    for status in statuses:
+        counts[status.state] = counts.get(status.state, 0) + 1
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    print(f"experiment {folder}: {summary}; see `diffcom sweep status {folder.name}`")
+    # Runs the scheduler stopped early (ASHA) ended as designed; failed ones did not.
+    return 1 if counts.keys() - {"finished", "stopped"} else 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -95,6 +99,8 @@ def _status(args: argparse.Namespace) -> int:
         value = f"{status.metric:.4f}" if status.metric is not None else "-"
         test = f"{status.test['mrr']:.4f}" if status.test else "-"
         error = (status.error or "").splitlines()[0][:80] if status.error else ""
+        if status.state == "running" and status.heartbeat:
+            error = f"last heartbeat {status.heartbeat}"
         print(
             f"{status.name:<{width}}  {status.state:<11}  {epoch:>7}  {value:>16}  {test:>8}  {error}"
         )

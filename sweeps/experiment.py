@@ -196,13 +196,15 @@ class TrialStatus:
     Attributes:
         name: the run's path under ``runs/``.
         state: ``pending`` (planned, not started), ``running``, ``interrupted`` (marked running by
-            a process on this host that no longer exists), ``finished`` or ``failed``.
+            a process on this host that no longer exists), ``stopped`` (by the scheduler, e.g.
+            ASHA, or Ctrl-C), ``finished`` or ``failed``.
         seed: the training seed.
         epochs: ``(stage, epoch)`` of the last finished epoch, or ``None``.
         metric: the study metric of the finished run (selected weights), or of the last epoch.
         test: test MRR and Hits@1 under the clean protocol once finished.
         error: the failure reason.
         attempts: how many times the run was started.
+        heartbeat: when a running run last finished an epoch (UTC, ISO 8601).
     """
 
     name: str
@@ -213,6 +215,7 @@ class TrialStatus:
     test: dict | None = None
     error: str | None = None
     attempts: int = 0
+    heartbeat: str | None = None
 
 
 def _process_alive(pid: int) -> bool:
@@ -280,6 +283,8 @@ def read_statuses(path: Path, metric: str, planned: list[str] = ()) -> list[Tria
             test=test,
             error=status.get("error"),
             attempts=len(status.get("attempts", [])),
+            heartbeat=status.get("heartbeat")
+            or (status.get("attempts") or [{}])[-1].get("started"),
         )
     for name in planned:
         found.setdefault(name, TrialStatus(name, "pending"))

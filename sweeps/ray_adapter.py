@@ -300,6 +300,9 @@ def _multi_worker_trial(config: dict, experiment: str, cpus: float, gpus: float,
             name=f"{trial_id}-{uuid.uuid4().hex[:6]}",
             storage_path=str(folder / "ray-train"),
             callbacks=[TuneReportCallback()],
+            # Retries belong to Tune (FailureConfig of the experiment), which resumes the trial
+            # from its run folder; a worker group that cannot start fails the trial at once.
+            failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )
     trainer.fit()
@@ -445,13 +448,16 @@ def _trainable_with_resources(folder: Path, resources: dict):
     trainable = tune.with_parameters(
         _multi_worker_trial, experiment=str(folder), cpus=cpus, gpus=gpus, workers=workers
     )
-    # The trial's own process only waits for its workers, which reserve the real resources.
-    return tune.with_resources(trainable, {"cpu": 0.01})
+    # The trial's own process only waits for its workers, which reserve the real resources
+    # (any CPU it kept would be missing when the workers need the whole machine); Ray refuses
+    # a request of nothing at all, so it asks for a little memory only.
+    return tune.with_resources(trainable, {"cpu": 0, "memory": 256 * 2**20})
 
 
 def _trial_dirname(trial) -> str:
-    label = trial.config.get("trial", f"search-{trial.trial_id}").replace("/", "__")
-    return f"{label}-{trial.trial_id}"
+    if "trial" in trial.config:
+        return f"{trial.config['trial'].replace('/', '__')}-{trial.trial_id}"
+    return f"search-{trial.trial_id}"
 
 
 def _tune_distribution(distribution):

@@ -170,6 +170,13 @@ def run_trial(
                 stage1_checkpoint=stage1.checkpoint if stage1 else None,
                 progress=False,
             )
+        except (KeyboardInterrupt, SystemExit):
+            # The scheduler stopped the trial (ASHA exits the training thread from a report) or
+            # someone pressed Ctrl-C: neither is a failure, and the run is not finished.
+            status.update(state="stopped", stopped=now())
+            if is_main:
+                write_json(status_file, status)
+            raise
         except NonFiniteLossError as error:
             _fail(status, status_file, str(error), NON_FINITE, is_main)
             raise TrialFailed(f"{run_dir}: {error}") from error

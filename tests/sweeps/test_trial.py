@@ -1,0 +1,150 @@
+"""A trial without Ray: stage-1 reuse, reports, provenance, failures and restored checkpoints."""
+
+import json
+import shutil
+
+import pytest
+
+from core.config import load_config
+from sweeps import trial as trial_module
+from sweeps.experiment import read_json, write_json
+from sweeps.stage1 import Stage1Store
+from sweeps.trial import NON_FINITE, RunSpec, TrialFailed, flatten_results, run_trial
+
+SMOKE = [
+    "data.dataset=nations",
+    "features.image_encoder=none",
+    "model.hidden_dim=32",
+    "model.num_heads=2",
+    "structure.max_nodes=8",
+    "diffusion.steps=5",
+    "diffusion.denoiser_width=32",
+    "train.stage1_epochs=2",
+    "train.stage2_epochs=2",
+    "train.batch_size=64",
+    "eval.official_samples=2",
+]
+DIVERGING = ["train.lr_stage1=10.0", "train.weight_decay=10.0", "train.warmup_fraction=0.0"]
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    write_json(
+        tmp_path / "experiment.json",
+        {"name": "unit", "kind": "ablation", "metric": "valid.clean.mrr", "mode": "max"},
+    )
+    return tmp_path
+
+
+def test_two_seeds_of_a_point_with_shared_stage1_and_every_report(experiment):
+    runs = [
+        RunSpec(f"search/p/seed-{seed}", load_config(overrides=[*SMOKE, f"seed={seed}"]))
+        for seed in (0, 1)
+    ]
+    reports = []
+    summary = run_trial(experiment, "search/p", runs, lambda m, c: reports.append((m, c)))
+    epochs = [m for m, _ in reports if not m["final"]]
+    finals = [m for m, _ in reports if m["final"]]
+    assert [(m["seed"], m["stage"], m["epoch"]) for m in epochs] == [
+        (0, 2, 1),
+        (0, 2, 2),
+        (1, 2, 1),
+        (1, 2, 2),
+    ]  # stage 1 trained in the shared store, so the trial reports stage 2 only
+    assert all(c.name == "checkpoints" and (c / "last.pt").is_file() for m, c in reports if c)
+    assert [f["runs_finished"] for f in finals] == [1, 2]
+    per_seed = [
+        read_json(experiment / "runs" / spec.name / "results.json")["valid"]["clean"]["mrr"]
+        for spec in runs
+    ]
+    assert summary["valid.clean.mrr"] == pytest.approx(sum(per_seed) / 2)
+
+    provenance = read_json(experiment / "runs" / "search/p/seed-1" / "trial.json")
+    assert provenance["seed"] == 1 and provenance["config"]["seed"] == 1
+    assert provenance["dataset"] == "nations" and len(provenance["dataset_hash"]) >= 16
+    assert provenance["code"]["revision"] and provenance["packages"]["torch"]
+    status = read_json(experiment / "runs" / "search/p/seed-0" / "status.json")
+    assert status["state"] == "finished" and status["stage1"]["reused"] is False
+    events = [e["event"] for e in Stage1Store(experiment / "stage1").events()]
+    assert events == ["training", "trained", "training", "trained"]  # seeds differ: two keys
+
+    # Asked again (a restarted trial), finished runs are read back, not retrained.
+    reports.clear()
+    again = run_trial(experiment, "search/p", runs, lambda m, c: reports.append((m, c)))
+    assert reports == [] and again["valid.clean.mrr"] == summary["valid.clean.mrr"]
+
+
+def test_a_nan_run_fails_with_its_reason_and_is_not_retried(experiment, monkeypatch):
+    runs = [RunSpec("ablation/diverging/seed-0", load_config(overrides=[*SMOKE, *DIVERGING]))]
+    with pytest.raises(TrialFailed, match=r"loss is nan"):
+        run_trial(experiment, "ablation/diverging/seed-0", runs, lambda m, c: None)
+    status = read_json(experiment / "runs" / "ablation/diverging/seed-0" / "status.json")
+    assert status["state"] == "failed" and status["failure"] == NON_FINITE
+    assert "loss is nan" in status["error"]
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a NaN run was trained again")
+
+    monkeypatch.setattr(trial_module, "train", must_not_train)
+    with pytest.raises(TrialFailed, match=r"not retried: it would repeat"):
+        run_trial(experiment, "ablation/diverging/seed-0", runs, lambda m, c: None)
+
+
+def test_other_errors_are_recorded_and_the_run_retried(experiment, monkeypatch):
+    runs = [RunSpec("ablation/full/seed-0", load_config(overrides=SMOKE))]
+    real_train = trial_module.train
+    calls = []
+
+    def flaky(config, folder, **kwargs):
+        calls.append(folder)
+        if len(calls) == 2:  # after the shared stage 1: the trial's own run
+            raise OSError("disk full")
+        return real_train(config, folder, **kwargs)
+
+    monkeypatch.setattr(trial_module, "train", flaky)
+    with pytest.raises(TrialFailed, match=r"OSError: disk full"):
+        run_trial(experiment, "ablation/full/seed-0", runs, lambda m, c: None)
+    status = read_json(experiment / "runs" / "ablation/full/seed-0" / "status.json")
+    assert status["state"] == "failed" and status["failure"] == "OSError"
+    assert "Traceback" in status["traceback"]
+    run_trial(experiment, "ablation/full/seed-0", runs, lambda m, c: None)
+    status = read_json(experiment / "runs" / "ablation/full/seed-0" / "status.json")
+    assert status["state"] == "finished" and len(status["attempts"]) == 2
+
+
+def test_a_lost_run_folder_continues_from_the_restored_checkpoint(experiment, tmp_path_factory):
+    runs = [RunSpec("ablation/full/seed-0", load_config(overrides=SMOKE))]
+    saved = tmp_path_factory.mktemp("restored")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(metrics, checkpoint):
+        if not metrics["final"]:
+            shutil.copy(checkpoint / "last.pt", saved / "last.pt")  # what Ray would keep
+            raise Stop
+
+    with pytest.raises(TrialFailed):
+        run_trial(experiment, "t", runs, stop_after_first_epoch)
+    shutil.rmtree(experiment / "runs")  # the node and its folder are gone
+    reports = []
+    run_trial(experiment, "t", runs, lambda m, c: reports.append(m), restored_checkpoint=saved)
+    status = read_json(experiment / "runs" / "ablation/full/seed-0" / "status.json")
+    assert status["attempts"][-1]["resumed_from"] == [2, 1]
+    assert [(m["stage"], m["epoch"]) for m in reports if not m["final"]] == [(2, 2)]
+
+
+def test_flatten_results_names_split_protocol_and_measure():
+    results = {
+        "valid": {"clean": {"mrr": 0.5}, "clean_all": {"x": 1}, "inference_ms_per_query": 2.0},
+        "test": {"clean": {"mrr": 0.4}, "official-min-of-20": {"mrr": 0.9}},
+        "timings": {"train_seconds": 3.0},
+    }
+    assert flatten_results(results) == {
+        "valid.clean.mrr": 0.5,
+        "valid.inference_ms_per_query": 2.0,
+        "test.clean.mrr": 0.4,
+        "test.official-min-of-20.mrr": 0.9,
+        "train_seconds": 3.0,
+    }
+    assert json.dumps(flatten_results(results))
