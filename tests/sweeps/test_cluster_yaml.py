@@ -214,13 +214,20 @@ def test_comments_show_the_cluster_lifecycle(text):
     assert "constraints.txt" in comments, "the comments explain why GPU nodes skip the constraints"
 
 
-def test_comments_launch_a_study_on_s3_storage(text):
+def test_comments_launch_a_study_on_the_mounted_efs_storage(text, config):
+    mounts = [
+        match.group(1)
+        for command in all_commands(config)
+        if (match := re.search(r"mount -t nfs4 .*\.efs\.[^ ]+:/ (/\S+)", command))
+    ]
+    assert mounts, "the AWS variant mounts no EFS file system"
     launches = [m for line in comment_lines(text) if (m := LAUNCH.search(line))]
-    s3 = [m for m in launches if m["storage"].startswith("s3://")]
-    assert s3, "no `diffcom sweep launch ... --storage s3://...` in the comments"
-    for match in s3:
-        assert (REPO / match["study"]).is_file(), match["study"]
-        assert re.fullmatch(r"s3://[^/\s]+/\S+", match["storage"]), match["storage"]
+    assert launches
+    # `diffcom sweep launch --storage` takes mounted paths only (no object-store URIs).
+    assert not [m for m in launches if "://" in m["storage"]]
+    on_efs = [m for m in launches if m["storage"].startswith(mounts[0].rstrip("/") + "/")]
+    assert on_efs, f"no `diffcom sweep launch ... --storage` under the EFS mount {mounts}"
+    assert all((REPO / m["study"]).is_file() for m in on_efs)
 
 
 def test_comments_launch_the_on_premises_variant_on_nfs(text, local_config):
