@@ -131,6 +131,7 @@ class StructureMKGformer(nn.Module):
         self.output_norm = nn.LayerNorm(width)
         self.entity_bias = nn.Parameter(torch.zeros(num_entities))
         self._frozen_table: torch.Tensor | None = None  # see freeze_entity_table
+        self._query_cache: _QueryCache | None = None
 
     # ---------------------------------------------------------------------------------------------
 
@@ -164,19 +165,53 @@ class StructureMKGformer(nn.Module):
         return states
 
     def freeze_entity_table(self, frozen: bool) -> None:
-        """Compute the ``(E, d)`` entity states once and reuse them while the extractor is frozen.
+        """Reuse what a frozen extractor computes: entity states and per-query encodings.
 
-        Stage 2 with a frozen extractor would otherwise rebuild every entity's state at every
-        step (a quarter of a step at 41k entities). Call with ``False`` before the extractor's
-        weights change again.
+        Stage 2 with a frozen extractor would otherwise rebuild every entity's state at every step
+        (a quarter of a step at 41k entities) and re-encode every ``(head, relation)`` query, the
+        transformer and MGAT included, at every epoch and every evaluation. While frozen, the
+        ``(E, d)`` entity table is computed once and, in eval mode (no dropout: the encoding of a
+        query is then a fixed function of the weights), each query's condition and pooled visual
+        token are computed once and kept (``2·d`` floats per distinct query). Call with ``False``
+        before the extractor's weights change again.
         """
         self._frozen_table = None
+        self._query_cache = None
         if frozen:
             with torch.no_grad():
                 self._frozen_table = self.entity_representations().detach()
+            self._query_cache = _QueryCache(
+                self.num_entities, self.relation_embedding.num_embeddings
+            )
+
+    def warm_query_cache(
+        self, heads: torch.Tensor, relations: torch.Tensor, batch_size: int
+    ) -> None:
+        """Encode ``(Q,)`` queries into the frozen cache in a fixed order and fixed batches.
+
+        Filling the cache up front (sorted keys, fixed batches) makes every cached value
+        independent of the order training happened to visit queries in, so a resumed run sees
+        exactly the values an uninterrupted one does.
+        """
+        if self._query_cache is None or self.training:
+            return
+        with torch.no_grad():
+            self._query_cache.fill(heads, relations, self._encode, batch_size)
 
     def forward(self, heads: torch.Tensor, relations: torch.Tensor) -> ExtractorOutput:
         """Score all entities for ``(B,)`` heads and ``(B,)`` relations in ``[0, 2R)``."""
+        if self._query_cache is not None and not self.training:
+            with torch.no_grad():
+                condition, visual = self._query_cache.lookup(heads, relations, self._encode)
+        else:
+            condition, visual = self._encode(heads, relations)
+        scores = condition @ self.entity_representations().T + self.entity_bias  # (B, E)
+        return ExtractorOutput(scores=scores, condition=condition, visual=visual)
+
+    def _encode(
+        self, heads: torch.Tensor, relations: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, d)`` condition Z'_mask and ``(B, d)`` pooled visual token of each query."""
         batch = heads.shape[0]
         roles = self.role_embedding.weight
         head_state = self.entity_representations(heads)  # (B, d)
@@ -215,10 +250,62 @@ class StructureMKGformer(nn.Module):
                 mask=subgraph.mask.to(device),
             )
             condition = self.fusion(h_mask, z_mask)
-        condition = self.output_norm(condition)
-        scores = condition @ self.entity_representations().T + self.entity_bias  # (B, E)
-        return ExtractorOutput(scores=scores, condition=condition, visual=visual)
+        return self.output_norm(condition), visual
 
     def fusion_lambda(self) -> float | None:
         """Current λ (mean over dimensions for a per-dimension gate); ``None`` without MGAT."""
         return None if self.structure_encoder is None else float(self.fusion.current_lambda())
+
+
+class _QueryCache:
+    """Encodings of ``(head, relation)`` queries of a frozen extractor, looked up by key.
+
+    ``slots`` maps ``head · 2R + relation`` to a row of ``condition``/``visual`` (``-1``: not yet
+    encoded); rows grow by doubling. Lives on the device of the encodings; ``slots`` on the CPU.
+    """
+
+    def __init__(self, num_entities: int, num_query_relations: int) -> None:
+        self.num_query_relations = num_query_relations
+        self.slots = torch.full((num_entities * num_query_relations,), -1, dtype=torch.int64)
+        self.size = 0
+        self.condition: torch.Tensor | None = None  # (capacity, d)
+        self.visual: torch.Tensor | None = None  # (capacity, d)
+
+    def _keys(self, heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
+        return heads.cpu().long() * self.num_query_relations + relations.cpu().long()
+
+    def _store(self, keys: torch.Tensor, condition: torch.Tensor, visual: torch.Tensor) -> None:
+        needed = self.size + len(keys)
+        if self.condition is None or needed > len(self.condition):
+            capacity = max(needed, 2 * (0 if self.condition is None else len(self.condition)), 1024)
+            grown_condition = condition.new_empty((capacity, condition.shape[1]))
+            grown_visual = visual.new_empty((capacity, visual.shape[1]))
+            if self.condition is not None:
+                grown_condition[: self.size] = self.condition[: self.size]
+                grown_visual[: self.size] = self.visual[: self.size]
+            self.condition, self.visual = grown_condition, grown_visual
+        self.condition[self.size : needed] = condition
+        self.visual[self.size : needed] = visual
+        self.slots[keys] = torch.arange(self.size, needed)
+        self.size = needed
+
+    def _encode_keys(self, keys: torch.Tensor, encode, device, batch_size: int) -> None:
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start : start + batch_size]
+            heads = (chunk // self.num_query_relations).to(device)
+            relations = (chunk % self.num_query_relations).to(device)
+            condition, visual = encode(heads, relations)
+            self._store(chunk, condition.detach(), visual.detach())
+
+    def fill(self, heads: torch.Tensor, relations: torch.Tensor, encode, batch_size: int) -> None:
+        keys = torch.unique(self._keys(heads, relations))  # sorted
+        missing = keys[self.slots[keys] < 0]
+        self._encode_keys(missing, encode, heads.device, batch_size)
+
+    def lookup(self, heads: torch.Tensor, relations: torch.Tensor, encode):
+        keys = self._keys(heads, relations)
+        missing = torch.unique(keys[self.slots[keys] < 0])
+        if len(missing):
+            self._encode_keys(missing, encode, heads.device, max(len(missing), 1))
+        rows = self.slots[keys].to(self.condition.device)
+        return self.condition[rows], self.visual[rows]

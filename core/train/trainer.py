@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -283,6 +284,12 @@ def _run_stage(
     trained_wrapped, optimizer = accelerator.prepare(trained, optimizer)
     frozen_extractor = stage == 2 and config.loss.stage2_extractor == "frozen"
     model.extractor.freeze_entity_table(frozen_extractor)
+    if frozen_extractor:
+        model.extractor.eval()
+        device_queries = run.queries.to(accelerator.device)
+        model.extractor.warm_query_cache(
+            device_queries[:, 0], device_queries[:, 1], config.eval.batch_size
+        )
 
     while progress_state["epoch"] < epochs and not progress_state["done"]:
         epoch = progress_state["epoch"]
@@ -509,6 +516,11 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
     """Valid and test metrics of the selected weights under both protocols, and timings."""
     config, model, graph = run.config, run.model, run.graph
     final_stage = 2 if model.diffusion is not None and config.train.stage2_epochs > 0 else 1
+    # Every evaluation below runs the same frozen extractor on the same queries: encode once.
+    model.eval()
+    model.extractor.freeze_entity_table(
+        final_stage == 2 and config.loss.stage2_extractor == "frozen"
+    )
     results: dict = {
         "dataset": graph.name,
         "dataset_hash": graph.content_hash(),
@@ -529,10 +541,14 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
                 results[split][f"official-min-of-{config.eval.official_samples}"] = (
                     official.metrics(config.eval.tie)
                 )
-        torch.save(
-            {"queries": clean.queries, "realistic": clean.ranks.realistic},
-            run.out_dir / f"ranks_{split}.pt",
+        # Per-query ranks (numpy, so reports read them without torch): paired tests between
+        # runs on the same split compare them query by query.
+        np.savez_compressed(
+            run.out_dir / f"ranks_{split}.npz",
+            queries=clean.queries.cpu().numpy(),
+            realistic=clean.ranks.realistic.cpu().numpy(),
         )
+    model.extractor.freeze_entity_table(False)
     results["protocol_note"] = (
         "clean: one deterministic pass, no label use (model selection uses it); "
         "official-min-of-S: minimum gold rank over S stochastic passes, label-using, reported only"

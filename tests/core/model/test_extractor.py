@@ -80,3 +80,37 @@ def test_frozen_entity_table_gives_the_same_scores():
         extractor.freeze_entity_table(False)
     assert torch.allclose(fresh, cached, atol=1e-6)
     assert extractor._frozen_table is None
+
+
+def test_frozen_query_cache_encodes_each_query_once_and_matches():
+    extractor = _extractor().eval()
+    heads, relations = torch.tensor([0, 1, 3, 1]), torch.tensor([0, 5, R + 2, 5])
+    with torch.no_grad():
+        fresh = extractor(heads, relations)
+        extractor.freeze_entity_table(True)
+        calls = []
+        encode = extractor._encode
+
+        def counting(h, r):
+            calls.append(len(h))
+            return encode(h, r)
+
+        extractor._encode = counting
+        extractor.warm_query_cache(heads[:2], relations[:2], batch_size=1)
+        first = extractor(heads, relations)  # (3, R+2) is new; the rest come from the cache
+        second = extractor(heads, relations)
+        extractor.freeze_entity_table(False)
+    assert calls == [1, 1, 1]
+    for output in (first, second):
+        assert torch.allclose(fresh.scores, output.scores, atol=1e-6)
+        assert torch.allclose(fresh.condition, output.condition, atol=1e-6)
+        assert torch.allclose(fresh.visual, output.visual, atol=1e-6)
+    assert extractor._query_cache is None
+
+
+def test_the_query_cache_is_not_used_in_training_mode():
+    extractor = _extractor()
+    extractor.freeze_entity_table(True)
+    extractor.train()
+    extractor(torch.tensor([0]), torch.tensor([0]))
+    assert extractor._query_cache.size == 0  # dropout is on: nothing to reuse
