@@ -1,1 +1,12 @@
-"""analysis package."""
+"""analysis package: tables, figures and reports from experiment folders on disk.
+
+It reads files only (it never imports ``core`` or ``ray``), so it works on an experiment folder
+copied to another machine.
+
+* :mod:`analysis.load` turns experiment folders into one tidy pandas frame.
+* :mod:`analysis.stats` has the statistics (t intervals, paired t-test, paired bootstrap).
+* :mod:`analysis.tables` builds the ablation, sensitivity and protocol-audit tables.
+* :mod:`analysis.figures` draws the plotly figures.
+* :mod:`analysis.report` writes ``report.html`` and the tables; :mod:`analysis.cli` adds
+  ``diffcom report``.
+"""

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffcom",
         description="Train DiffusionCom, sweep and ablate it, and report the results.",
     )
-    nouns = parser.add_subparsers(dest="noun", metavar="{data,train,sweep}", required=True)
+    nouns = parser.add_subparsers(dest="noun", metavar="{data,train,sweep,report}", required=True)
 
     data = nouns.add_parser("data", help="inspect, generate and featurise datasets")
     data_verbs = data.add_subparsers(dest="verb", metavar="{check,synth,features}", required=True)
@@ -228,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
 
-    # One `diffcom` command for the whole project: the sweep commands live with the sweeps
-    # package (which never loads Ray until a sweep actually starts).
+    # One `diffcom` command for the whole project: the sweep and report commands live with their
+    # packages (sweeps loads Ray only when a sweep starts; analysis never loads core or Ray).
+    from analysis.cli import add_report_command
     from sweeps.cli import add_sweep_commands
 
     add_sweep_commands(nouns)
+    add_report_command(nouns)
     return parser
 
 

@@ -36,6 +36,7 @@ from sweeps.experiment import (
     resolve_storage,
     write_json,
 )
+from sweeps.stage1 import interleave_by_stage1
 from sweeps.study import (
     Choice,
     LogUniform,
@@ -106,8 +107,11 @@ def _launch(
             "seeds": list(study.seeds),
         }
     else:
+        configs = {t.name: trial_config(study, t) for t in expand_trials(study)}
         plan = {
-            "trials": {t.name: config_to_dict(trial_config(study, t)) for t in expand_trials(study)}
+            "trials": {
+                name: config_to_dict(configs[name]) for name in interleave_by_stage1(configs)
+            }
         }
     write_json(folder / PLAN_FILE, plan)
     write_json(
@@ -520,6 +524,9 @@ def _start_ray(address: str | None) -> None:
     """Join ``address`` or start a local Ray with this machine's resources."""
     import ray
 
+    # Each epoch's checkpoint replaces the last one (num_to_keep=1), which makes Tune snapshot
+    # its state at every report; the snapshot takes milliseconds, so its warning is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
     if address is None:

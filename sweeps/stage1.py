@@ -31,7 +31,14 @@ from pathlib import Path
 from core.config import ExperimentConfig, config_to_dict
 from sweeps.experiment import now, read_json, write_json
 
-__all__ = ["STAGE1_DIR", "Stage1Checkpoint", "Stage1Store", "stage1_key", "stage1_relevant"]
+__all__ = [
+    "STAGE1_DIR",
+    "Stage1Checkpoint",
+    "Stage1Store",
+    "interleave_by_stage1",
+    "stage1_key",
+    "stage1_relevant",
+]
 
 STAGE1_DIR = "stage1"
 # Everything stage 1 reads: the data, the features, the extractor and its structure encoder, the
@@ -62,6 +69,24 @@ def stage1_key(config: ExperimentConfig) -> str:
 def stage1_only(config: ExperimentConfig) -> ExperimentConfig:
     """The config of the shared stage-1 run: the trial's config without a stage 2."""
     return dataclasses.replace(config, train=dataclasses.replace(config.train, stage2_epochs=0))
+
+
+def interleave_by_stage1(configs: dict[str, ExperimentConfig]) -> list[str]:
+    """Trial names in an order that starts different stage-1 runs first.
+
+    Trials run in submission order, as many at once as the resources allow. Submitted in study
+    order (every cell of seed 0, then of seed 1, ...), the first concurrent trials all need the
+    same stage-1 run: one trains it while the others wait on its lock, idle. Taking one trial of
+    each stage-1 key in turn (round robin, first appearance first, study order within a key)
+    lets the first wave train distinct stage-1 runs in parallel and every later trial reuse one.
+    """
+    groups: dict[str, list[str]] = {}
+    for name, config in configs.items():
+        groups.setdefault(stage1_key(config), []).append(name)
+    order = []
+    for position in range(max((len(g) for g in groups.values()), default=0)):
+        order += [group[position] for group in groups.values() if position < len(group)]
+    return order
 
 
 @dataclass(frozen=True)

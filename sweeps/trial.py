@@ -142,6 +142,7 @@ def run_trial(
                 run_dir / "checkpoints",
             )
 
+        started = time.perf_counter()
         try:
             stage1 = None
             if resumed_from is None:
@@ -186,7 +187,10 @@ def run_trial(
                 status, status_file, reason, type(error).__name__, is_main, traceback.format_exc()
             )
             raise TrialFailed(f"{run_dir}: {reason}") from error
-        status.update(state="finished", finished=now())
+        # Wall time of this attempt: waiting for or training stage 1, stage 2, evaluation.
+        status.update(
+            state="finished", finished=now(), wall_seconds=round(time.perf_counter() - started, 2)
+        )
         if is_main:
             write_json(status_file, status)
         finished.append(results)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.config import load_config
-from sweeps.stage1 import Stage1Store, stage1_key, stage1_only
+from sweeps.stage1 import Stage1Store, interleave_by_stage1, stage1_key, stage1_only
 
 
 def _config(*overrides):
@@ -101,3 +101,19 @@ def test_parent_stores_are_read_and_never_written(tmp_path):
     done = json.loads((tmp_path / "parent" / stage1_key(_config()) / "done.json").read_text())
     assert done["trained_by"] == "old"
     assert dataclasses.asdict(_config())["seed"] == done["stage1_config"]["seed"]
+
+
+def test_trials_are_submitted_one_stage1_key_at_a_time():
+    configs = {
+        f"k{k}/seed-{seed}": _config(f"diffusion.steps={k}", f"seed={seed}")
+        for seed in (0, 1)
+        for k in (5, 10, 20)
+    }
+    assert interleave_by_stage1(configs) == [
+        "k5/seed-0",
+        "k5/seed-1",
+        "k10/seed-0",
+        "k10/seed-1",
+        "k20/seed-0",
+        "k20/seed-1",
+    ]

@@ -1,0 +1,357 @@
+"""``diffcom report``: one self-contained HTML report, tables and figures from experiment folders.
+
+Reads only files (``experiment.json``, ``runs/**``); writes into ``out``::
+
+    report.html                  everything below, plotly.js inlined (opens offline)
+    tables/ablation.{md,tex,csv}
+    tables/sensitivity.{md,tex,csv}
+    tables/protocol-audit.{md,tex,csv}
+    tables/search-points.csv
+    tables/runs.csv              the tidy frame itself
+    figures/*.png                when a Chromium is available (kaleido); skipped with a note otherwise
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io
+import plotly.offline
+
+from analysis.figures import (
+    LATENCY_AXIS,
+    importance_figure,
+    parallel_coordinates,
+    pareto_figure,
+    sensitivity_figure,
+)
+from analysis.load import Loaded, load_experiments
+from analysis.tables import (
+    ablation_table,
+    format_table,
+    protocol_audit,
+    search_points,
+    sensitivity_table,
+    write_table,
+)
+
+__all__ = ["Report", "build_report", "find_chromium"]
+
+PROTOCOL_NOTE = (
+    "All tables use the <b>clean</b> protocol on the <b>test</b> split unless they say otherwise: "
+    "one deterministic reverse pass, filtered ranks, realistic ties, no use of test labels. "
+    "Models are selected by valid MRR under the same protocol. The released code's "
+    "<b>official min-of-S</b> protocol (the best gold rank over S stochastic passes, which needs "
+    "the test labels) appears only in the protocol audit."
+)
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote and what it had to leave out."""
+
+    html: Path
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def find_chromium() -> str | None:
+    """A Chromium or Chrome executable kaleido can drive, or None."""
+    configured = os.environ.get("BROWSER_PATH")
+    if configured and Path(configured).is_file():
+        return configured
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def build_report(
+    experiments: list[str | Path], out: str | Path, *, png: bool = True, title: str | None = None
+) -> Report:
+    """Load experiments, write tables, figures and ``report.html`` into ``out``."""
+    started = time.perf_counter()
+    out = Path(out)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    loaded = load_experiments(experiments)
+    report = Report(html=out / "report.html")
+    frame = loaded.frame
+    frame.to_csv(out / "tables" / "runs.csv", index=False)
+    report.files.append(out / "tables" / "runs.csv")
+
+    sections: list[str] = [_overview(loaded)]
+    figures: list[tuple[str, go.Figure]] = []
+
+    ablation = ablation_table(frame)
+    if not ablation.empty:
+        formatted = format_table(ablation, "ablation")
+        report.files += write_table(
+            ablation, formatted, out / "tables" / "ablation", "Ablation (test, clean protocol)"
+        )
+        tests = sorted(
+            {t for c in ("test_mrr", "test_hits@1") if c in ablation for t in ablation[c].dropna()}
+        )
+        sections.append(
+            _section(
+                "Ablation",
+                _table_html(formatted)
+                + _paragraph(
+                    "Mean ± sample std over seeds; 95% t interval of MRR; Δ against the full model "
+                    f"with a paired test ({'; '.join(tests) or 'none'}): * p < 0.05, ** p < 0.01."
+                ),
+            )
+        )
+    sensitivity = sensitivity_table(frame)
+    if not sensitivity.empty:
+        formatted = format_table(sensitivity, "sensitivity")
+        report.files += write_table(
+            sensitivity,
+            formatted,
+            out / "tables" / "sensitivity",
+            "Sensitivity (test, clean protocol)",
+        )
+        parts = [_table_html(formatted)]
+        for axis in dict.fromkeys(sensitivity["axis"]):
+            figure = sensitivity_figure(sensitivity, axis)
+            figures.append((f"sensitivity-{axis}", figure))
+            parts.append(_figure_placeholder(len(figures) - 1))
+            if axis == LATENCY_AXIS:
+                figures.append(("pareto-k", pareto_figure(sensitivity)))
+                parts.append(_figure_placeholder(len(figures) - 1))
+        sections.append(_section("Sensitivity", "".join(parts)))
+    points = search_points(frame)
+    if not points.empty:
+        points.to_csv(out / "tables" / "search-points.csv", index=False)
+        report.files.append(out / "tables" / "search-points.csv")
+        parts = [_table_html(points.round(4))]
+        searches = [m for m in loaded.experiments.values() if m.get("kind") == "search"]
+        mode = searches[0].get("mode", "max") if searches else "max"
+        try:
+            importance = importance_figure(points, "valid_mrr", mode)
+        except (ValueError, RuntimeError) as error:
+            importance = None
+            report.notes.append(f"parameter importance skipped: {error}")
+        if importance is not None:
+            figures.append(("search-importance", importance))
+            parts.append(_figure_placeholder(len(figures) - 1))
+        else:
+            parts.append(_paragraph("Parameter importance needs at least three finished points."))
+        coordinates = parallel_coordinates(points, "valid_mrr")
+        if coordinates is not None:
+            figures.append(("search-coordinates", coordinates))
+            parts.append(_figure_placeholder(len(figures) - 1))
+        sections.append(_section("Search", "".join(parts)))
+    audit = protocol_audit(frame)
+    if not audit.empty:
+        formatted_audit = audit.copy()
+        for column in formatted_audit.columns:
+            if formatted_audit[column].dtype == float:
+                pattern = "{:+.3f}" if column.startswith("inflation") else "{:.3f}"
+                formatted_audit[column] = formatted_audit[column].map(pattern.format)
+        report.files += write_table(
+            audit,
+            formatted_audit,
+            out / "tables" / "protocol-audit",
+            "Protocol audit: clean against official min-of-S (test)",
+        )
+        sections.append(
+            _section(
+                "Protocol audit",
+                _paragraph(
+                    "The official code reports, per query, the best gold rank over S stochastic "
+                    "passes: a protocol that reads the test answers. Inflation = official − clean."
+                )
+                + _table_html(formatted_audit),
+            )
+        )
+    sections.append(_runs_section(frame))
+    sections.append(_problems_section(loaded, report.notes))
+
+    if png and figures:
+        _write_pngs(figures, out / "figures", report)
+    html_text = _page(title or "DiffusionCom report", sections, figures)
+    report.html.write_text(html_text)
+    report.files.insert(0, report.html)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+# --------------------------------------------------------------------------------------- html
+
+
+def _section(title: str, body: str) -> str:
+    anchor = title.lower().replace(" ", "-")
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
+
+
+def _paragraph(text: str) -> str:
+    return f"<p>{text}</p>"
+
+
+def _table_html(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, escape=True, classes="table", border=0, na_rep="-")
+
+
+def _figure_placeholder(index: int) -> str:
+    return f"<!--figure-{index}-->"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h ({seconds:.0f} s)"
+
+
+def _overview(loaded: Loaded) -> str:
+    frame = loaded.frame
+    items = []
+    for name, metadata in loaded.experiments.items():
+        runs = frame[frame["experiment"] == name] if not frame.empty else frame
+        per_run = runs.drop_duplicates("run") if not runs.empty else runs
+        states = per_run["state"].value_counts().to_dict() if not per_run.empty else {}
+        compute = 0.0
+        if not per_run.empty:
+            wall = per_run.get("wall_seconds", pd.Series(dtype=float)).astype(float)
+            train = per_run.get("train_seconds", pd.Series(dtype=float)).astype(float)
+            compute = float(wall.fillna(train).fillna(0).sum())
+        datasets = sorted({str(d) for d in per_run.get("dataset", pd.Series(dtype=str)).dropna()})
+        revisions = sorted(
+            {str(r) for r in per_run.get("code_revision", pd.Series(dtype=str)).dropna()}
+        )
+        code = metadata.get("code") or {}
+        packages = metadata.get("packages") or {}
+        resources = metadata.get("cluster_resources") or {}
+        hardware = ", ".join(
+            f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+            for k, v in resources.items()
+        )
+        status_text = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no runs"
+        rows = [
+            ("kind", metadata.get("kind")),
+            ("folder", metadata.get("path")),
+            ("created", metadata.get("created")),
+            ("dataset", ", ".join(datasets) or "-"),
+            ("protocol", "clean (selection and tables); official min-of-S in the audit only"),
+            ("seeds", ", ".join(map(str, metadata.get("seeds", []))) or "-"),
+            ("runs", status_text),
+            ("metric", f"{metadata.get('metric')} ({metadata.get('mode')})"),
+            (
+                "code revision",
+                f"{code.get('revision', 'unknown')}{' (uncommitted changes)' if code.get('dirty') else ''}"
+                + (f"; runs: {', '.join(r[:12] for r in revisions)}" if revisions else ""),
+            ),
+            ("packages", ", ".join(f"{k} {v}" for k, v in packages.items() if v)),
+            ("hardware", hardware or "-"),
+            ("total compute", _hours(compute) + " of trial wall time"),
+            ("extends", ", ".join(metadata.get("parents", [])) or "-"),
+        ]
+        body = "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+        )
+        items.append(f"<h3>{html.escape(name)}</h3><table class='meta'>{body}</table>")
+    if not items:
+        items.append("<p>No experiment could be read.</p>")
+    return _section("Experiments", _paragraph(PROTOCOL_NOTE) + "".join(items))
+
+
+def _runs_section(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return _section("Runs", "<p>No runs.</p>")
+    columns = [
+        c
+        for c in (
+            "experiment",
+            "run",
+            "seed",
+            "state",
+            "split",
+            "protocol",
+            "mrr",
+            "hits@1",
+            "best_epoch",
+            "last_epoch",
+            "valid_mrr_best_epoch",
+            "valid_mrr_last_epoch",
+            "wall_seconds",
+        )
+        if c in frame.columns
+    ]
+    shown = frame[(frame["protocol"] == "clean")][columns].round(4)
+    return _section(
+        "Runs",
+        _paragraph(
+            "Every run's clean-protocol rows. <i>best_epoch</i> (selected by valid MRR) is the epoch "
+            "whose weights were evaluated; <i>last_epoch</i> is where training stopped. Unfinished "
+            "runs show their best valid epoch so far."
+        )
+        + _table_html(shown),
+    )
+
+
+def _problems_section(loaded: Loaded, notes: list[str]) -> str:
+    if not loaded.problems and not notes:
+        return _section("Problems", "<p>None: every folder was read.</p>")
+    items = "".join(
+        f"<li><code>{html.escape(path)}</code>: {html.escape(reason)}</li>"
+        for path, reason in loaded.problems
+    ) + "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+    return _section("Problems", f"<p>Skipped or left out:</p><ul>{items}</ul>")
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
+th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}
+table.meta th,table.meta td{text-align:left}
+h2{border-bottom:2px solid #444;padding-bottom:4px;margin-top:2em}
+.figure{margin:1em 0}
+"""
+
+
+def _page(title: str, sections: list[str], figures: list[tuple[str, go.Figure]]) -> str:
+    body = "".join(sections)
+    for index, (name, figure) in enumerate(figures):
+        div = plotly.io.to_html(
+            figure,
+            full_html=False,
+            include_plotlyjs=False,
+            div_id=f"figure-{name}",
+            config={"displaylogo": False},
+        )
+        body = body.replace(_figure_placeholder(index), f'<div class="figure">{div}</div>')
+    script = f"<script>{plotly.offline.get_plotlyjs()}</script>" if figures else ""
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>{script}</head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    )
+
+
+def _write_pngs(figures, folder: Path, report: Report) -> None:
+    chromium = find_chromium()
+    if chromium is None:
+        report.notes.append(
+            "PNG figures skipped: no Chromium found (make install-chromium, or set BROWSER_PATH)"
+        )
+        return
+    os.environ.setdefault("BROWSER_PATH", chromium)
+    # kaleido's browser driver logs stray protocol messages as tracebacks; its result is checked.
+    for name in ("choreographer", "kaleido", "logistro"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import plotly.io as pio
+
+        paths = [folder / f"{name}.png" for name, _ in figures]
+        pio.write_images([f for _, f in figures], paths, width=1000, height=500)
+        report.files += paths
+    except Exception as error:  # kaleido's failures are many and none is fatal to a report
+        report.notes.append(f"PNG figures skipped: {type(error).__name__}: {error}".splitlines()[0])
