@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 __all__ = ["MEASURES", "Loaded", "load_experiments", "protocol_kind"]
 
@@ -62,6 +63,7 @@ def load_experiments(paths: list[str | Path]) -> Loaded:
             loaded.problems.append((str(path), f"a second experiment named {name!r}; skipped"))
             continue
         metadata["path"] = str(path)
+        metadata["variant_order"] = _variant_order(path / "study.yaml")
         loaded.experiments[name] = metadata
         status_files = sorted((path / "runs").glob("**/status.json"))
         if not status_files:
@@ -100,6 +102,16 @@ def _read(path: Path, loaded: Loaded):
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
         loaded.problems.append((str(path), f"unreadable: {error}"))
     return None
+
+
+def _variant_order(study_file: Path) -> list[str]:
+    """Ablation variants in the order the study file lists them (the paper's row order)."""
+    try:
+        study = yaml.safe_load(study_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    variants = study.get("variants") if isinstance(study, dict) else None
+    return list(variants) if isinstance(variants, dict) else []
 
 
 def _cell(kind: str, run: str, config: dict) -> tuple[str, str | None, object]:

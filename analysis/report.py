@@ -92,7 +92,8 @@ def build_report(
     sections: list[str] = [_overview(loaded)]
     figures: list[tuple[str, go.Figure]] = []
 
-    ablation = ablation_table(frame)
+    order = [v for m in loaded.experiments.values() for v in m.get("variant_order", [])]
+    ablation = ablation_table(frame, order=order)
     if not ablation.empty:
         formatted = format_table(ablation, "ablation")
         report.files += write_table(

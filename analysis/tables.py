@@ -76,8 +76,12 @@ def _compare(group: pd.DataFrame, reference: pd.DataFrame, measure: str) -> Comp
     )
 
 
-def ablation_table(frame: pd.DataFrame, reference: str = "full") -> pd.DataFrame:
+def ablation_table(
+    frame: pd.DataFrame, reference: str = "full", order: list[str] = ()
+) -> pd.DataFrame:
     """One row per ablation variant (test split, clean protocol), the reference first.
+
+    Variants follow ``order`` (the study file's order), then any others alphabetically.
 
     Columns per measure: mean, std and 95% CI bounds over seeds; then the MRR and Hits@1
     differences against ``reference`` with their paired test, p-value and mark.
@@ -85,7 +89,8 @@ def ablation_table(frame: pd.DataFrame, reference: str = "full") -> pd.DataFrame
     finished = _finished(frame[frame["kind"] == "ablation"]) if not frame.empty else frame
     if finished.empty:
         return pd.DataFrame()
-    cells = list(dict.fromkeys(finished["cell"]))
+    present = set(finished["cell"])
+    cells = [c for c in dict.fromkeys(order) if c in present] + sorted(present - set(order))
     if reference in cells:
         cells.remove(reference)
         cells.insert(0, reference)

@@ -3,11 +3,11 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_sweep.py [--steps 5 10 20 40] [--seeds 0 1 2 3]
-        [--stage1-epochs 10] [--stage2-epochs 3] [--out sweep.json]
+        [--stage1-epochs 20] [--stage2-epochs 5] [--out sweep.json]
 
 Both sides run the same trials (every K x every seed: 16 by default), the demo config
-(``core/configs/demo.yaml``) with the epochs above and the official min-of-S protocol switched off
-(it is not what is compared), on a local Ray with this machine's CPUs, one CPU per trial:
+(``core/configs/demo.yaml``: 20 stage-1 and 5 stage-2 epochs unless changed above) with early
+stopping and the official min-of-S protocol switched off (neither is what is compared), on a local Ray with this machine's CPUs, one CPU per trial:
 
 (a) ``diffcom sweep launch`` of a sensitivity study (``sweeps.ray_adapter.launch``): trials with
     the same seed share one stage-1 run, trained once.
@@ -153,8 +153,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 40])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--stage1-epochs", type=int, default=10)
-    parser.add_argument("--stage2-epochs", type=int, default=3)
+    parser.add_argument("--stage1-epochs", type=int, default=20)
+    parser.add_argument("--stage2-epochs", type=int, default=5)
     parser.add_argument("--out", type=Path, help="also write the numbers to this JSON file")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

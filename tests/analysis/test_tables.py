@@ -26,7 +26,9 @@ def _test_metric(experiment, run, measure, protocol="clean"):
 def test_ablation_table_mean_std_ci_and_paired_comparison(ablation_experiment, tmp_path):
     frame = load_experiments([ablation_experiment]).frame
     table = ablation_table(frame)
-    assert list(table["variant"]) == ["full", "no-mgat", "no-diffusion"]
+    assert list(table["variant"]) == ["full", "no-diffusion", "no-mgat"]  # no study file here
+    ordered = ablation_table(frame, order=["full", "no-mgat", "no-diffusion"])
+    assert list(ordered["variant"]) == ["full", "no-mgat", "no-diffusion"]
     for variant in table["variant"]:
         row = table[table["variant"] == variant].iloc[0]
         for measure in ("mr", "mrr", "hits@1", "hits@10"):
