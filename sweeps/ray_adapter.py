@@ -421,7 +421,7 @@ def _tuner(study: Study, folder: Path, plan: dict, history: list, verbose: int):
             from ray.tune.schedulers import ASHAScheduler
 
             tune_config.scheduler = ASHAScheduler(
-                time_attr="training_iteration",
+                time_attr="global_epoch",  # epochs over both stages (see sweeps.trial)
                 max_t=search.asha.max_t,
                 grace_period=search.asha.grace_period,
                 reduction_factor=search.asha.reduction_factor,

@@ -355,6 +355,12 @@ def load_study(path: str | Path) -> Study:
     }
     if kind == "search":
         study["search"] = reader.search(data.get("search"), base_tree)
+        if study["search"].asha is not None and len(study["seeds"]) > 1:
+            raise reader.error(
+                "search.asha",
+                "ASHA compares trials epoch by epoch, which needs one seed per trial; use one "
+                "seed here and replicate the best points over seeds in an ablation study",
+            )
     elif kind == "ablation":
         study["variants"] = reader.variants(data.get("variants"), base_tree)
     else:

@@ -138,8 +138,29 @@ def run_trial(
                 status["last_epoch"] = [record["stage"], record["epoch"]]
                 write_json(run_dir / "status.json", status)
             report(
-                {**record, "run": spec.name, "seed": spec.config.seed, "final": False},
+                {
+                    **record,
+                    "run": spec.name,
+                    "seed": spec.config.seed,
+                    "final": False,
+                    "global_epoch": _global_epoch(spec.config, record),
+                },
                 run_dir / "checkpoints",
+            )
+
+        def on_shared_stage1_epoch(record: dict, spec=spec) -> None:
+            # This trial trains the shared stage-1 run: its epochs are this trial's progress too
+            # (schedulers such as ASHA see them), but its checkpoint belongs to the store.
+            report(
+                {
+                    **record,
+                    "run": spec.name,
+                    "seed": spec.config.seed,
+                    "final": False,
+                    "stage1_shared": True,
+                    "global_epoch": _global_epoch(spec.config, record),
+                },
+                None,
             )
 
         started = time.perf_counter()
@@ -148,7 +169,9 @@ def run_trial(
             if resumed_from is None:
                 stage1 = store.obtain(
                     spec.config,
-                    lambda config, folder: train(config, folder, progress=False),
+                    lambda config, folder: train(
+                        config, folder, progress=False, callback=on_shared_stage1_epoch
+                    ),
                     trial=trial,
                     is_main=is_main,
                     share=share,
@@ -195,9 +218,24 @@ def run_trial(
             write_json(status_file, status)
         finished.append(results)
         summary = _mean_of(finished)
-        summary.update(final=True, runs_finished=len(finished), runs=len(runs), run=spec.name)
+        summary.update(
+            final=True,
+            runs_finished=len(finished),
+            runs=len(runs),
+            run=spec.name,
+            global_epoch=spec.config.train.stage1_epochs + spec.config.train.stage2_epochs,
+        )
         report(summary, None)
     return _mean_of(finished) | {"final": True, "runs_finished": len(finished), "runs": len(runs)}
+
+
+def _global_epoch(config: ExperimentConfig, record: dict) -> int:
+    """Epochs since the run began, over both stages: the time axis schedulers compare trials on.
+
+    A trial that reuses a shared stage 1 starts reporting at ``stage1_epochs + 1``, where a trial
+    that trained it would be.
+    """
+    return record["epoch"] + (config.train.stage1_epochs if record["stage"] == 2 else 0)
 
 
 def _mean_of(results: list[dict]) -> dict:

@@ -409,6 +409,12 @@ SEARCH = "kind: search\nsearch:\n  algorithm: optuna-tpe\n  num_samples: 4\n  sp
             + "    loss.w_kl: {type: uniform, low: 0.1, high: 1.0}\n",
             r"search\.asha\.grace_period: expected an integer in \[1, max_t=10\]",
         ),
+        (
+            "seeds: [0, 1]\n"
+            + SEARCH.replace("  space:\n", "  asha: {max_t: 10}\n  space:\n")
+            + "    loss.w_kl: {type: uniform, low: 0.1, high: 1.0}\n",
+            r"search\.asha: ASHA compares trials epoch by epoch, which needs one seed per trial",
+        ),
         # names
         (
             ABLATION + "  No-MGAT: {structure.encoder: none}\n",

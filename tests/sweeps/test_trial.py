@@ -45,13 +45,25 @@ def test_two_seeds_of_a_point_with_shared_stage1_and_every_report(experiment):
     summary = run_trial(experiment, "search/p", runs, lambda m, c: reports.append((m, c)))
     epochs = [m for m, _ in reports if not m["final"]]
     finals = [m for m, _ in reports if m["final"]]
-    assert [(m["seed"], m["stage"], m["epoch"]) for m in epochs] == [
-        (0, 2, 1),
-        (0, 2, 2),
-        (1, 2, 1),
-        (1, 2, 2),
-    ]  # stage 1 trained in the shared store, so the trial reports stage 2 only
-    assert all(c.name == "checkpoints" and (c / "last.pt").is_file() for m, c in reports if c)
+    # Each seed trains its shared stage-1 run here, so the trial reports those epochs too (without
+    # a checkpoint: it belongs to the store), then its own stage 2; global_epoch runs on.
+    assert [(m["seed"], m["stage"], m["epoch"], m["global_epoch"]) for m in epochs] == [
+        (0, 1, 1, 1),
+        (0, 1, 2, 2),
+        (0, 2, 1, 3),
+        (0, 2, 2, 4),
+        (1, 1, 1, 1),
+        (1, 1, 2, 2),
+        (1, 2, 1, 3),
+        (1, 2, 2, 4),
+    ]
+    assert [m.get("stage1_shared", False) for m in epochs] == [True, True, False, False] * 2
+    assert all(c is None for m, c in reports if not m["final"] and m["stage"] == 1)
+    assert all(
+        c.name == "checkpoints" and (c / "last.pt").is_file()
+        for m, c in reports
+        if not m["final"] and m["stage"] == 2
+    )
     assert [f["runs_finished"] for f in finals] == [1, 2]
     per_seed = [
         read_json(experiment / "runs" / spec.name / "results.json")["valid"]["clean"]["mrr"]
@@ -120,7 +132,7 @@ def test_a_lost_run_folder_continues_from_the_restored_checkpoint(experiment, tm
         pass
 
     def stop_after_first_epoch(metrics, checkpoint):
-        if not metrics["final"]:
+        if checkpoint is not None:  # the first epoch of the run's own stage 2
             shutil.copy(checkpoint / "last.pt", saved / "last.pt")  # what Ray would keep
             raise Stop
 
@@ -132,6 +144,7 @@ def test_a_lost_run_folder_continues_from_the_restored_checkpoint(experiment, tm
     status = read_json(experiment / "runs" / "ablation/full/seed-0" / "status.json")
     assert status["attempts"][-1]["resumed_from"] == [2, 1]
     assert [(m["stage"], m["epoch"]) for m in reports if not m["final"]] == [(2, 2)]
+    assert reports[-1]["final"] and reports[-1]["global_epoch"] == 4
 
 
 def test_flatten_results_names_split_protocol_and_measure():
