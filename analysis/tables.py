@@ -50,24 +50,32 @@ def _summary_columns(group: pd.DataFrame) -> dict:
     return row
 
 
-def _per_query_reciprocal(group: pd.DataFrame, seeds: list) -> np.ndarray | None:
-    """Per-query reciprocal ranks averaged over ``seeds`` (``(Q,)``), or None if not stored."""
+def _per_query(group: pd.DataFrame, seeds: list, measure: str) -> np.ndarray | None:
+    """``(Q,)`` per-query values of ``measure`` averaged over ``seeds``, or None if not stored.
+
+    MRR's per-query value is ``1 / rank``, Hits@k's is ``rank <= k`` (as in ``core.evaluation``);
+    both are averaged over seeds query by query, so the bootstrap pairs the same test query.
+    """
     arrays = []
     for seed in seeds:
         files = group.loc[group["seed"] == seed, "ranks_file"].dropna()
         if files.empty:
             return None
         with np.load(files.iloc[0]) as ranks:
-            arrays.append(1.0 / ranks["realistic"].astype(float))
-    if len({a.shape for a in arrays}) != 1:
+            realistic = ranks["realistic"].astype(float)
+        if measure == "mrr":
+            arrays.append(1.0 / realistic)
+        else:
+            arrays.append((realistic <= int(measure.split("@")[1])).astype(float))
+    if not arrays or len({a.shape for a in arrays}) != 1:
         return None
     return np.mean(arrays, axis=0)
 
 
 def _compare(group: pd.DataFrame, reference: pd.DataFrame, measure: str) -> Comparison:
     seeds = sorted(set(group["seed"]) & set(reference["seed"]))
-    if measure == "mrr" and "ranks_file" in group:
-        mine, theirs = _per_query_reciprocal(group, seeds), _per_query_reciprocal(reference, seeds)
+    if measure != "mr" and "ranks_file" in group and seeds:
+        mine, theirs = _per_query(group, seeds, measure), _per_query(reference, seeds, measure)
         if mine is not None and theirs is not None and mine.shape == theirs.shape:
             return paired_bootstrap(mine, theirs)
     return paired_t_test(
