@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import ExperimentConfig, config_to_dict
-from core.data.mkgformer import LoadOptions
-from core.data.registry import load_dataset
 from core.train.checkpoint import CheckpointError, load_checkpoint
-from core.train.trainer import NonFiniteLossError, train
+from core.train.trainer import NonFiniteLossError, load_run_dataset, train
 from sweeps.experiment import (
     code_revision,
     now,
@@ -281,14 +279,7 @@ def _write_provenance(run_dir: Path, trial: str, spec: RunSpec, metadata: dict) 
     """``trial.json``: everything needed to say where a result came from."""
     config = spec.config
     started = time.perf_counter()
-    graph = load_dataset(
-        config.data.dataset,
-        LoadOptions(
-            candidates=config.data.candidates,
-            drop_unknown=config.data.drop_unknown,
-            image_root=config.data.image_root,
-        ),
-    )
+    graph = load_run_dataset(config)
     write_json(
         run_dir / "trial.json",
         {

@@ -45,7 +45,7 @@ from core.train.checkpoint import (
     set_rng_state,
 )
 
-__all__ = ["NonFiniteLossError", "TrainingRun", "train"]
+__all__ = ["NonFiniteLossError", "TrainingRun", "load_run_dataset", "train"]
 
 MetricsCallback = Callable[[dict], None]
 
@@ -87,6 +87,18 @@ def feature_settings(config: ExperimentConfig) -> FeatureSettings:
         image_model_path=image_path,
         image_size=features.image_size,
         max_images_per_entity=features.max_images_per_entity,
+    )
+
+
+def load_run_dataset(config: ExperimentConfig) -> KnowledgeGraph:
+    """The dataset a run trains on, loaded as its ``data`` section says."""
+    return load_dataset(
+        config.data.dataset,
+        LoadOptions(
+            candidates=config.data.candidates,
+            drop_unknown=config.data.drop_unknown,
+            image_root=config.data.image_root,
+        ),
     )
 
 
@@ -416,14 +428,7 @@ def train(
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=config.train.mixed_precision)
 
-    graph = load_dataset(
-        config.data.dataset,
-        LoadOptions(
-            candidates=config.data.candidates,
-            drop_unknown=config.data.drop_unknown,
-            image_root=config.data.image_root,
-        ),
-    )
+    graph = load_run_dataset(config)
     model = build_model(config, graph, progress=progress and accelerator.is_main_process).to(
         accelerator.device
     )

@@ -10,20 +10,7 @@ import pytest
 from core.config import load_config
 from sweeps.experiment import write_json
 from sweeps.trial import RunSpec, run_trial
-
-SMOKE = [
-    "data.dataset=nations",
-    "features.image_encoder=none",
-    "model.hidden_dim=32",
-    "model.num_heads=2",
-    "structure.max_nodes=8",
-    "diffusion.steps=5",
-    "diffusion.denoiser_width=32",
-    "train.stage1_epochs=2",
-    "train.stage2_epochs=2",
-    "train.batch_size=64",
-    "eval.official_samples=2",
-]
+from tests.smoke import SMOKE
 
 
 def _experiment(root, name, kind, cells: dict, seeds=(0, 1)):

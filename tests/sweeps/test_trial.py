@@ -10,20 +10,8 @@ from sweeps import trial as trial_module
 from sweeps.experiment import read_json, write_json
 from sweeps.stage1 import Stage1Store
 from sweeps.trial import NON_FINITE, RunSpec, TrialFailed, flatten_results, run_trial
+from tests.smoke import SMOKE
 
-SMOKE = [
-    "data.dataset=nations",
-    "features.image_encoder=none",
-    "model.hidden_dim=32",
-    "model.num_heads=2",
-    "structure.max_nodes=8",
-    "diffusion.steps=5",
-    "diffusion.denoiser_width=32",
-    "train.stage1_epochs=2",
-    "train.stage2_epochs=2",
-    "train.batch_size=64",
-    "eval.official_samples=2",
-]
 DIVERGING = ["train.lr_stage1=10.0", "train.weight_decay=10.0", "train.warmup_fraction=0.0"]
 
 

@@ -11,21 +11,9 @@ from core.config import load_config
 from core.train import trainer as trainer_module
 from core.train.checkpoint import CheckpointError
 from core.train.trainer import NonFiniteLossError, train
+from tests.smoke import SMOKE as SMOKE_RUN
 
-SMOKE = [
-    "data.dataset=nations",
-    "features.image_encoder=none",
-    "model.hidden_dim=32",
-    "model.num_heads=2",
-    "structure.max_nodes=8",
-    "diffusion.steps=5",
-    "diffusion.denoiser_width=32",
-    "train.stage1_epochs=2",
-    "train.stage2_epochs=2",
-    "train.batch_size=64",
-    "eval.official_samples=2",
-    "seed=3",
-]
+SMOKE = [*SMOKE_RUN, "seed=3"]
 
 
 def smoke_config(*extra):

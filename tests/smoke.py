@@ -1,0 +1,15 @@
+"""The smoke-size run the tests train: Nations, no images, tiny widths, two epochs per stage."""
+
+SMOKE = [
+    "data.dataset=nations",
+    "features.image_encoder=none",
+    "model.hidden_dim=32",
+    "model.num_heads=2",
+    "structure.max_nodes=8",
+    "diffusion.steps=5",
+    "diffusion.denoiser_width=32",
+    "train.stage1_epochs=2",
+    "train.stage2_epochs=2",
+    "train.batch_size=64",
+    "eval.official_samples=2",
+]
