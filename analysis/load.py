@@ -229,6 +229,11 @@ def _run_rows(experiment: Path, metadata: dict, run_dir: Path, loaded: Loaded) -
     common["train_seconds"] = results.get("timings", {}).get("train_seconds")
     common["dataset_hash"] = common["dataset_hash"] or results.get("dataset_hash")
     common["final_stage"] = results.get("final_stage")
+    # The trainer's own record of the epoch it selected; a run whose stage 1 came from a shared
+    # stage-1 run has no epochs of its own in metrics.jsonl.
+    selected = (results.get("best_epochs") or {}).get(f"stage{common['final_stage']}")
+    if selected is not None:
+        common["best_epoch"] = selected
     for split in ("valid", "test"):
         section = results.get(split)
         if not isinstance(section, dict):

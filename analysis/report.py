@@ -211,6 +211,15 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h ({seconds:.0f} s)"
 
 
+def _resource_text(name: str, value) -> str:
+    """``CPU 2``, ``GPU 1``, ``memory 15.9 GiB`` (Ray reports memory in bytes)."""
+    if not isinstance(value, (int, float)):
+        return f"{name} {value}"
+    if name == "memory":
+        return f"memory {value / 2**30:.1f} GiB"
+    return f"{name} {value:g}"
+
+
 def _overview(loaded: Loaded) -> str:
     frame = loaded.frame
     items = []
@@ -230,10 +239,7 @@ def _overview(loaded: Loaded) -> str:
         code = metadata.get("code") or {}
         packages = metadata.get("packages") or {}
         resources = metadata.get("cluster_resources") or {}
-        hardware = ", ".join(
-            f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
-            for k, v in resources.items()
-        )
+        hardware = ", ".join(_resource_text(k, v) for k, v in resources.items())
         status_text = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no runs"
         rows = [
             ("kind", metadata.get("kind")),
@@ -286,6 +292,9 @@ def _runs_section(frame: pd.DataFrame) -> str:
         if c in frame.columns
     ]
     shown = frame[(frame["protocol"] == "clean")][columns].round(4)
+    for column in ("seed", "best_epoch", "last_epoch"):
+        if column in shown:
+            shown[column] = shown[column].astype("Int64")
     return _section(
         "Runs",
         _paragraph(

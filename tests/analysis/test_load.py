@@ -101,3 +101,11 @@ def test_analysis_imports_neither_core_nor_ray():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_run_on_a_shared_stage1_takes_its_best_epoch_from_the_trainer(ablation_experiment):
+    frame = load_experiments([ablation_experiment]).frame
+    run_dir = ablation_experiment / "runs" / "ablation" / "no-diffusion" / "seed-0"
+    row = frame[frame["run"] == "ablation/no-diffusion/seed-0"].iloc[0]
+    assert row["final_stage"] == 1
+    assert row["best_epoch"] == _results(run_dir)["best_epochs"]["stage1"]
