@@ -443,6 +443,9 @@ def _tuner(study: Study, folder: Path, plan: dict, history: list, verbose: int):
                 max_t=search.asha.max_t,
                 grace_period=search.asha.grace_period,
                 reduction_factor=search.asha.reduction_factor,
+                # A trial that reaches max_t still reports its final results after its last
+                # epoch: stopping it there would lose them.
+                stop_last_trials=False,
             )
     run_config = tune.RunConfig(
         name=folder.name,

@@ -361,6 +361,17 @@ def load_study(path: str | Path) -> Study:
                 "ASHA compares trials epoch by epoch, which needs one seed per trial; use one "
                 "seed here and replicate the best points over seeds in an ablation study",
             )
+        asha = study["search"].asha
+        swept = {key for key, _ in study["search"].space}
+        if asha is not None and not swept & {"train.stage1_epochs", "train.stage2_epochs"}:
+            epochs = base_tree["train"]["stage1_epochs"] + base_tree["train"]["stage2_epochs"]
+            if asha.max_t < epochs:
+                raise reader.error(
+                    "search.asha.max_t",
+                    f"{asha.max_t} is below the {epochs} epochs a trial runs (stage 1 + stage 2, "
+                    f"the time axis ASHA counts): its rungs would end before trials do; "
+                    f"set max_t to {epochs}",
+                )
     elif kind == "ablation":
         study["variants"] = reader.variants(data.get("variants"), base_tree)
     else:

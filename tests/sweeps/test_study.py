@@ -415,6 +415,12 @@ SEARCH = "kind: search\nsearch:\n  algorithm: optuna-tpe\n  num_samples: 4\n  sp
             + "    loss.w_kl: {type: uniform, low: 0.1, high: 1.0}\n",
             r"search\.asha: ASHA compares trials epoch by epoch, which needs one seed per trial",
         ),
+        (
+            "overrides: {train.stage1_epochs: 4, train.stage2_epochs: 3}\n"
+            + SEARCH.replace("  space:\n", "  asha: {max_t: 6}\n  space:\n")
+            + "    loss.w_kl: {type: uniform, low: 0.1, high: 1.0}\n",
+            r"search\.asha\.max_t: 6 is below the 7 epochs a trial runs",
+        ),
         # names
         (
             ABLATION + "  No-MGAT: {structure.encoder: none}\n",
