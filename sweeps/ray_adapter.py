@@ -5,6 +5,11 @@ runs a ``Tuner``; ``resume`` restores it (finished trials stay finished, unfinis
 from their checkpoints, errored ones are retried, the searcher state and the concurrency limit are
 restored from Tune's own state); ``extend`` launches a new experiment linked to an old one.
 
+Trials resume from their run folders (``runs/<trial>/checkpoints/last.pt``, written every epoch on
+the experiment's shared storage), not from copies kept by Tune: a copy per epoch costs a write of
+the whole checkpoint, and a driver killed between Tune's checkpoint rotation and its state snapshot
+left a state pointing at a deleted copy, which Tune then refused to restore.
+
 Ray's API has changed shape several times; everything that touches it is in this module, written
 against Ray 2.6x (``tune.report``/``tune.get_checkpoint``, Train V2's ``TorchTrainer`` inside a
 Tune function for multi-worker trials).
@@ -12,7 +17,6 @@ Tune function for multi-worker trials).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import math
@@ -263,26 +267,13 @@ def _tune_trial(config: dict, experiment: str, cpus: float) -> None:
     folder = Path(experiment)
     name, runs = _runs_for(config, folder, read_json(folder / PLAN_FILE), _trial_id())
 
-    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-        if not _reportable(metrics, folder):
-            return
-        if checkpoint_dir is not None and (checkpoint_dir / "last.pt").is_file():
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
-        else:
+    def report(metrics: dict) -> None:
+        if _reportable(metrics, folder):
             tune.report(metrics)
 
-    checkpoint = tune.get_checkpoint()
     try:
-        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
-            _record_point(folder, runs, config)
-            run_trial(
-                folder,
-                name,
-                runs,
-                report,
-                restored_checkpoint=Path(restored) if restored else None,
-                node=ray.get_runtime_context().get_node_id(),
-            )
+        _record_point(folder, runs, config)
+        run_trial(folder, name, runs, report, node=ray.get_runtime_context().get_node_id())
     finally:
         _release_memory()
 
@@ -348,7 +339,7 @@ def _worker_loop(loop_config: dict) -> None:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+    def report(metrics: dict) -> None:
         # Train V2: every worker reports; the run folder on shared storage is the checkpoint.
         if _reportable(metrics, folder):
             ray.train.report(metrics)
@@ -451,7 +442,6 @@ def _tuner(study: Study, folder: Path, plan: dict, history: list, verbose: int):
         name=folder.name,
         storage_path=str(folder.parent),
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=verbose,
     )
     return tune.Tuner(
@@ -545,9 +535,6 @@ def _start_ray(address: str | None) -> None:
     """Join ``address`` or start a local Ray with this machine's resources."""
     import ray
 
-    # Each epoch's checkpoint replaces the last one (num_to_keep=1), which makes Tune snapshot
-    # its state at every report; the snapshot takes milliseconds, so its warning is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
     if address is None:

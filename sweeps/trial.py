@@ -9,7 +9,6 @@ for a drawn search point), each in its own run folder under ``<experiment>/runs/
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import time
 import traceback
@@ -35,7 +34,7 @@ __all__ = ["NON_FINITE", "RunSpec", "TrialFailed", "flatten_results", "run_trial
 #: exactly on a retry from the same checkpoint, so a retried or resumed run fails at once instead.
 NON_FINITE = "non-finite-loss"
 
-Report = Callable[[dict, Path | None], None]
+Report = Callable[[dict], None]
 
 
 class TrialFailed(RuntimeError):
@@ -69,7 +68,6 @@ def run_trial(
     runs: list[RunSpec],
     report: Report,
     *,
-    restored_checkpoint: Path | None = None,
     is_main: bool = True,
     share: Callable[[object], object] = lambda value: value,
     node: str | None = None,
@@ -80,10 +78,9 @@ def run_trial(
         experiment: the experiment folder.
         trial: the trial's name (logged with stage-1 reuse).
         runs: the runs, one per seed.
-        report: ``(metrics, checkpoint folder or None)``, called after each epoch and after each
-            run; the checkpoint folder holds the run's ``last.pt``.
-        restored_checkpoint: the checkpoint folder the scheduler restored this trial from, used
-            when the run folder's own checkpoint is missing (a run folder on lost storage).
+        report: called with the metrics after each epoch and after each run. The run's own
+            ``checkpoints/last.pt`` (on the experiment's shared storage) is what a restarted
+            trial resumes from; the scheduler keeps no copy.
         is_main, share: for multi-process trials (see :meth:`Stage1Store.obtain`).
         node: where this attempt runs (a Ray node id), recorded in ``status.json``.
 
@@ -101,7 +98,7 @@ def run_trial(
         tuple(Path(p) / STAGE1_DIR for p in metadata.get("parents", [])),
     )
     finished: list[dict] = []
-    for index, spec in enumerate(runs):
+    for spec in runs:
         run_dir = experiment / "runs" / spec.name
         results_file = run_dir / "results.json"
         status_file = run_dir / "status.json"
@@ -111,8 +108,6 @@ def run_trial(
             continue
         if status.get("failure") == NON_FINITE:
             raise TrialFailed(f"{run_dir}: {status['error']} (not retried: it would repeat)")
-        if restored_checkpoint is not None and index == len(finished):
-            _restore(run_dir, Path(restored_checkpoint))
         resumed_from = _progress(run_dir / "checkpoints" / "last.pt")
 
         status.update(
@@ -143,12 +138,11 @@ def run_trial(
                     "final": False,
                     "global_epoch": _global_epoch(spec.config, record),
                 },
-                run_dir / "checkpoints",
             )
 
         def on_shared_stage1_epoch(record: dict, spec=spec) -> None:
             # This trial trains the shared stage-1 run: its epochs are this trial's progress too
-            # (schedulers such as ASHA see them), but its checkpoint belongs to the store.
+            # (schedulers such as ASHA see them).
             report(
                 {
                     **record,
@@ -157,8 +151,7 @@ def run_trial(
                     "final": False,
                     "stage1_shared": True,
                     "global_epoch": _global_epoch(spec.config, record),
-                },
-                None,
+                }
             )
 
         started = time.perf_counter()
@@ -223,7 +216,7 @@ def run_trial(
             run=spec.name,
             global_epoch=spec.config.train.stage1_epochs + spec.config.train.stage2_epochs,
         )
-        report(summary, None)
+        report(summary)
     return _mean_of(finished) | {"final": True, "runs_finished": len(finished), "runs": len(runs)}
 
 
@@ -260,19 +253,6 @@ def _progress(checkpoint: Path) -> list[int] | None:
         return None  # the trainer reports the damaged file when it resumes
     stage = 2 if "stage2" in state else 1
     return [stage, state.get(f"stage{stage}", {}).get("epoch", 0)]
-
-
-def _restore(run_dir: Path, restored: Path) -> None:
-    """Bring back the scheduler's copy of the checkpoint when the run folder lost a newer one."""
-    source = restored / "last.pt"
-    target = run_dir / "checkpoints" / "last.pt"
-    if not source.is_file():
-        return
-    have, offered = _progress(target), _progress(source)
-    if have is None or (offered is not None and offered > have):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target.with_suffix(".restoring"))
-        os.replace(target.with_suffix(".restoring"), target)
 
 
 def _write_provenance(run_dir: Path, trial: str, spec: RunSpec, metadata: dict) -> None:

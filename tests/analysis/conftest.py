@@ -32,7 +32,7 @@ def _experiment(root, name, kind, cells: dict, seeds=(0, 1)):
         for cell, overrides in cells.items():
             run = f"{kind}/{cell}/seed-{seed}"
             config = load_config(overrides=[*SMOKE, *overrides, f"seed={seed}"])
-            run_trial(folder, run, [RunSpec(run, config)], lambda metrics, checkpoint: None)
+            run_trial(folder, run, [RunSpec(run, config)], lambda metrics: None)
     return folder
 
 
