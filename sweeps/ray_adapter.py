@@ -150,9 +150,11 @@ def resume(
     *,
     storage: str | Path | None = None,
     address: str | None = None,
-    verbose: int = 1,
 ) -> Path:
-    """Continue an interrupted experiment from Tune's saved state; returns its folder."""
+    """Continue an interrupted experiment from Tune's saved state; returns its folder.
+
+    Tune's console verbosity comes back with the rest of the saved run settings.
+    """
     from ray import tune
 
     folder = experiment_dir(resolve_storage(storage), name, must_exist=True)
