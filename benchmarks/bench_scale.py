@@ -395,7 +395,12 @@ def main() -> None:
         f"\nLinear-growth check (stage-2 time/query ratio ≤ entity ratio vs {sizes[0]}): ", end=""
     )
     print("MET" if linear_ok else "NOT MET")
-    print("GPU figures: pending (no GPU in this session).")
+    import torch
+
+    if torch.cuda.is_available():
+        print("GPU figures: not measured (this benchmark trains on the CPU).")
+    else:
+        print("GPU figures: pending (no GPU on this machine).")
     handle, name = tempfile.mkstemp(prefix="bench_scale-", suffix=".json")
     os.close(handle)
     out = Path(name)
