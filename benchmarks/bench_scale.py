@@ -26,9 +26,11 @@ over. The subprocess loads the graph, builds the model, fills the subgraph sampl
 training queries (as after the first epoch of a real run), then runs optimisation steps exactly as
 ``core.train.trainer`` does for that stage, on shuffled training queries:
 
-* stage 2: extractor frozen (``requires_grad_(False)``, eval mode), ``model(heads, relations,
-  labels, loss)`` = ``denoising_loss`` + backward + grad-norm clipping (1.0) + AdamW (denoiser
-  parameters only);
+* stage 2: extractor frozen (``requires_grad_(False)``, eval mode, ``freeze_entity_table(True)``:
+  the entity table computed once and each query's encoding cached, filled beforehand for the
+  queries of the measured steps as the trainer fills it for all training queries), ``model(heads,
+  relations, labels, loss)`` = ``denoising_loss`` + backward + grad-norm clipping (1.0) + AdamW
+  (denoiser parameters only); the cache's size for all training queries is reported apart;
 * stage 1: extractor scores + BCE over all entities + backward + clipping + AdamW.
 
 The first ``--warmup`` steps are not timed; the median of the timed per-step times gives
@@ -176,10 +178,18 @@ def _child(args) -> None:
     answers = graph.train_answers()
     smoothing = config.loss.label_smoothing
 
+    cache_mib = 0.0
     if args.stage == 2:
         model.extractor.requires_grad_(False)
         model.train()
         model.extractor.eval()
+        # As the trainer runs a frozen stage 2: the entity table computed once and every query
+        # encoded once. After the first epoch the cache holds every training query; here it is
+        # filled with the queries of the measured steps, and its full size is reported apart.
+        model.extractor.freeze_entity_table(True)
+        used = torch.cat(batches)
+        model.extractor.warm_query_cache(used[:, 0], used[:, 1], args.batch)
+        cache_mib = len(queries) * 2 * config.model.hidden_dim * 4 / 2**20
         parameters = [p for p in model.parameters() if p.requires_grad]
         lr = config.train.lr_stage2
     else:
@@ -222,6 +232,7 @@ def _child(args) -> None:
         "threads": torch.get_num_threads(),
         "features": args.features,
         "trained_parameters": sum(p.numel() for p in parameters),
+        "query_cache_mib_all_training_queries": round(cache_mib, 1),
         "denoiser_parameters": sum(p.numel() for p in denoiser.parameters()),
         "extractor_parameters": sum(p.numel() for p in model.extractor.parameters()),
         "step_seconds": times,
@@ -340,7 +351,13 @@ def main() -> None:
                 f"{size} stage {stage}: {result['entities']} entities, median step "
                 f"{result['median_step_seconds']:.3f}s, peak RSS {_mib(result['rss_peak_steps'])}"
                 f" MiB, ru_maxrss {_mib(result['ru_maxrss'])} MiB, wall "
-                f"{result['wall_seconds']:.0f}s, load {result['loadavg']}",
+                f"{result['wall_seconds']:.0f}s, load {result['loadavg']}"
+                + (
+                    f", query cache for all training queries "
+                    f"{result['query_cache_mib_all_training_queries']:.0f} MiB"
+                    if stage == 2
+                    else ""
+                ),
                 flush=True,
             )
     load_end = os.getloadavg()
