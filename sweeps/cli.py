@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 __all__ = ["add_sweep_commands"]
@@ -57,14 +58,15 @@ def _finish(folder: Path) -> int:
     from sweeps.experiment import read_experiment, read_statuses
 
     metadata = read_experiment(folder)
-    statuses = read_statuses(folder, metadata["metric"])
-    counts: dict[str, int] = {}
-    for status in statuses:
-        counts[status.state] = counts.get(status.state, 0) + 1
+    counts = _state_counts(read_statuses(folder, metadata["metric"]))
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     print(f"experiment {folder}: {summary}; see `diffcom sweep status {folder.name}`")
     # Runs the scheduler stopped early (ASHA) ended as designed; failed ones did not.
     return 1 if counts.keys() - {"finished", "stopped"} else 0
+
+
+def _state_counts(statuses) -> dict[str, int]:
+    return dict(Counter(status.state for status in statuses))
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -88,9 +90,7 @@ def _status(args: argparse.Namespace) -> int:
     print(f"experiment {metadata['name']} ({metadata['kind']}) in {folder}")
     if metadata.get("parents"):
         print(f"extends: {', '.join(metadata['parents'])}")
-    counts: dict[str, int] = {}
-    for status in statuses:
-        counts[status.state] = counts.get(status.state, 0) + 1
+    counts = _state_counts(statuses)
     print("runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     width = max([len(s.name) for s in statuses] + [3])
     print(f"{'run':<{width}}  {'state':<11}  {'epoch':>7}  {metric:>16}  {'test mrr':>8}  error")

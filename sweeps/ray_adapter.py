@@ -240,18 +240,30 @@ def extend(
 # ---------------------------------------------------------------------------- the trial itself
 
 
-def _runs_for(config: dict, folder: Path, plan: dict, trial_id: str) -> tuple[str, list[RunSpec]]:
-    """The trial's name and its runs from Tune's config dict."""
+def _prepare_trial(
+    config: dict, folder: Path, trial_id: str, *, is_main: bool = True
+) -> tuple[str, list[RunSpec], str]:
+    """The trial's name, its runs and the study metric, from Tune's config dict.
+
+    A search trial's drawn point is kept beside each run (``point.json``) for ``extend`` to
+    warm-start a searcher with.
+    """
+    plan = read_json(folder / PLAN_FILE)
+    metric = read_experiment(folder)["metric"]
     if "trial" in config:
         name = config["trial"]
-        return name, [RunSpec(name, config_from_dict(plan["trials"][name]))]
+        return name, [RunSpec(name, config_from_dict(plan["trials"][name]))], metric
     point = {key: _plain(config[key]) for key in plan["space"]}
     name = f"search/{trial_id}"
     runs = [
         RunSpec(f"{name}/seed-{seed}", point_config(plan["base"], point.items(), seed))
         for seed in plan["seeds"]
     ]
-    return name, runs
+    for spec in runs:
+        target = folder / "runs" / spec.name / "point.json"
+        if is_main and not target.is_file():
+            write_json(target, point)
+    return name, runs, metric
 
 
 def _plain(value):
@@ -267,14 +279,13 @@ def _tune_trial(config: dict, experiment: str, cpus: float) -> None:
 
     torch.set_num_threads(max(1, int(cpus)))
     folder = Path(experiment)
-    name, runs = _runs_for(config, folder, read_json(folder / PLAN_FILE), _trial_id())
+    name, runs, metric = _prepare_trial(config, folder, _trial_id())
 
     def report(metrics: dict) -> None:
-        if _reportable(metrics, folder):
+        if metric in metrics:  # Tune needs the metric in every report: epochs without validation
             tune.report(metrics)
 
     try:
-        _record_point(folder, runs, config)
         run_trial(folder, name, runs, report, node=ray.get_runtime_context().get_node_id())
     finally:
         _release_memory()
@@ -329,11 +340,8 @@ def _worker_loop(loop_config: dict) -> None:
     folder = Path(loop_config["experiment"])
     rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    name, runs = _runs_for(
-        loop_config["tune_config"],
-        folder,
-        read_json(folder / PLAN_FILE),
-        loop_config["trial_id"],
+    name, runs, metric = _prepare_trial(
+        loop_config["tune_config"], folder, loop_config["trial_id"], is_main=rank == 0
     )
 
     def share(value):
@@ -343,11 +351,9 @@ def _worker_loop(loop_config: dict) -> None:
 
     def report(metrics: dict) -> None:
         # Train V2: every worker reports; the run folder on shared storage is the checkpoint.
-        if _reportable(metrics, folder):
+        if metric in metrics:
             ray.train.report(metrics)
 
-    if rank == 0:
-        _record_point(folder, runs, loop_config["tune_config"])
     run_trial(
         folder,
         name,
@@ -359,36 +365,10 @@ def _worker_loop(loop_config: dict) -> None:
     )
 
 
-def _reportable(metrics: dict, folder: Path) -> bool:
-    """Tune needs the study metric in every report: epochs without validation are not sent."""
-    return _metric_of(folder) in metrics
-
-
-_METRICS: dict[Path, str] = {}
-
-
-def _metric_of(folder: Path) -> str:
-    if folder not in _METRICS:
-        _METRICS[folder] = read_experiment(folder)["metric"]
-    return _METRICS[folder]
-
-
 def _trial_id() -> str:
     from ray import tune
 
     return tune.get_context().get_trial_id()
-
-
-def _record_point(folder: Path, runs: list[RunSpec], config: dict) -> None:
-    """A search trial's drawn point, kept for ``extend`` to warm-start a searcher with."""
-    if "trial" in config:
-        return
-    plan = read_json(folder / PLAN_FILE)
-    point = {key: _plain(config[key]) for key in plan["space"]}
-    for spec in runs:
-        target = folder / "runs" / spec.name / "point.json"
-        if not target.is_file():
-            write_json(target, point)
 
 
 # -------------------------------------------------------------------------------- Tune set-up

@@ -140,18 +140,22 @@ class Stage1Store:
             share: broadcasts the main process's value to every process (identity for one).
         """
         key = stage1_key(config)
-        for root in (self.root, *self.read_only_roots):
+
+        def finished_in(root: Path) -> Stage1Checkpoint | None:
             found = share(self._finished(root, key) if is_main else None)
-            if found is not None:
-                if is_main:
-                    self._event(key, "reused", trial, source=str(root))
-                return Stage1Checkpoint(key, Path(found["checkpoint"]), False, found["seconds"])
+            if found is None:
+                return None
+            if is_main:
+                self._event(key, "reused", trial, source=str(root))
+            return Stage1Checkpoint(key, Path(found["checkpoint"]), False, found["seconds"])
+
+        for root in (self.root, *self.read_only_roots):
+            if (reused := finished_in(root)) is not None:
+                return reused
         with self._lock(key, enabled=is_main):
-            found = share(self._finished(self.root, key) if is_main else None)
-            if found is not None:  # another trial trained it while this one waited
-                if is_main:
-                    self._event(key, "reused", trial, source=str(self.root))
-                return Stage1Checkpoint(key, Path(found["checkpoint"]), False, found["seconds"])
+            # Another trial may have trained it while this one waited for the lock.
+            if (reused := finished_in(self.root)) is not None:
+                return reused
             run_dir = self.root / key / "run"
             if is_main:
                 self._event(key, "training", trial)

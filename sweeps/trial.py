@@ -125,34 +125,27 @@ def run_trial(
             write_json(status_file, status)
             _write_provenance(run_dir, trial, spec, metadata)
 
-        def on_epoch(record: dict, spec=spec, run_dir=run_dir, status=status) -> None:
+        def epoch_report(record: dict, spec=spec, **extra) -> dict:
+            return {
+                **record,
+                "run": spec.name,
+                "seed": spec.config.seed,
+                "final": False,
+                "global_epoch": _global_epoch(spec.config, record),
+                **extra,
+            }
+
+        def on_epoch(record: dict, run_dir=run_dir, status=status) -> None:
             if is_main:
                 status["heartbeat"] = now()
                 status["last_epoch"] = [record["stage"], record["epoch"]]
                 write_json(run_dir / "status.json", status)
-            report(
-                {
-                    **record,
-                    "run": spec.name,
-                    "seed": spec.config.seed,
-                    "final": False,
-                    "global_epoch": _global_epoch(spec.config, record),
-                },
-            )
+            report(epoch_report(record))
 
-        def on_shared_stage1_epoch(record: dict, spec=spec) -> None:
+        def on_shared_stage1_epoch(record: dict) -> None:
             # This trial trains the shared stage-1 run: its epochs are this trial's progress too
             # (schedulers such as ASHA see them).
-            report(
-                {
-                    **record,
-                    "run": spec.name,
-                    "seed": spec.config.seed,
-                    "final": False,
-                    "stage1_shared": True,
-                    "global_epoch": _global_epoch(spec.config, record),
-                }
-            )
+            report(epoch_report(record, stage1_shared=True))
 
         started = time.perf_counter()
         try:

@@ -482,13 +482,9 @@ def _forget_epochs_after(metrics_file: Path, state: dict) -> None:
     if not metrics_file.is_file():
         return
     reached = {stage: state.get(f"stage{stage}", {}).get("epoch", 0) for stage in (1, 2)}
-    kept = [
-        line
-        for line in metrics_file.read_text().splitlines()
-        if line.strip()
-        and json.loads(line).get("epoch", 0) <= reached.get(json.loads(line).get("stage"), 0)
-    ]
-    metrics_file.write_text("".join(f"{line}\n" for line in kept))
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r.get("epoch", 0) <= reached.get(r.get("stage"), 0)]
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:
