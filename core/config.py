@@ -141,6 +141,9 @@ class TrainConfig:
     mixed_precision: str = _choice("no", ("no", "bf16", "fp16"))
     eval_every: int = _range(1, 1, 100_000)
     max_grad_norm: float = _range(1.0, 0.0, 1e6)
+    # Memory a frozen stage 2 may spend keeping each query's encoding (2·hidden_dim floats per
+    # distinct (head, relation) query); above it queries are re-encoded at every use. 0: never keep.
+    query_cache_mib: int = _range(4096, 0, 10_000_000)
 
 
 @dataclass(frozen=True)

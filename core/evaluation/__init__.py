@@ -8,6 +8,7 @@ from core.evaluation.ranking import (
     RankingResult,
     evaluate,
     filtered_ranks,
+    shard_bounds,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "RankingResult",
     "evaluate",
     "filtered_ranks",
+    "shard_bounds",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "RankingResult",
     "evaluate",
     "filtered_ranks",
+    "shard_bounds",
 ]
 
 TIE_POLICIES: tuple[str, ...] = ("optimistic", "pessimistic", "realistic")
@@ -191,6 +192,21 @@ class RankingResult:
     def __len__(self) -> int:
         return len(self.queries)
 
+    @staticmethod
+    def concatenate(parts: Sequence[RankingResult]) -> RankingResult:
+        """One result from the results of consecutive query shards (see ``evaluate(shard=...)``)."""
+        if not parts:
+            raise ValueError("concatenate needs at least one result")
+        first = parts[0]
+        if any(p.num_relations != first.num_relations or p.ks != first.ks for p in parts):
+            raise ValueError("results to concatenate differ in num_relations or ks")
+        return RankingResult(
+            queries=torch.cat([p.queries for p in parts]),
+            ranks=QueryRanks.concatenate([p.ranks for p in parts]),
+            num_relations=first.num_relations,
+            ks=first.ks,
+        )
+
     def direction_mask(self, direction: str) -> torch.Tensor:
         """``(N,)`` bool: queries of one direction (``"head"``, ``"tail"`` or ``"both"``)."""
         if direction not in DIRECTIONS:
@@ -307,6 +323,7 @@ def evaluate(
     *,
     ks: Sequence[int] = (1, 3, 10),
     device: torch.device | str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> RankingResult:
     """Filtered evaluation of a scorer on both directions of a split.
 
@@ -320,6 +337,9 @@ def evaluate(
         batch_size: number of queries scored at once.
         ks: the ``k`` of the Hits@k metrics.
         device: where query ids are sent before calling ``score_fn``; CPU when ``None``.
+        shard: ``(index, count)``: rank only the ``index``-th of ``count`` consecutive, near-equal
+            slices of the queries (one per process); :meth:`RankingResult.concatenate` of the
+            shards in index order equals the unsharded result.
 
     Returns:
         The per-query ranks and metrics, queries in ``graph.queries(split)`` order (the forward
@@ -327,7 +347,12 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
     queries = graph.queries(split)
+    start, stop = shard_bounds(len(queries), index, count)
+    queries = queries[start:stop]
     filter_index = graph.all_answers()
     candidate_mask = graph.candidate_mask
     accumulator = RankAccumulator(graph.num_relations, ks)
@@ -344,6 +369,16 @@ def evaluate(
                 )
             accumulator.add_scores(scores, heads, relations, answers, filter_index, candidate_mask)
     return accumulator.result()
+
+
+def shard_bounds(num_queries: int, index: int, count: int) -> tuple[int, int]:
+    """``[start, stop)`` of the ``index``-th of ``count`` consecutive slices of ``num_queries``.
+
+    The first ``num_queries % count`` slices hold one query more than the others.
+    """
+    size, extra = divmod(num_queries, count)
+    start = index * size + min(index, extra)
+    return start, start + size + (1 if index < extra else 0)
 
 
 def _count_competitors(

@@ -164,7 +164,7 @@ class StructureMKGformer(nn.Module):
             states = states + self._visual_tokens(entities).mean(dim=-2)
         return states
 
-    def freeze_entity_table(self, frozen: bool) -> None:
+    def freeze_entity_table(self, frozen: bool, *, cache_queries: bool = True) -> None:
         """Reuse what a frozen extractor computes: entity states and per-query encodings.
 
         Stage 2 with a frozen extractor would otherwise rebuild every entity's state at every step
@@ -172,17 +172,19 @@ class StructureMKGformer(nn.Module):
         transformer and MGAT included, at every epoch and every evaluation. While frozen, the
         ``(E, d)`` entity table is computed once and, in eval mode (no dropout: the encoding of a
         query is then a fixed function of the weights), each query's condition and pooled visual
-        token are computed once and kept (``2·d`` floats per distinct query). Call with ``False``
-        before the extractor's weights change again.
+        token are computed once and kept (``2·d`` floats per distinct query) unless
+        ``cache_queries`` is ``False``. Call with ``False`` before the extractor's weights change
+        again.
         """
         self._frozen_table = None
         self._query_cache = None
         if frozen:
             with torch.no_grad():
                 self._frozen_table = self.entity_representations().detach()
-            self._query_cache = _QueryCache(
-                self.num_entities, self.relation_embedding.num_embeddings
-            )
+            if cache_queries:
+                self._query_cache = _QueryCache(
+                    self.num_entities, self.relation_embedding.num_embeddings
+                )
 
     def warm_query_cache(
         self, heads: torch.Tensor, relations: torch.Tensor, batch_size: int

@@ -12,6 +12,7 @@ processes (``accelerate launch --num_processes N``); the recipe is the same on o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -64,6 +65,7 @@ class TrainingRun:
     queries: torch.Tensor  # (Q, 2) unique training (head, relation in [0, 2R)) queries
     accelerator: Accelerator
     out_dir: Path
+    cache_queries: bool  # a frozen stage 2 keeps per-query encodings (train.query_cache_mib)
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -194,18 +196,50 @@ def _clean_scorer(model: DiffusionCom, stage: int, config: ExperimentConfig):
     return mean_of_samples
 
 
+def evaluate_sharded(
+    score_fn, graph: KnowledgeGraph, split: str, config, accelerator: Accelerator | None = None
+) -> RankingResult:
+    """Filtered ranks of ``split``; under several processes each ranks its slice of the queries.
+
+    Every process receives the whole result (``all_gather_object``, slices in process order), so
+    early stopping decides the same way everywhere. The clean protocol gives the same ranks on any
+    number of processes; the stochastic passes of the official protocol and of
+    ``eval.clean_inference=mean-of-samples`` draw their noise per process and batch, so their
+    values depend on the number of processes.
+    """
+    world = 1 if accelerator is None else accelerator.num_processes
+    index = 0 if accelerator is None else accelerator.process_index
+    device = None if accelerator is None else accelerator.device
+    part = evaluate(
+        score_fn, graph, split, config.eval.batch_size, device=device, shard=(index, world)
+    )
+    if world == 1:
+        return part
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, part)
+    return RankingResult.concatenate(parts)
+
+
 def evaluate_clean(
-    model: DiffusionCom, graph: KnowledgeGraph, split: str, stage: int, config
+    model: DiffusionCom,
+    graph: KnowledgeGraph,
+    split: str,
+    stage: int,
+    config,
+    accelerator: Accelerator | None = None,
 ) -> RankingResult:
     """Filtered ranks of ``split`` under the clean protocol."""
     model.eval()
     scorer = _clean_scorer(model, stage, config)
-    device = next(model.parameters()).device
-    return evaluate(scorer, graph, split, config.eval.batch_size, device=device)
+    return evaluate_sharded(scorer, graph, split, config, accelerator)
 
 
 def evaluate_official(
-    model: DiffusionCom, graph: KnowledgeGraph, split: str, config
+    model: DiffusionCom,
+    graph: KnowledgeGraph,
+    split: str,
+    config,
+    accelerator: Accelerator | None = None,
 ) -> RankingResult:
     """The released code's protocol: S stochastic passes, the minimum gold rank kept per query.
 
@@ -214,14 +248,15 @@ def evaluate_official(
     """
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+    index = 0 if accelerator is None else accelerator.process_index
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1 + 1_000_003 * index)
     passes = [
-        evaluate(
+        evaluate_sharded(
             lambda h, r: model.scores(h, r, stochastic=True, generator=generator),
             graph,
             split,
-            config.eval.batch_size,
-            device=device,
+            config,
+            accelerator,
         )
         for _ in range(config.eval.official_samples)
     ]
@@ -248,7 +283,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _check_resume_config(saved: dict, config: ExperimentConfig, path: Path) -> None:
-    """Resume continues the same run: any differing key is an error naming it."""
+    """Resume continues the same run: any differing key is an error naming it.
+
+    Keys added to the config since the checkpoint was written count as their defaults, so a
+    checkpoint stays resumable when the code grows an option it did not use.
+    """
+    # A key since removed or renamed fails to build: compared as written, the difference names it.
+    with contextlib.suppress(ConfigError):
+        saved = config_to_dict(config_from_dict(saved))
     before, now = _flatten(saved), _flatten(config_to_dict(config))
     differences = [
         f"{key}: checkpoint {before.get(key)!r} vs now {now.get(key)!r}"
@@ -257,6 +299,28 @@ def _check_resume_config(saved: dict, config: ExperimentConfig, path: Path) -> N
     ]
     if differences:
         raise CheckpointError(f"{path}: belongs to another config; " + "; ".join(differences[:5]))
+
+
+def query_cache_mib(graph: KnowledgeGraph, hidden_dim: int) -> float:
+    """MiB a frozen extractor's query cache reaches: ``2·d`` float32 per distinct query of every
+    split (training queries are cached up front, valid and test ones when first evaluated)."""
+    splits = [graph.queries(split)[:, :2] for split in ("train", "valid", "test")]
+    distinct = len(torch.unique(torch.cat(splits), dim=0))
+    return distinct * 2 * hidden_dim * 4 / 2**20
+
+
+def _keeps_query_cache(config: ExperimentConfig, graph: KnowledgeGraph, is_main: bool) -> bool:
+    """Whether a frozen extractor keeps query encodings (see ``train.query_cache_mib``)."""
+    needed = query_cache_mib(graph, config.model.hidden_dim)
+    if needed <= config.train.query_cache_mib:
+        return True
+    if is_main:
+        print(
+            f"stage 2: the query cache would take {needed:,.0f} MiB, above "
+            f"train.query_cache_mib={config.train.query_cache_mib}; queries are re-encoded at "
+            "every use instead (same results, slower)"
+        )
+    return False
 
 
 def _run_stage(
@@ -295,7 +359,7 @@ def _run_stage(
         scheduler.load_state_dict(progress_state["scheduler"])
     trained_wrapped, optimizer = accelerator.prepare(trained, optimizer)
     frozen_extractor = stage == 2 and config.loss.stage2_extractor == "frozen"
-    model.extractor.freeze_entity_table(frozen_extractor)
+    model.extractor.freeze_entity_table(frozen_extractor, cache_queries=run.cache_queries)
     if frozen_extractor:
         model.extractor.eval()
         device_queries = run.queries.to(accelerator.device)
@@ -359,7 +423,7 @@ def _run_stage(
         if model.extractor.fusion_lambda() is not None:
             record["lambda"] = model.extractor.fusion_lambda()
         if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == epochs:
-            valid = evaluate_clean(model, run.graph, "valid", stage, config).metrics(
+            valid = evaluate_clean(model, run.graph, "valid", stage, config, accelerator).metrics(
                 config.eval.tie
             )
             record.update({f"valid.clean.{name}": value for name, value in valid.items()})
@@ -432,7 +496,15 @@ def train(
     model = build_model(config, graph, progress=progress and accelerator.is_main_process).to(
         accelerator.device
     )
-    run = TrainingRun(config, graph, model, _training_queries(graph), accelerator, out_dir)
+    run = TrainingRun(
+        config,
+        graph,
+        model,
+        _training_queries(graph),
+        accelerator,
+        out_dir,
+        cache_queries=_keeps_query_cache(config, graph, accelerator.is_main_process),
+    )
 
     last = out_dir / "checkpoints" / "last.pt"
     state: dict = {"config": config_to_dict(config), "stage": 1}
@@ -520,7 +592,8 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
     # Every evaluation below runs the same frozen extractor on the same queries: encode once.
     model.eval()
     model.extractor.freeze_entity_table(
-        final_stage == 2 and config.loss.stage2_extractor == "frozen"
+        final_stage == 2 and config.loss.stage2_extractor == "frozen",
+        cache_queries=run.cache_queries,
     )
     results: dict = {
         "dataset": graph.name,
@@ -529,26 +602,27 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
     }
     for split in ("valid", "test"):
         started = time.perf_counter()
-        clean = evaluate_clean(model, graph, split, final_stage, config)
+        clean = evaluate_clean(model, graph, split, final_stage, config, run.accelerator)
         milliseconds = 1000 * (time.perf_counter() - started) / len(clean)
         results[split] = {"clean": clean.metrics(config.eval.tie), "clean_all": clean.to_dict()}
         results[split]["inference_ms_per_query"] = milliseconds
         if final_stage == 2:
-            results[split]["stage1_clean"] = evaluate_clean(model, graph, split, 1, config).metrics(
-                config.eval.tie
-            )
+            results[split]["stage1_clean"] = evaluate_clean(
+                model, graph, split, 1, config, run.accelerator
+            ).metrics(config.eval.tie)
             if config.eval.report_official:
-                official = evaluate_official(model, graph, split, config)
+                official = evaluate_official(model, graph, split, config, run.accelerator)
                 results[split][f"official-min-of-{config.eval.official_samples}"] = (
                     official.metrics(config.eval.tie)
                 )
         # Per-query ranks (numpy, so reports read them without torch): paired tests between
         # runs on the same split compare them query by query.
-        np.savez_compressed(
-            run.out_dir / f"ranks_{split}.npz",
-            queries=clean.queries.cpu().numpy(),
-            realistic=clean.ranks.realistic.cpu().numpy(),
-        )
+        if run.accelerator.is_main_process:
+            np.savez_compressed(
+                run.out_dir / f"ranks_{split}.npz",
+                queries=clean.queries.cpu().numpy(),
+                realistic=clean.ranks.realistic.cpu().numpy(),
+            )
     model.extractor.freeze_entity_table(False)
     results["protocol_note"] = (
         "clean: one deterministic pass, no label use (model selection uses it); "

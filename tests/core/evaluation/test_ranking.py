@@ -390,3 +390,38 @@ def test_evaluate_rejects_wrong_score_shape():
     graph = _graph(20, 2, seed=2, sizes=(60, 10, 10))
     with pytest.raises(ValueError, match="score_fn returned shape"):
         evaluate(lambda h, r: torch.zeros(len(h), 3), graph, "test", batch_size=4)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_sharded_evaluation_concatenates_to_the_unsharded_result(count):
+    graph = _graph(30, 3, seed=9, sizes=(200, 30, 41))
+    generator = torch.Generator().manual_seed(2)
+    table = torch.randn(graph.num_entities, 4, generator=generator)
+
+    def score_fn(heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
+        return (table[heads] + relations.unsqueeze(1).float()) @ table.T
+
+    whole = evaluate(score_fn, graph, "test", batch_size=5)
+    parts = [
+        evaluate(score_fn, graph, "test", batch_size=5, shard=(index, count))
+        for index in range(count)
+    ]
+    sizes = [len(part) for part in parts]
+    assert sum(sizes) == len(whole) and max(sizes) - min(sizes) <= 1
+    joined = RankingResult.concatenate(parts)
+    assert torch.equal(joined.queries, whole.queries)
+    for tie in TIE_POLICIES:
+        assert torch.equal(joined.ranks.get(tie), whole.ranks.get(tie))
+    assert joined.to_dict() == whole.to_dict()
+
+
+def test_shard_bounds_cover_every_query_once_and_bad_shards_are_refused():
+    from core.evaluation import shard_bounds
+
+    assert [shard_bounds(10, i, 3) for i in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    assert [shard_bounds(2, i, 4) for i in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]
+    graph = _graph(20, 2, seed=2, sizes=(60, 10, 10))
+    with pytest.raises(ValueError, match="shard must be"):
+        evaluate(lambda h, r: torch.zeros(len(h), 20), graph, "test", batch_size=4, shard=(2, 2))
+    with pytest.raises(ValueError, match="at least one"):
+        RankingResult.concatenate([])

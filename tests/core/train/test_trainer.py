@@ -79,6 +79,47 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert resumed["timings"]["train_seconds"] >= epoch_seconds
 
 
+def test_a_checkpoint_without_a_newer_config_key_still_resumes(tmp_path):
+    """A key added to the config after a checkpoint was written counts as its default."""
+    from core.train.checkpoint import load_checkpoint, save_checkpoint
+
+    seen = []
+
+    def stop(record):
+        seen.append(record)
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(smoke_config(), tmp_path / "run", callback=stop, progress=False)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    del state["config"]["train"]["query_cache_mib"]  # as written before the key existed
+    save_checkpoint(state, last)
+    resumed = train(smoke_config(), tmp_path / "run", progress=False)
+    assert resumed["final_stage"] == 2
+    with pytest.raises(CheckpointError, match=r"train\.query_cache_mib: checkpoint 4096 vs now 1"):
+        train(smoke_config("train.query_cache_mib=1"), tmp_path / "run", progress=False)
+
+
+def test_query_cache_bound_changes_speed_not_results(tmp_path, capsys):
+    cached = train(smoke_config(), tmp_path / "cached", progress=False)
+    assert "query cache would take" not in capsys.readouterr().out
+    uncached = train(smoke_config("train.query_cache_mib=0"), tmp_path / "uncached", progress=False)
+    assert "re-encoded at every use" in capsys.readouterr().out
+    for split in ("valid", "test"):
+        assert uncached[split]["clean_all"] == pytest.approx(cached[split]["clean_all"], abs=1e-9)
+        assert uncached[split]["official-min-of-2"] == pytest.approx(
+            cached[split]["official-min-of-2"], abs=1e-9
+        )
+
+
+def test_query_cache_size_counts_distinct_queries_of_every_split():
+    graph = trainer_module.load_run_dataset(smoke_config())
+    queries = torch.cat([graph.queries(s)[:, :2] for s in ("train", "valid", "test")])
+    distinct = len({tuple(q) for q in queries.tolist()})
+    assert trainer_module.query_cache_mib(graph, 64) == distinct * 2 * 64 * 4 / 2**20
+
+
 def test_stage2_only_run_from_a_stage1_checkpoint(tmp_path):
     train(smoke_config(), tmp_path / "first", progress=False)
     reused = train(
@@ -180,6 +221,12 @@ def test_two_process_run_on_cpu(tmp_path):
     assert results["environment"]["processes"] == 2
     records = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 4  # written once, by the main process
+    # Each process ranked half of the test queries; the gathered ranks cover all of them, in the
+    # split's order, and the reported metrics are computed from them.
+    graph = trainer_module.load_run_dataset(smoke_config())
+    ranks = np.load(tmp_path / "two" / "ranks_test.npz")
+    assert np.array_equal(ranks["queries"], graph.queries("test").numpy())
+    assert results["test"]["clean"]["mrr"] == pytest.approx(float(np.mean(1 / ranks["realistic"])))
 
 
 def test_bf16_mixed_precision_on_cpu_and_fp16_refused(tmp_path):
