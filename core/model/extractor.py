@@ -198,25 +198,38 @@ class StructureMKGformer(nn.Module):
         if self._query_cache is None or self.training:
             return
         with torch.no_grad():
-            self._query_cache.fill(heads, relations, self._encode, batch_size)
+            self._query_cache.fill(heads, relations, self._table_encoder(), batch_size)
 
     def forward(self, heads: torch.Tensor, relations: torch.Tensor) -> ExtractorOutput:
         """Score all entities for ``(B,)`` heads and ``(B,)`` relations in ``[0, 2R)``."""
+        # (E, d) every entity's state, built once per call: the score head needs all of them, and
+        # the head and its subgraph's neighbours (B·M rows, often more than E) are read from it.
+        table = self.entity_representations()
         if self._query_cache is not None and not self.training:
             with torch.no_grad():
-                condition, visual = self._query_cache.lookup(heads, relations, self._encode)
+                condition, visual = self._query_cache.lookup(
+                    heads, relations, self._table_encoder(table)
+                )
         else:
-            condition, visual = self._encode(heads, relations)
-        scores = condition @ self.entity_representations().T + self.entity_bias  # (B, E)
+            condition, visual = self._encode(heads, relations, table)
+        scores = condition @ table.T + self.entity_bias  # (B, E)
         return ExtractorOutput(scores=scores, condition=condition, visual=visual)
 
+    def _table_encoder(self, table: torch.Tensor | None = None):
+        """:meth:`_encode` over ``table`` (all entity states; built now when ``None``)."""
+        table = self.entity_representations() if table is None else table
+        return lambda heads, relations: self._encode(heads, relations, table)
+
     def _encode(
-        self, heads: torch.Tensor, relations: torch.Tensor
+        self, heads: torch.Tensor, relations: torch.Tensor, table: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, d)`` condition Z'_mask and ``(B, d)`` pooled visual token of each query."""
+        """``(B, d)`` condition Z'_mask and ``(B, d)`` pooled visual token of each query.
+
+        ``table`` is ``(E, d)``, every entity's multimodal state (:meth:`entity_representations`).
+        """
         batch = heads.shape[0]
         roles = self.role_embedding.weight
-        head_state = self.entity_representations(heads)  # (B, d)
+        head_state = table[heads]  # (B, d)
         tokens = [
             self.entity_embedding(heads) + roles[0],
             self.relation_embedding(relations) + roles[1],
@@ -246,7 +259,7 @@ class StructureMKGformer(nn.Module):
             z_mask = self.structure_encoder(
                 mask_state=h_mask,
                 head_state=head_state,
-                neighbour_states=self.entity_representations(neighbours),
+                neighbour_states=table[neighbours],  # (B, M, d)
                 edge_relations=subgraph.edge_relations.to(device),
                 query_relations=relations,
                 mask=subgraph.mask.to(device),

@@ -534,6 +534,8 @@ class MGATEncoder(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(layers))
         self.activation = nn.GELU()
         self.dropout = nn.Dropout(dropout)
+        # False runs the last layer over every edge too: the same mask states, slower (tests).
+        self.last_layer_into_mask_only = True
 
     @classmethod
     def from_config(
@@ -624,8 +626,16 @@ class MGATEncoder(nn.Module):
             self.relation_embedding(neighbour_relation)
         )
         x = torch.cat([mask_state, head_state, neighbours])  # (2B + N, d)
-        for conv, norm in zip(self.convs, self.norms, strict=True):
-            update = conv(x, edge_index, edge_attr)
+        # Only the mask nodes' final states are returned, so the last layer needs only the edges
+        # into mask nodes (about a third of them): the attention of a node is a softmax over its
+        # own incoming edges, so dropping the others leaves the mask states as they were.
+        into_mask = target < batch
+        last_index, last_attr = edge_index[:, into_mask], edge_attr[into_mask]
+        for layer, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            if layer == len(self.convs) - 1 and self.last_layer_into_mask_only:
+                update = conv(x, last_index, last_attr)
+            else:
+                update = conv(x, edge_index, edge_attr)
             x = norm(x + self.dropout(self.activation(update)))
         return x[:batch]
 

@@ -91,9 +91,9 @@ def test_frozen_query_cache_encodes_each_query_once_and_matches():
         calls = []
         encode = extractor._encode
 
-        def counting(h, r):
+        def counting(h, r, table):
             calls.append(len(h))
-            return encode(h, r)
+            return encode(h, r, table)
 
         extractor._encode = counting
         extractor.warm_query_cache(heads[:2], relations[:2], batch_size=1)

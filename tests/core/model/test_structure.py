@@ -289,6 +289,17 @@ def test_mgat_shapes_and_gradients(conv):
     assert encoder.role_embedding.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("conv", ["gat", "gatv2"])
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_last_layer_over_mask_edges_only_gives_the_same_mask_states(conv, layers):
+    torch.manual_seed(1)
+    encoder = MGATEncoder(12, 3, conv=conv, heads=2, layers=layers).eval()
+    inputs = _mgat_inputs()
+    pruned = encoder(**inputs)
+    encoder.last_layer_into_mask_only = False
+    torch.testing.assert_close(pruned, encoder(**inputs))
+
+
 def test_mgat_ignores_padded_slots_and_handles_empty_subgraphs():
     torch.manual_seed(0)
     encoder = MGATEncoder(12, 3).eval()
