@@ -33,6 +33,7 @@ __all__ = [
     "load_config",
     "parse_override",
     "save_config",
+    "stage1_relevant",
 ]
 
 
@@ -364,3 +365,35 @@ def load_config(
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
     """Write the config as indented JSON."""
     Path(path).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+# Everything stage 1 reads: the data, the features, the extractor and its structure encoder, the
+# stage-1 optimisation (early stopping and clipping included), the label smoothing and the seed.
+_STAGE1_SECTIONS = ("data", "features", "model", "structure")
+_STAGE1_TRAIN_KEYS = (
+    "stage1_epochs",
+    "batch_size",
+    "lr_stage1",
+    "weight_decay",
+    "warmup_fraction",
+    "eval_every",
+    "patience",
+    "max_grad_norm",
+    "mixed_precision",
+)
+
+
+def stage1_relevant(config: ExperimentConfig) -> dict:
+    """The config values a stage-1 run depends on, as a nested dict.
+
+    Two configs with equal values here train the same stage 1: a stage-2-only run may start from
+    the other's stage-1 checkpoint (the trainer checks it) and sweeps share one stage-1 run between
+    them (``sweeps.stage1`` keys its store by a hash of this).
+    """
+    tree = config_to_dict(config)
+    return {
+        **{section: tree[section] for section in _STAGE1_SECTIONS},
+        "train": {key: tree["train"][key] for key in _STAGE1_TRAIN_KEYS},
+        "loss": {"label_smoothing": tree["loss"]["label_smoothing"]},
+        "seed": tree["seed"],
+    }

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import ExperimentConfig, config_to_dict
+from core.config import ExperimentConfig, stage1_relevant
 from sweeps.experiment import now, read_json, write_json
 
 __all__ = [
@@ -41,23 +41,6 @@ __all__ = [
 ]
 
 STAGE1_DIR = "stage1"
-# Everything stage 1 reads: the data, the features, the extractor and its structure encoder, the
-# stage-1 optimisation and the seed. Kept beside core.train.trainer._check_stage1_compatible,
-# which refuses a reused checkpoint that differs in any of them.
-_SECTIONS = ("data", "features", "model", "structure")
-_TRAIN_KEYS = ("stage1_epochs", "batch_size", "lr_stage1", "weight_decay", "warmup_fraction")
-_TRAIN_KEYS += ("eval_every", "patience", "max_grad_norm", "mixed_precision")
-
-
-def stage1_relevant(config: ExperimentConfig) -> dict:
-    """The config values stage 1 depends on, as a nested dict."""
-    tree = config_to_dict(config)
-    return {
-        **{section: tree[section] for section in _SECTIONS},
-        "train": {key: tree["train"][key] for key in _TRAIN_KEYS},
-        "loss": {"label_smoothing": tree["loss"]["label_smoothing"]},
-        "seed": tree["seed"],
-    }
 
 
 def stage1_key(config: ExperimentConfig) -> str:

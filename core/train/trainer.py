@@ -29,7 +29,14 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from core.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, save_config
+from core.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_from_dict,
+    config_to_dict,
+    save_config,
+    stage1_relevant,
+)
 from core.data.graph import KnowledgeGraph
 from core.data.mkgformer import LoadOptions
 from core.data.registry import load_dataset
@@ -572,17 +579,11 @@ def _check_stage1_compatible(
     reused: ExperimentConfig, config: ExperimentConfig, path: Path
 ) -> None:
     """Stage-1 reuse is only honest when everything stage 1 depends on is identical."""
-    sections = ("data", "features", "model", "structure")
-    differing = [s for s in sections if getattr(reused, s) != getattr(config, s)]
-    for key in ("stage1_epochs", "batch_size", "lr_stage1", "weight_decay", "warmup_fraction"):
-        if getattr(reused.train, key) != getattr(config.train, key):
-            differing.append(f"train.{key}")
-    if reused.loss.label_smoothing != config.loss.label_smoothing:
-        differing.append("loss.label_smoothing")
-    if reused.seed != config.seed:
-        differing.append("seed")
+    before, now = _flatten(stage1_relevant(reused)), _flatten(stage1_relevant(config))
+    differing = [key for key in before if before[key] != now[key]]
     if differing:
-        raise CheckpointError(f"{path}: stage 1 was trained with another {', '.join(differing)}")
+        shown = ", ".join(f"{k} ({before[k]!r} there, {now[k]!r} here)" for k in differing[:5])
+        raise CheckpointError(f"{path}: stage 1 was trained with another {shown}")
 
 
 def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:

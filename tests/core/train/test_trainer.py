@@ -131,10 +131,20 @@ def test_stage2_only_run_from_a_stage1_checkpoint(tmp_path):
     records = (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()
     assert {json.loads(r)["stage"] for r in records} == {2}
     assert reused["final_stage"] == 2
-    with pytest.raises(CheckpointError, match=r"stage 1 was trained with another model"):
+    with pytest.raises(
+        CheckpointError, match=r"stage 1 was trained with another model\.hidden_dim \(32 there, 16"
+    ):
         train(
             smoke_config("model.hidden_dim=16"),
             tmp_path / "third",
+            stage1_checkpoint=tmp_path / "first" / "checkpoints" / "last.pt",
+            progress=False,
+        )
+    # Early stopping chooses which stage-1 weights are kept, so it is part of stage 1 too.
+    with pytest.raises(CheckpointError, match=r"another train\.patience"):
+        train(
+            smoke_config("train.patience=1"),
+            tmp_path / "fourth",
             stage1_checkpoint=tmp_path / "first" / "checkpoints" / "last.pt",
             progress=False,
         )
