@@ -204,7 +204,12 @@ def _clean_scorer(model: DiffusionCom, stage: int, config: ExperimentConfig):
 
 
 def evaluate_sharded(
-    score_fn, graph: KnowledgeGraph, split: str, config, accelerator: Accelerator | None = None
+    score_fn,
+    graph: KnowledgeGraph,
+    split: str,
+    config,
+    accelerator: Accelerator | None = None,
+    device: torch.device | None = None,
 ) -> RankingResult:
     """Filtered ranks of ``split``; under several processes each ranks its slice of the queries.
 
@@ -212,11 +217,12 @@ def evaluate_sharded(
     early stopping decides the same way everywhere. The clean protocol gives the same ranks on any
     number of processes; the stochastic passes of the official protocol and of
     ``eval.clean_inference=mean-of-samples`` draw their noise per process and batch, so their
-    values depend on the number of processes.
+    values depend on the number of processes. Without an accelerator, one process ranks every
+    query with the ids sent to ``device``.
     """
     world = 1 if accelerator is None else accelerator.num_processes
     index = 0 if accelerator is None else accelerator.process_index
-    device = None if accelerator is None else accelerator.device
+    device = device if accelerator is None else accelerator.device
     part = evaluate(
         score_fn, graph, split, config.eval.batch_size, device=device, shard=(index, world)
     )
@@ -238,7 +244,8 @@ def evaluate_clean(
     """Filtered ranks of ``split`` under the clean protocol."""
     model.eval()
     scorer = _clean_scorer(model, stage, config)
-    return evaluate_sharded(scorer, graph, split, config, accelerator)
+    device = next(model.parameters()).device
+    return evaluate_sharded(scorer, graph, split, config, accelerator, device)
 
 
 def evaluate_official(
@@ -264,6 +271,7 @@ def evaluate_official(
             split,
             config,
             accelerator,
+            device,
         )
         for _ in range(config.eval.official_samples)
     ]
