@@ -24,6 +24,19 @@ class Stop(Exception):
     pass
 
 
+def train_until_interrupted(config, out, epochs: int = 1) -> None:
+    """Train until ``epochs`` epoch records were reported, then stop as a kill would."""
+    seen = []
+
+    def stop(record):
+        seen.append(record)
+        if len(seen) == epochs:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config, out, callback=stop, progress=False)
+
+
 def test_run_writes_results_under_both_protocols(tmp_path):
     results = train(smoke_config(), tmp_path / "run", progress=False)
     run = tmp_path / "run"
@@ -54,15 +67,8 @@ def test_seeded_runs_are_identical(tmp_path):
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     uninterrupted = train(smoke_config(), tmp_path / "full", progress=False)
-    seen = []
-
-    def die_after_third_epoch(record):
-        seen.append(record)
-        if len(seen) == 3:  # after stage 1 and one epoch of stage 2
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(smoke_config(), tmp_path / "killed", callback=die_after_third_epoch, progress=False)
+    # After stage 1 (two epochs) and one epoch of stage 2.
+    train_until_interrupted(smoke_config(), tmp_path / "killed", epochs=3)
     assert not (tmp_path / "killed" / "results.json").exists()
     # A kill between an epoch's record and its checkpoint leaves a record the checkpoint lacks.
     with (tmp_path / "killed" / "metrics.jsonl").open("a") as stream:
@@ -83,14 +89,7 @@ def test_a_checkpoint_without_a_newer_config_key_still_resumes(tmp_path):
     """A key added to the config after a checkpoint was written counts as its default."""
     from core.train.checkpoint import load_checkpoint, save_checkpoint
 
-    seen = []
-
-    def stop(record):
-        seen.append(record)
-        raise Stop
-
-    with pytest.raises(Stop):
-        train(smoke_config(), tmp_path / "run", callback=stop, progress=False)
+    train_until_interrupted(smoke_config(), tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
     del state["config"]["train"]["query_cache_mib"]  # as written before the key existed
@@ -160,14 +159,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_truncated_and_foreign_checkpoints_are_named(tmp_path):
-    seen = []
-
-    def stop(record):
-        seen.append(record)
-        raise Stop
-
-    with pytest.raises(Stop):
-        train(smoke_config(), tmp_path / "run", callback=stop, progress=False)
+    train_until_interrupted(smoke_config(), tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     with pytest.raises(
         CheckpointError, match=r"last\.pt: belongs to another config; diffusion\.steps"
