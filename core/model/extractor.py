@@ -91,8 +91,12 @@ class StructureMKGformer(nn.Module):
         self.image_projection = (
             nn.Linear(image_features.shape[1], width * _VISUAL_TOKENS) if self.use_image else None
         )
-        nn.init.normal_(self.entity_embedding.weight, std=0.02)
-        nn.init.normal_(self.relation_embedding.weight, std=0.02)
+        # Every token embedding at the same 0.02 scale (as BERT's word, position and type
+        # embeddings): a role embedding at nn.Embedding's default unit scale would dwarf the head
+        # and relation embeddings, so the first layer's LayerNorm would see little but the role
+        # and learning from the graph's structure would start from almost no signal.
+        for embedding in (self.entity_embedding, self.relation_embedding, self.role_embedding):
+            nn.init.normal_(embedding.weight, std=0.02)
 
         def layers(count: int) -> nn.ModuleList:
             return nn.ModuleList(

@@ -518,6 +518,11 @@ class MGATEncoder(nn.Module):
         self.relation_embedding = nn.Embedding(2 * num_relations + 1, edge_dim)
         self.role_embedding = nn.Embedding(4, edge_dim)
         self.relation_to_node = nn.Linear(edge_dim, hidden_dim, bias=False)
+        # Entity states come from the extractor's entity table (embeddings initialised at 0.02
+        # scale, since the table is also the score head's output layer), while H_mask is
+        # layer-normalised and relation embeddings start at unit scale: normalised first, an
+        # entity's identity is not drowned by its edge's relation.
+        self.entity_norm = nn.LayerNorm(hidden_dim)
         layer = CONVOLUTIONS[conv]
         self.convs = nn.ModuleList(
             layer(
@@ -622,10 +627,10 @@ class MGATEncoder(nn.Module):
         edge_index = torch.stack([source, target])  # (2, n_edges)
         edge_attr = self.relation_embedding(relation) + self.role_embedding(role)
 
-        neighbours = neighbour_states[query, slot] + self.relation_to_node(
+        neighbours = self.entity_norm(neighbour_states[query, slot]) + self.relation_to_node(
             self.relation_embedding(neighbour_relation)
         )
-        x = torch.cat([mask_state, head_state, neighbours])  # (2B + N, d)
+        x = torch.cat([mask_state, self.entity_norm(head_state), neighbours])  # (2B + N, d)
         # Only the mask nodes' final states are returned, so the last layer needs only the edges
         # into mask nodes (about a third of them): the attention of a node is a softmax over its
         # own incoming edges, so dropping the others leaves the mask states as they were.
