@@ -57,6 +57,8 @@ class DataConfig:
     candidates: str = _choice("entities", ("entities", "entity2text"))
     drop_unknown: bool = False
     image_root: str | None = None
+    # "anonymous" replaces every entity's text by an opaque id (e0042): structure must carry it.
+    entity_text: str = _choice("dataset", ("dataset", "anonymous"))
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,12 @@ class DiffusionConfig:
     diffuse: str = _choice("full", ("full", "top-k"))
     top_k: int = _range(1024, 1, 1_000_000)
     top_k_order: str = _choice("score", ("score", "id"))
+    # Outside the top-k: below every kept candidate, or the extractor's own score (released code,
+    # where a dropped entity may then outrank denoised ones).
+    top_k_fill: str = _choice("below-kept", ("below-kept", "extractor"))
+    # x_0 as diffused: the extractor's scores standardised per query (the noise schedule then
+    # means the same at any logit scale) or raw logits (the released code).
+    x0: str = _choice("standardised", ("standardised", "raw"))
     denoiser_width: int = _range(1024, 8, 16384)
     denoiser_depth: int = _range(1, 1, 32)
     denoiser_dropout: float = _range(0.1, 0.0, 0.9)
@@ -122,7 +130,14 @@ class LossConfig:
     """Stage 1: BCE. Stage 2: w_kl·KL + w_bce·BCE, extractor frozen (paper) or fine-tuned (code)."""
 
     label_smoothing: float = _range(0.1, 0.0, 0.5)
-    w_kl: float = _range(1.0, 0.0, 1e6)
+    # Stage 1's loss over all candidates: per-entity BCE (the released code) or softmax cross
+    # entropy against the normalised multi-hot answers (MKGformer's masked-entity prediction).
+    stage1: str = _choice("bce", ("bce", "cross-entropy"))
+    w_kl: float = _range(1.0, 0.0, 1e6)  # the released code uses 1e-4 on raw logits
+    # KL(softmax x_0 ‖ softmax x̂_0) summed over the N diffused entities ("sum", so its weight
+    # against the per-entity mean BCE grows with N) or averaged over them ("mean": w_kl then means
+    # the same at 14 and at 14,541 entities). Both average over the batch.
+    kl_reduction: str = _choice("sum", ("sum", "mean"))
     w_bce: float = _range(1.0, 0.0, 1e6)
     stage2_extractor: str = _choice("frozen", ("frozen", "finetune"))
 
@@ -142,6 +157,11 @@ class TrainConfig:
     mixed_precision: str = _choice("no", ("no", "bf16", "fp16"))
     eval_every: int = _range(1, 1, 100_000)
     max_grad_norm: float = _range(1.0, 0.0, 1e6)
+    # Stage-2 model selection: "include-stage1" also keeps the extractor alone (evaluated before
+    # the first stage-2 epoch, the identity a zero-initialised denoiser gives) as a candidate, so
+    # the final model is never worse on valid than its stage 1; "stage2-only" keeps stage 2's best
+    # epoch whatever it scores, to measure the diffusion stage's own effect in a study.
+    stage2_selection: str = _choice("include-stage1", ("include-stage1", "stage2-only"))
     # Memory a frozen stage 2 may spend keeping each query's encoding (2·hidden_dim floats per
     # distinct (head, relation) query); above it queries are re-encoded at every use. 0: never keep.
     query_cache_mib: int = _range(4096, 0, 10_000_000)
@@ -394,6 +414,6 @@ def stage1_relevant(config: ExperimentConfig) -> dict:
     return {
         **{section: tree[section] for section in _STAGE1_SECTIONS},
         "train": {key: tree["train"][key] for key in _STAGE1_TRAIN_KEYS},
-        "loss": {"label_smoothing": tree["loss"]["label_smoothing"]},
+        "loss": {key: tree["loss"][key] for key in ("label_smoothing", "stage1")},
         "seed": tree["seed"],
     }

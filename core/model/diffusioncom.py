@@ -4,7 +4,7 @@ This module wires the parts together; the diffusion math stays in :mod:`core.mod
 network pieces in :mod:`core.model.extractor` and :mod:`core.model.denoiser`.
 
 What is diffused: the extractor's scores over all entities (``diffuse="full"``) or over its top-k
-candidates (``"top-k"``, ordered by score or, as the released code does, by entity id), standardised
+candidates (``"top-k"``, ordered by score or, as the released code does, by entity id), by default standardised
 per query (zero mean, unit variance) so that the noise schedule means the same thing whatever the
 scale of the logits. Ranking is unchanged by that standardisation.
 
@@ -85,13 +85,21 @@ class DiffusionCom(nn.Module):
                 scores, self.num_diffused, order=self.settings.top_k_order
             )
         condition = torch.cat([output.condition, output.visual], dim=1)
-        return standardise(scores), indices, condition
+        x0 = standardise(scores) if self.settings.x0 == "standardised" else scores
+        return x0, indices, condition
 
-    def _full_scores(self, x0_hat: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
-        """Put diffused values back over all ``E`` entities (outside the top-k: below every kept one)."""
+    def _full_scores(
+        self, x0_hat: torch.Tensor, indices: torch.Tensor | None, extractor_scores: torch.Tensor
+    ) -> torch.Tensor:
+        """Put diffused values back over all ``E`` entities.
+
+        Outside the top-k an entity ranks below every kept one (``top_k_fill="below-kept"``) or
+        keeps the extractor's ``(B, E)`` score (``"extractor"``, as the released code does).
+        """
         if indices is None:
             return x0_hat
-        return scatter_top_k(x0_hat, indices, self.num_entities)
+        fill = extractor_scores if self.settings.top_k_fill == "extractor" else None
+        return scatter_top_k(x0_hat, indices, self.num_entities, fill=fill)
 
     def _denoiser_output(
         self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor
@@ -151,7 +159,7 @@ class DiffusionCom(nn.Module):
             deterministic=not stochastic,
             x_T=x_T,
         )
-        return self._full_scores(x0_hat, indices)
+        return self._full_scores(x0_hat, indices, output.scores)
 
     # ------------------------------------------------------------------------------ losses
 
@@ -170,6 +178,9 @@ class DiffusionCom(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Stage-2 loss: ``w_kl·KL(softmax(x_0) ‖ softmax(x̂_0)) + w_bce·BCE(x̂_0, labels)``.
 
+        The KL is summed over the ``N`` diffused entities (``loss.kl_reduction="sum"``) or averaged
+        over them (``"mean"``); the BCE is averaged over them; both are averaged over the batch.
+
         Args:
             labels: ``(B, E)`` multi-hot training answers (already smoothed).
 
@@ -186,11 +197,16 @@ class DiffusionCom(nn.Module):
             t = torch.randint(0, self.diffusion.num_timesteps, (len(heads),), device=x0.device)
         x0_hat = self.diffusion.training_losses(self._denoiser_output, x0, t, condition)["x0_pred"]
         targets = labels if indices is None else labels.gather(1, indices)
+        # The target distribution is detached, as in the released code: under
+        # stage2_extractor=finetune the KL then trains the denoiser towards the extractor, never
+        # the extractor towards the denoiser's reconstruction.
         kl = F.kl_div(
             F.log_softmax(x0_hat, dim=1),
-            F.log_softmax(x0, dim=1),
+            F.log_softmax(x0.detach(), dim=1),
             log_target=True,
             reduction="batchmean",
         )
+        if loss.kl_reduction == "mean":
+            kl = kl / x0.shape[1]
         bce = F.binary_cross_entropy_with_logits(x0_hat, targets)
         return {"loss": loss.w_kl * kl + loss.w_bce * bce, "kl": kl.detach(), "bce": bce.detach()}

@@ -53,7 +53,7 @@ from core.train.checkpoint import (
     set_rng_state,
 )
 
-__all__ = ["NonFiniteLossError", "TrainingRun", "load_run_dataset", "train"]
+__all__ = ["NonFiniteLossError", "TrainingRun", "load_run_dataset", "stage1_loss", "train"]
 
 MetricsCallback = Callable[[dict], None]
 
@@ -101,7 +101,7 @@ def feature_settings(config: ExperimentConfig) -> FeatureSettings:
 
 def load_run_dataset(config: ExperimentConfig) -> KnowledgeGraph:
     """The dataset a run trains on, loaded as its ``data`` section says."""
-    return load_dataset(
+    graph = load_dataset(
         config.data.dataset,
         LoadOptions(
             candidates=config.data.candidates,
@@ -109,6 +109,9 @@ def load_run_dataset(config: ExperimentConfig) -> KnowledgeGraph:
             image_root=config.data.image_root,
         ),
     )
+    if config.data.entity_text == "anonymous":
+        graph = graph.with_anonymous_entity_text()
+    return graph
 
 
 def build_model(
@@ -180,6 +183,19 @@ def _labels(graph: KnowledgeGraph, batch: torch.Tensor, smoothing: float) -> tor
     """``(B, E)`` multi-hot training answers, smoothed towards ``1/E``."""
     labels = graph.train_answers().multi_hot(batch[:, 0], batch[:, 1])
     return labels * (1.0 - smoothing) + smoothing / graph.num_entities
+
+
+def stage1_loss(scores: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Stage 1's loss of ``(B, E)`` logits against ``(B, E)`` smoothed multi-hot answers.
+
+    ``bce`` averages a binary cross entropy over every (query, entity) pair; ``cross-entropy`` is
+    a softmax over the candidates with the answers' mass as target (``labels`` normalised per
+    row), which cannot settle on "every entity is wrong" as BCE can with thousands of candidates.
+    """
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(scores, labels)
+    targets = labels / labels.sum(dim=1, keepdim=True)
+    return -(targets * F.log_softmax(scores, dim=1)).sum(dim=1).mean()
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -369,6 +385,19 @@ def _run_stage(
     progress_state = state.get(stage_key)
     if progress_state is None:
         progress_state = {"epoch": 0, "best_mrr": -1.0, "best_epoch": -1, "stale": 0, "done": False}
+        if stage == 2:
+            # Stage 2 starts from its extractor alone: the identity a zero-initialised denoiser
+            # gives under the clean protocol. It is a candidate like any stage-2 epoch (epoch 0),
+            # so with include-stage1 a stage 2 that never beats it on valid is not kept.
+            if "best_stage1" not in state:  # no stage-1 epoch ran: the extractor as it is
+                state["best_stage1"] = {
+                    k: v.detach().clone() for k, v in model.state_dict().items()
+                }
+            start = evaluate_clean(model, run.graph, "valid", 1, config, accelerator)
+            progress_state["start_mrr"] = start.metrics(config.eval.tie)["mrr"]
+            progress_state["stage2_best_mrr"] = -1.0
+            if config.train.stage2_selection == "include-stage1":
+                progress_state.update(best_mrr=progress_state["start_mrr"], best_epoch=0)
     else:
         optimizer.load_state_dict(progress_state["optimizer"])
         scheduler.load_state_dict(progress_state["scheduler"])
@@ -403,7 +432,7 @@ def _run_stage(
             with accelerator.autocast():
                 if stage == 1:
                     scores = trained_wrapped(batch[:, 0], batch[:, 1]).scores
-                    loss = F.binary_cross_entropy_with_logits(scores.float(), labels)
+                    loss = stage1_loss(scores.float(), labels, config.loss.stage1)
                     parts = {}
                 else:
                     parts = trained_wrapped(batch[:, 0], batch[:, 1], labels, config.loss)
@@ -442,6 +471,10 @@ def _run_stage(
                 config.eval.tie
             )
             record.update({f"valid.clean.{name}": value for name, value in valid.items()})
+            if "stage2_best_mrr" in progress_state:
+                progress_state["stage2_best_mrr"] = max(
+                    progress_state["stage2_best_mrr"], valid["mrr"]
+                )
             if valid["mrr"] > progress_state["best_mrr"]:
                 progress_state.update(best_mrr=valid["mrr"], best_epoch=epoch + 1, stale=0)
                 state[f"best_{stage_key}"] = {
@@ -467,10 +500,13 @@ def _run_stage(
             save_checkpoint(state, run.out_dir / "checkpoints" / "last.pt")
         if callback is not None:
             callback(record)
-    # Continue from the best weights of this stage (best valid MRR under the clean protocol).
+    # Continue from the best weights of this stage (best valid MRR under the clean protocol); a
+    # stage 2 whose every epoch lost to its starting point leaves the stage-1 weights selected.
     model.extractor.freeze_entity_table(False)
     if f"best_{stage_key}" in state:
         model.load_state_dict(state[f"best_{stage_key}"])
+    elif stage == 2 and "best_stage1" in state:
+        model.load_state_dict(state["best_stage1"])
     accelerator.free_memory()
 
 
@@ -594,10 +630,31 @@ def _check_stage1_compatible(
         raise CheckpointError(f"{path}: stage 1 was trained with another {shown}")
 
 
+def _stage1_metrics(run: TrainingRun, state: dict, split: str) -> dict:
+    """Clean metrics of the stage-1 extractor alone: under ``finetune`` stage 2 changed the
+    extractor, so its stage-1 weights are put back for this evaluation and restored after."""
+    config, model = run.config, run.model
+    if config.loss.stage2_extractor == "frozen" or "best_stage1" not in state:
+        return evaluate_clean(model, run.graph, split, 1, config, run.accelerator).metrics(
+            config.eval.tie
+        )
+    selected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state["best_stage1"])
+    try:
+        return evaluate_clean(model, run.graph, split, 1, config, run.accelerator).metrics(
+            config.eval.tie
+        )
+    finally:
+        model.load_state_dict(selected)
+
+
 def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
     """Valid and test metrics of the selected weights under both protocols, and timings."""
     config, model, graph = run.config, run.model, run.graph
-    final_stage = 2 if model.diffusion is not None and config.train.stage2_epochs > 0 else 1
+    stage2_trained = model.diffusion is not None and config.train.stage2_epochs > 0
+    # The selected weights: stage 2's best epoch, unless no stage-2 epoch beat the extractor it
+    # started from on valid (train.stage2_selection=include-stage1), in which case stage 1's.
+    final_stage = 2 if stage2_trained and "best_stage2" in state else 1
     # Every evaluation below runs the same frozen extractor on the same queries: encode once.
     model.eval()
     model.extractor.freeze_entity_table(
@@ -615,15 +672,15 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
         milliseconds = 1000 * (time.perf_counter() - started) / len(clean)
         results[split] = {"clean": clean.metrics(config.eval.tie), "clean_all": clean.to_dict()}
         results[split]["inference_ms_per_query"] = milliseconds
-        if final_stage == 2:
-            results[split]["stage1_clean"] = evaluate_clean(
-                model, graph, split, 1, config, run.accelerator
-            ).metrics(config.eval.tie)
-            if config.eval.report_official:
-                official = evaluate_official(model, graph, split, config, run.accelerator)
-                results[split][f"official-min-of-{config.eval.official_samples}"] = (
-                    official.metrics(config.eval.tie)
-                )
+        if stage2_trained:
+            results[split]["stage1_clean"] = (
+                results[split]["clean"] if final_stage == 1 else _stage1_metrics(run, state, split)
+            )
+        if final_stage == 2 and config.eval.report_official:
+            official = evaluate_official(model, graph, split, config, run.accelerator)
+            results[split][f"official-min-of-{config.eval.official_samples}"] = official.metrics(
+                config.eval.tie
+            )
         # Per-query ranks (numpy, so reports read them without torch): paired tests between
         # runs on the same split compare them query by query.
         if run.accelerator.is_main_process:
@@ -638,6 +695,14 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
         "official-min-of-S: minimum gold rank over S stochastic passes, label-using, reported only"
     )
     results["best_epochs"] = {k: state[k]["best_epoch"] for k in ("stage1", "stage2") if k in state}
+    if stage2_trained and "start_mrr" in state.get("stage2", {}):
+        stage2 = state["stage2"]
+        results["selection"] = {
+            "rule": config.train.stage2_selection,
+            "selected": f"stage{final_stage}",
+            "valid_mrr_stage1": stage2["start_mrr"],
+            "valid_mrr_stage2_best": stage2["stage2_best_mrr"],
+        }
     # Epochs of both stages with their validation, summed over resumes; excludes set-up and
     # the final evaluation.
     results["timings"] = {"train_seconds": round(train_seconds, 2)}

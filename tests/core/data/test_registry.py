@@ -9,6 +9,7 @@ from core.data.files import DatasetError
 from core.data.mkgformer import LoadOptions, load_mkgformer
 from core.data.registry import load_dataset, synthetic_dataset_folder
 from core.data.synthetic import SyntheticSpec, generate_synthetic
+from core.features.cache import cache_key
 
 
 def test_synthetic_dataset_reads_back_through_the_mkgformer_loader(tmp_path):
@@ -113,3 +114,29 @@ def test_data_features_command_computes_then_hits_the_cache(tmp_path, capsys):
     assert "text (14, 384) (minilm)" in first and "computed" in first
     assert main(argv) == 0
     assert "cache hit" in capsys.readouterr().out
+
+
+def test_anonymous_entity_text_replaces_every_text_and_keeps_the_graph():
+    from core.config import load_config
+    from core.train.trainer import load_run_dataset
+
+    named = load_run_dataset(load_config(overrides=["data.dataset=umls"]))
+    anonymous = load_run_dataset(
+        load_config(overrides=["data.dataset=umls", "data.entity_text=anonymous"])
+    )
+    assert anonymous.num_entities == named.num_entities == 135
+    assert anonymous.entities == named.entities and anonymous.relations == named.relations
+    for split in ("train", "valid", "test"):
+        assert anonymous.split(split).equal(named.split(split))
+    assert anonymous.entity_texts[0] == "e000" and anonymous.entity_texts[134] == "e134"
+    assert len(set(anonymous.entity_texts)) == 135
+    # No original word survives: each text is only an id.
+    assert not set(anonymous.entity_texts) & set(named.entity_texts)
+    assert anonymous.summary()["entities_with_text"] == 135
+    assert anonymous.name == "umls-anonymous" and anonymous.report["entity_text"] == "anonymous"
+    # The text is part of the data's identity, so features are cached apart.
+    assert anonymous.content_hash() != named.content_hash()
+    identity = ({"name": "minilm"}, {"name": "none"}, {})
+    assert cache_key(anonymous.content_hash(), *identity) != cache_key(
+        named.content_hash(), *identity
+    )

@@ -94,3 +94,81 @@ def test_stage2_loss_weights(monkeypatch):
     only_bce = load_config(overrides=["loss.w_kl=0"]).loss
     torch.manual_seed(1)
     assert torch.isclose(model(heads, relations, labels, only_bce)["loss"], parts["bce"])
+
+
+def test_kl_mean_reduction_divides_the_summed_kl_by_the_diffused_entities():
+    model, config = _model()
+    torch.nn.init.normal_(model.denoiser.output.weight, std=0.5)  # x̂_0 ≠ x_0, so KL > 0
+    heads, relations = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2])
+    labels = torch.zeros(3, 14)
+    torch.manual_seed(2)
+    summed = model(heads, relations, labels, config.loss)["kl"]
+    mean_loss = load_config(overrides=["loss.kl_reduction=mean"]).loss
+    torch.manual_seed(2)
+    averaged = model(heads, relations, labels, mean_loss)["kl"]
+    assert summed > 1e-3
+    assert torch.isclose(averaged, summed / 14)
+
+
+def test_raw_x0_diffuses_the_extractor_logits_unchanged():
+    model, _ = _model("diffusion.x0=raw")
+    heads, relations = torch.tensor([0, 3]), torch.tensor([1, 2])
+    with torch.no_grad():
+        stage1 = model.stage1_scores(heads, relations)
+        final = model.scores(heads, relations)
+    assert torch.allclose(final, stage1, atol=1e-4)
+    assert not torch.allclose(final, standardise(stage1), atol=1e-2)
+
+
+def test_top_k_extractor_fill_keeps_the_extractor_score_outside_the_top_k():
+    model, _ = _model(
+        "diffusion.diffuse=top-k", "diffusion.top_k=5", "diffusion.top_k_fill=extractor"
+    )
+    heads, relations = torch.tensor([0, 1]), torch.tensor([0, 4])
+    with torch.no_grad():
+        stage1 = model.stage1_scores(heads, relations)
+        final = model.scores(heads, relations)
+    outside = torch.ones_like(stage1, dtype=torch.bool).scatter(1, stage1.topk(5).indices, False)
+    assert torch.equal(final[outside], stage1[outside])
+
+
+def test_kl_target_is_detached_so_it_never_trains_the_extractor():
+    """Under finetune the KL pulls x̂_0 towards x_0, never x_0 towards x̂_0 (the released code)."""
+    import torch.nn.functional as F
+
+    model, config = _model("loss.stage2_extractor=finetune", "loss.w_bce=0")
+    torch.nn.init.normal_(model.denoiser.output.weight, std=0.5)  # x̂_0 ≠ x_0
+    heads, relations = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2])
+    captured = {}
+    real_x0, real_losses = type(model)._x0, model.diffusion.training_losses
+
+    def keep_x0(self, output):
+        captured["x0"], indices, condition = real_x0(self, output)
+        return captured["x0"], indices, condition
+
+    def keep_x0_hat(*args, **kwargs):
+        captured["losses"] = real_losses(*args, **kwargs)
+        return captured["losses"]
+
+    model.diffusion.training_losses = keep_x0_hat
+    type(model)._x0 = keep_x0
+    try:
+        torch.manual_seed(3)
+        loss = model(heads, relations, torch.zeros(3, 14), config.loss)["loss"]
+    finally:
+        type(model)._x0 = real_x0
+    x0, x0_hat = captured["x0"], captured["losses"]["x0_pred"]
+
+    def kl(target):
+        return F.kl_div(
+            F.log_softmax(x0_hat, 1),
+            F.log_softmax(target, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
+
+    (model_gradient,) = torch.autograd.grad(loss, x0, retain_graph=True)
+    (detached,) = torch.autograd.grad(kl(x0.detach()), x0, retain_graph=True)
+    (live,) = torch.autograd.grad(kl(x0), x0, retain_graph=True)
+    assert torch.allclose(model_gradient, detached, atol=1e-6)
+    assert not torch.allclose(model_gradient, live, atol=1e-4)

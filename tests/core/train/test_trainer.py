@@ -8,6 +8,7 @@ import torch
 
 from core.cli import main
 from core.config import load_config
+from core.model.diffusioncom import DiffusionCom
 from core.train import trainer as trainer_module
 from core.train.checkpoint import CheckpointError
 from core.train.trainer import NonFiniteLossError, train
@@ -49,6 +50,7 @@ def test_run_writes_results_under_both_protocols(tmp_path):
         assert 0 < clean["mrr"] <= 1 and 0 <= clean["hits@1"] <= clean["hits@10"] <= 1
         assert "official-min-of-2" in results[split]
         assert "stage1_clean" in results[split]
+        assert results[split]["clean"]["mrr"] != results[split]["stage1_clean"]["mrr"]
         # The official protocol keeps the best of its passes per query, so it can only look better
         # than a single stochastic pass; it is not comparable to clean in general, but it is finite.
         assert results[split]["official-min-of-2"]["mr"] >= 1
@@ -56,6 +58,55 @@ def test_run_writes_results_under_both_protocols(tmp_path):
     assert ranks["realistic"].shape == (2 * 201,) and len(ranks["queries"]) == 2 * 201
     assert 1 / ranks["realistic"].mean() <= results["test"]["clean"]["mrr"] + 1e-9  # Jensen
     assert results == json.loads((run / "results.json").read_text())
+
+
+def test_stage2_selection_keeps_stage1_when_stage2_is_worse(tmp_path, monkeypatch):
+    """With include-stage1 the final model is never worse on valid than its own stage 1."""
+    # A stage 2 that reverses its extractor's ranking loses to it on valid at every epoch.
+    real_scores = DiffusionCom.scores
+    monkeypatch.setattr(
+        DiffusionCom, "scores", lambda self, *args, **kwargs: -real_scores(self, *args, **kwargs)
+    )
+    kept = train(
+        smoke_config("train.stage2_selection=include-stage1"), tmp_path / "kept", progress=False
+    )
+    selection = kept["selection"]
+    assert kept["final_stage"] == 1 and kept["best_epochs"]["stage2"] == 0
+    assert selection["rule"] == "include-stage1" and selection["selected"] == "stage1"
+    assert selection["valid_mrr_stage2_best"] < selection["valid_mrr_stage1"] - 0.1
+    assert kept["valid"]["clean"]["mrr"] == pytest.approx(selection["valid_mrr_stage1"])
+    for split in ("valid", "test"):
+        assert kept[split]["clean"] == kept[split]["stage1_clean"]
+        assert "official-min-of-2" not in kept[split]  # no stage-2 model was kept to sample from
+    # stage2-only keeps stage 2's best epoch whatever it scores: the diffusion stage's own effect.
+    forced = train(smoke_config(), tmp_path / "forced", progress=False)
+    assert forced["final_stage"] == 2 and forced["selection"]["selected"] == "stage2"
+    assert forced["best_epochs"]["stage2"] >= 1
+    assert forced["valid"]["clean"]["mrr"] == pytest.approx(
+        forced["selection"]["valid_mrr_stage2_best"]
+    )
+    assert forced["valid"]["clean"]["mrr"] < forced["valid"]["stage1_clean"]["mrr"] - 0.1
+    assert forced["valid"]["stage1_clean"] == kept["valid"]["stage1_clean"]  # the same stage 1
+
+
+def test_stage2_selection_keeps_a_better_stage2(tmp_path, monkeypatch):
+    """When stage 2 beats its start on valid, include-stage1 keeps stage 2's best epoch."""
+
+    real_scores = DiffusionCom.scores
+
+    def sharpened_truth(self, heads, relations, **kwargs):
+        # Stage 2 "knows" the filtered answers of every split: better than stage 1 by far.
+        scores = real_scores(self, heads, relations, **kwargs)
+        answers = graph.all_answers().multi_hot(heads.cpu(), relations.cpu()).to(scores.device)
+        return scores + 100 * answers
+
+    graph = trainer_module.load_run_dataset(smoke_config())
+    monkeypatch.setattr(DiffusionCom, "scores", sharpened_truth)
+    results = train(
+        smoke_config("train.stage2_selection=include-stage1"), tmp_path / "run", progress=False
+    )
+    assert results["final_stage"] == 2 and results["selection"]["selected"] == "stage2"
+    assert results["valid"]["clean"]["mrr"] > results["valid"]["stage1_clean"]["mrr"]
 
 
 def test_seeded_runs_are_identical(tmp_path):
