@@ -30,7 +30,13 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
 def _launch(args: argparse.Namespace) -> int:
     from sweeps.ray_adapter import launch
 
-    folder = launch(args.study, name=args.name, storage=args.storage, address=args.address)
+    folder = launch(
+        args.study,
+        overrides=tuple(args.overrides),
+        name=args.name,
+        storage=args.storage,
+        address=args.address,
+    )
     return _finish(folder)
 
 
@@ -90,6 +96,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"experiment {metadata['name']} ({metadata['kind']}) in {folder}")
     if metadata.get("parents"):
         print(f"extends: {', '.join(metadata['parents'])}")
+    if metadata.get("launch_overrides"):
+        print("launched with: " + " ".join(f"--set {t}" for t in metadata["launch_overrides"]))
     counts = _state_counts(statuses)
     print("runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     width = max([len(s.name) for s in statuses] + [3])
@@ -130,6 +138,16 @@ def add_sweep_commands(nouns) -> None:
         "STORAGE/NAME. Without --address a local Ray starts with this machine's resources.",
     )
     launch.add_argument("study", help="study YAML (see sweeps/studies/)")
+    launch.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a config key in every trial, e.g. data.dataset=nations (repeatable): merged "
+        "into the study's overrides, checked like them; a key the study varies is refused. "
+        "Recorded in the experiment; extend applies it again",
+    )
     launch.add_argument("--name", help="experiment name (default: the study's name); must be new")
     _storage_argument(launch)
     _address_argument(launch)

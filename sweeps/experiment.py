@@ -3,8 +3,10 @@
 An experiment lives in ``<storage>/<name>/``; Ray Tune keeps its own state files there
 (``tuner.pkl``, ``experiment_state-*.json``, one folder per Ray trial) and this package adds::
 
-    experiment.json          what was launched: study file, kind, metric, parent, code revision, ...
-    study.yaml               a copy of the study file as launched
+    experiment.json          what was launched: study file, launch overrides (--set), kind,
+                             metric, parent, code revision, ...
+    study.yaml               a copy of the study file as launched, a header comment naming
+                             any --set
     plan.json                expanded studies: trial name -> full config; searches: the base config
     runs/<trial>/            one core run per trial (and seed): config.json, metrics.jsonl,
                              checkpoints/, results.json, plus trial.json and status.json below

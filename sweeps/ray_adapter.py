@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import shlex
 import uuid
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ MAX_FAILURES = 2
 def launch(
     study_path: str | Path,
     *,
+    overrides: tuple[str, ...] = (),
     name: str | None = None,
     storage: str | Path | None = None,
     address: str | None = None,
@@ -77,12 +79,15 @@ def launch(
 
     Args:
         study_path: the study YAML.
+        overrides: ``KEY=VALUE`` texts (``--set``) merged into the study's ``overrides`` (see
+            :func:`~sweeps.study.load_study`); the experiment records them and ``extend``
+            re-applies them.
         name: the experiment name (default: the study's name); an existing one is refused.
         storage: a path every node sees, or ``file://`` URI (default :func:`default_storage`).
         address: a running Ray cluster to join; ``None`` starts a local Ray on this machine.
         verbose: Tune's console verbosity (0-3).
     """
-    study = load_study(study_path)  # every check before Ray starts
+    study = load_study(study_path, overrides)  # every check before Ray starts
     return _launch(study, name, resolve_storage(storage), address, verbose=verbose)
 
 
@@ -103,20 +108,11 @@ def _launch(
 
     folder.mkdir(parents=True)
     header = f"# extended from {parents[-1]}: {extension}\n" if extension else ""
+    if study.launch_overrides:
+        sets = " ".join(f"--set {shlex.quote(text)}" for text in study.launch_overrides)
+        header += f"# launched with {sets} (merged into overrides below)\n"
     (folder / "study.yaml").write_text(header + study.path.read_text())
-    if study.kind == "search" and study.search.algorithm != "grid":
-        plan: dict[str, Any] = {
-            "base": config_to_dict(study_config(study)),
-            "space": [key for key, _ in study.search.space],
-            "seeds": list(study.seeds),
-        }
-    else:
-        configs = {t.name: trial_config(study, t) for t in expand_trials(study)}
-        plan = {
-            "trials": {
-                name: config_to_dict(configs[name]) for name in interleave_by_stage1(configs)
-            }
-        }
+    plan = _plan(study)
     write_json(folder / PLAN_FILE, plan)
     write_json(
         folder / EXPERIMENT_FILE,
@@ -126,6 +122,7 @@ def _launch(
             "description": study.description,
             "study_file": str(study.path),
             "study_sha256": hashlib.sha256(study.path.read_bytes()).hexdigest(),
+            "launch_overrides": list(study.launch_overrides),
             "extension": extension,
             "metric": study.metric,
             "mode": study.mode,
@@ -145,6 +142,23 @@ def _launch(
     return folder
 
 
+def _plan(study: Study) -> dict[str, Any]:
+    """What trials run on (``plan.json``): every trial's full config, or a search's base config.
+
+    Trials, ``resume`` included, build their configs from this plan, never from the study file.
+    """
+    if study.kind == "search" and study.search.algorithm != "grid":
+        return {
+            "base": config_to_dict(study_config(study)),
+            "space": [key for key, _ in study.search.space],
+            "seeds": list(study.seeds),
+        }
+    configs = {t.name: trial_config(study, t) for t in expand_trials(study)}
+    return {
+        "trials": {name: config_to_dict(configs[name]) for name in interleave_by_stage1(configs)}
+    }
+
+
 def resume(
     name: str,
     *,
@@ -153,7 +167,8 @@ def resume(
 ) -> Path:
     """Continue an interrupted experiment from Tune's saved state; returns its folder.
 
-    Tune's console verbosity comes back with the rest of the saved run settings.
+    Tune's console verbosity comes back with the rest of the saved run settings. Trials read their
+    configs from the experiment's ``plan.json``, so launch overrides (``--set``) hold as launched.
     """
     from ray import tune
 
@@ -190,7 +205,8 @@ def extend(
 
     A search gets ``samples`` more points (an Optuna searcher is warm-started with every finished
     point of the old experiment); an ablation, sensitivity or grid study gets its cells on the new
-    ``seeds``. Stage-1 checkpoints of the old experiment are reused, read-only.
+    ``seeds``. The overrides the old experiment was launched with (``--set``) apply again. Stage-1
+    checkpoints of the old experiment are reused, read-only.
     """
     storage_root = resolve_storage(storage)
     old = experiment_dir(storage_root, name, must_exist=True)
@@ -203,7 +219,7 @@ def extend(
             f"{study_file} changed since {name!r} was launched; extend adds trials of the same "
             "study only: launch the edited study as a new experiment instead"
         )
-    study = load_study(study_file)
+    study = load_study(study_file, metadata.get("launch_overrides", ()))
     new_name = check_name(new_name or _next_name(storage_root, name))
     history: list[tuple[dict, float]] = []
     if study.kind == "search" and study.search.algorithm != "grid":

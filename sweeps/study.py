@@ -37,10 +37,13 @@ one of three kinds of study over the typed experiment config of :mod:`core.confi
 :func:`load_study` checks everything before any work starts: each config key named anywhere
 must exist in :class:`core.config.ExperimentConfig` and each concrete value (override, variant,
 axis value, grid point, range bound) must build a valid config; every error is a
-:class:`StudyError` naming the study file and the dotted study key. :func:`expand_trials` turns an
-ablation, a sensitivity sweep or a grid search into trials with stable, readable names such as
-``ablation/no-mgat/seed-1``; optuna and random searches draw their trials inside Ray Tune, from
-:attr:`Study.search`. This module never imports Ray.
+:class:`StudyError` naming the study file and the dotted study key. The ``KEY=VALUE`` texts of
+``diffcom sweep launch --set`` (``load_study(path, overrides)``) are merged into the study's
+``overrides`` and checked the same way, their errors naming the ``--set``; a key the study varies
+is refused. :func:`expand_trials` turns an ablation, a sensitivity sweep or a grid search into
+trials with stable, readable names such as ``ablation/no-mgat/seed-1``; optuna and random
+searches draw their trials inside Ray Tune, from :attr:`Study.search`. This module never imports
+Ray.
 
 Distributions (``low`` and ``high`` are both inclusive, unlike Ray's ``randint``):
 
@@ -71,7 +74,14 @@ from typing import Any, ClassVar
 
 import yaml
 
-from core.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
+from core.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_override,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -259,6 +269,9 @@ class Study:
         variants: the ablation cells (``ablation`` studies).
         axes: the axes (``sensitivity`` studies).
         defaults: ``(axis key, value)`` pairs each axis key keeps while another axis moves.
+        launch_overrides: the ``KEY=VALUE`` texts of ``--set`` given at launch, as given; their
+            values are already merged into ``overrides``. An experiment records them, so that
+            ``extend`` loads the same study.
     """
 
     path: Path
@@ -275,6 +288,7 @@ class Study:
     variants: tuple[Variant, ...] = ()
     axes: tuple[Axis, ...] = ()
     defaults: tuple[tuple[str, Any], ...] = ()
+    launch_overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -306,11 +320,15 @@ class Trial:
 # ------------------------------------------------------------------------------------- loading
 
 
-def load_study(path: str | Path) -> Study:
+def load_study(path: str | Path, overrides: Iterable[str] = ()) -> Study:
     """Read a study file (``yaml.safe_load``) and check it completely.
 
     Args:
         path: the study YAML.
+        overrides: ``KEY=VALUE`` texts (``diffcom sweep launch --set``), each read by
+            :func:`core.config.parse_override` and merged into the study's ``overrides``:
+            replacing the value the study gives a key there, or adding the key. The study file
+            must be valid without them.
 
     Returns:
         The validated :class:`Study`.
@@ -318,9 +336,36 @@ def load_study(path: str | Path) -> Study:
     Raises:
         StudyError: naming the file and the dotted study key (and the line, for YAML errors):
             unknown study or config keys, bad values, empty or inverted ranges, unknown
-            distributions, bad or repeated names, and anything the config rejects.
+            distributions, bad or repeated names, and anything the config rejects. An error that
+            an override causes names its ``--set``: an unknown key, a bad value, a key given
+            twice, a key the study varies (a variant, an axis or the search space sets it), or a
+            value that makes some trial's config invalid.
     """
     path = Path(path)
+    study = _read_study(path)
+    overrides = tuple(overrides)
+    if not overrides:
+        return study
+    # The file passed alone, so whatever fails from here on is caused by the overrides.
+    return _read_study(path, overrides, _varied_keys(study))
+
+
+def _varied_keys(study: Study) -> dict[str, str]:
+    """Each config key the study varies, with the study key that varies it."""
+    varied: dict[str, str] = {}
+    for variant in study.variants:
+        for key, _ in variant.overrides:
+            varied.setdefault(key, f"variants.{variant.name}")
+    for axis in study.axes:
+        varied.setdefault(axis.key, f"axes.{axis.key}")
+    for key, _ in study.search.space if study.search else ():
+        varied.setdefault(key, f"search.space.{key}")
+    return varied
+
+
+def _read_study(
+    path: Path, launch_overrides: tuple[str, ...] = (), varied: dict[str, str] | None = None
+) -> Study:
     reader = _Reader(path)
     data = reader.read()
     kind = data.get("kind")
@@ -339,6 +384,11 @@ def load_study(path: str | Path) -> Study:
     base_config, base_tree = reader.base_config(data.get("base_config"))
     overrides = reader.pairs(data.get("overrides"), "overrides")
     base_tree = reader.check_cell(base_tree, overrides, "overrides")
+    if launch_overrides:
+        pairs = reader.launch_overrides(launch_overrides, varied or {}, base_tree)
+        overrides = _merge(overrides, pairs)
+        base_tree = _apply(base_tree, pairs)
+        reader.blame = " ".join(f"--set {text}" for text in launch_overrides)
 
     metric, mode = reader.metric(data.get("metric", "valid.clean.mrr"), data.get("mode", "max"))
     study = {
@@ -352,6 +402,7 @@ def load_study(path: str | Path) -> Study:
         "resources": reader.resources(data.get("resources")),
         "metric": metric,
         "mode": mode,
+        "launch_overrides": launch_overrides,
     }
     if kind == "search":
         study["search"] = reader.search(data.get("search"), base_tree)
@@ -657,18 +708,22 @@ class _Reader:
 
     def __init__(self, path: Path):
         self.path = path
+        self.blame = ""  # "--set ..." once launch overrides are applied
 
     def error(self, location: str, message: str) -> StudyError:
-        """``FILE: LOCATION: MESSAGE``, saying a config key once when both end and start with it."""
+        """``FILE: [--set ...: ]LOCATION: MESSAGE``.
+
+        A config key that both ends LOCATION and starts MESSAGE is said once; ``--set ...`` names
+        the launch overrides once they are applied (:attr:`blame`), as later errors are theirs.
+        """
         parts = location.split(".")
         for start in range(len(parts)):
             repeated = ".".join(parts[start:]) + ": "
             if message.startswith(repeated):
                 message = message[len(repeated) :]
                 break
-        return StudyError(
-            f"{self.path}: {location}: {message}" if location else f"{self.path}: {message}"
-        )
+        where = ": ".join(part for part in (str(self.path), self.blame, location) if part)
+        return StudyError(f"{where}: {message}")
 
     # --- the file
 
@@ -759,6 +814,46 @@ class _Reader:
             except ConfigError as error:
                 raise self.error(f"{location}.{key}", str(error)) from None
         return tuple(pairs)
+
+    def launch_overrides(
+        self, texts: tuple[str, ...], varied: dict[str, str], tree: dict
+    ) -> tuple[tuple[str, Any], ...]:
+        """``--set KEY=VALUE`` texts → ``(key, value)`` pairs, checked on ``tree`` (the base config
+        with the study's overrides); every error names the ``--set`` it is due to."""
+        pairs: dict[str, Any] = {}
+        given: dict[str, str] = {}
+        for text in texts:
+            location = f"--set {text}"
+            try:
+                path, value = parse_override(text)
+            except ConfigError as error:
+                raise self.error(
+                    location, str(error).removeprefix(f"override {text!r}: ")
+                ) from None
+            key = ".".join(path)
+            try:
+                _check_config_key(key)
+                value = _normalise(key, value)
+            except ConfigError as error:
+                raise self.error(location, str(error).removeprefix(f"{key}: ")) from None
+            if key in varied:
+                raise self.error(
+                    location,
+                    f"the study varies {key} ({varied[key]}); overriding it would silently change "
+                    "the design: copy the study and edit it instead",
+                )
+            if key in given:
+                raise self.error(location, f"{key} is already set by --set {given[key]}")
+            pairs[key], given[key] = value, text
+        try:
+            config_from_dict(_apply(tree, pairs.items()))
+        except ConfigError as error:
+            message = str(error)
+            key = next((key for key in pairs if message.startswith(f"{key}: ")), None)
+            if key is None:  # a rule across keys: every --set may be part of it
+                raise self.error(" ".join(f"--set {text}" for text in texts), message) from None
+            raise self.error(f"--set {given[key]}", message.removeprefix(f"{key}: ")) from None
+        return tuple(pairs.items())
 
     def check_cell(
         self, tree: dict, pairs: Iterable[tuple[str, Any]], location: str, keyed: bool = True

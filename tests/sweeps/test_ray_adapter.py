@@ -245,3 +245,32 @@ def test_a_search_is_extended_as_a_new_linked_experiment(tmp_path):
     events = Stage1Store(new / "stage1").events()
     assert [e["event"] for e in events] == ["reused"]
     assert events[0]["source"] == str(old / "stage1")
+
+
+def test_set_at_launch_is_recorded_and_extend_applies_it_again(tmp_path):
+    # The 40-epoch node-loss study, cut to one stage-2 epoch from the command line.
+    sets = ["--set", "train.stage2_epochs=1", "--set", "eval.official_samples=1"]
+    study = STUDIES / "smoke-node-loss.yaml"
+    done = _diffcom("sweep", "launch", study, *sets, "--name", "cut", "--storage", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    extended = _diffcom("sweep", "extend", "cut", "--seeds", "1", "--storage", tmp_path)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+
+    for name, seed in (("cut", 0), ("cut-ext1", 1)):
+        experiment = tmp_path / name
+        metadata = read_json(experiment / "experiment.json")
+        assert metadata["launch_overrides"] == ["train.stage2_epochs=1", "eval.official_samples=1"]
+        assert (
+            "# launched with --set train.stage2_epochs=1" in (experiment / "study.yaml").read_text()
+        )
+        run = experiment / "runs" / "ablation" / "long" / f"seed-{seed}"
+        config = read_json(run / "config.json")
+        assert config["train"]["stage2_epochs"] == 1 and config["eval"]["official_samples"] == 1
+        assert config["data"]["dataset"] == "nations"  # the study's own overrides still hold
+        assert _epochs(run)[-1] == (2, 1)
+        assert read_json(run / "status.json")["state"] == "finished"
+    status = _diffcom("sweep", "status", "cut-ext1", "--storage", tmp_path)
+    assert (
+        "launched with: --set train.stage2_epochs=1 --set eval.official_samples=1" in status.stdout
+    )
+    assert "runs: 1 finished" in status.stdout

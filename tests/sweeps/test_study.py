@@ -531,3 +531,123 @@ def test_long_cell_names_are_cut_and_stay_distinct(tmp_path):
     names = [trial.cell for trial in expand_trials(load_study(path))]
     assert len(set(names)) == 2
     assert all(len(name) <= 120 and name.startswith("data.dataset=xxx") for name in names)
+
+
+# ------------------------------------------------------------------ launch overrides (--set)
+
+LAUNCHED = """\
+kind: ablation
+overrides:
+  data.dataset: synthetic:small
+  model.hidden_dim: 32
+variants:
+  full: {}
+  no-mgat: {structure.encoder: none}
+"""
+
+
+def test_launch_overrides_replace_and_add_study_overrides(tmp_path):
+    path = write_study(tmp_path, LAUNCHED)
+    sets = ("data.dataset=nations", "train.lr_stage1=1", "data.image_root=null")
+    study = load_study(path, sets)
+    assert study.overrides == (
+        ("data.dataset", "nations"),  # replaced where the study sets it
+        ("model.hidden_dim", 32),
+        ("train.lr_stage1", 1.0),  # added, and a float as the config expects
+        ("data.image_root", None),
+    )
+    assert study.launch_overrides == sets
+    assert load_study(path).launch_overrides == ()
+    for trial in expand_trials(study):
+        config = trial_config(study, trial)
+        assert (config.data.dataset, config.train.lr_stage1) == ("nations", 1.0)
+        assert config.model.hidden_dim == 32
+        assert load_config(None, trial.override_strings()) == config
+    assert trial_config(study, expand_trials(study)[1]).structure.encoder == "none"
+
+
+@pytest.mark.parametrize(
+    ("text", "sets", "message"),
+    [
+        (
+            LAUNCHED,
+            ["model.hidden_dim=16", "diffusion.stepz=3"],
+            r"--set diffusion\.stepz=3: unknown config key diffusion\.stepz; did you mean "
+            r"diffusion\.steps\? valid keys of diffusion: enabled, steps",
+        ),
+        (
+            LAUNCHED,
+            ["structure.fusion=mean"],
+            r"--set structure\.fusion=mean: 'mean' is not valid; choose one of learned-scalar",
+        ),
+        (LAUNCHED, ["structure.max_nodes=1"], r"--set structure\.max_nodes=1: 1 is outside"),
+        (
+            LAUNCHED,
+            ["model.hidden_dim=wide"],
+            r"--set model\.hidden_dim=wide: expected int, got 'wide'",
+        ),
+        (LAUNCHED, ["data.dataset=true"], r"--set data\.dataset=true: got True"),
+        (LAUNCHED, ["diffusion=3"], r"--set diffusion=3: diffusion is a section, not a key"),
+        (LAUNCHED, ["seed=3"], r"--set seed=3: seed is set for each trial from the study's seeds"),
+        (LAUNCHED, ["data.dataset"], r"--set data\.dataset: expected KEY=VALUE"),
+        (LAUNCHED, ["data.dataset=[a"], r"--set data\.dataset=\[a: value '\[a' is not valid YAML"),
+        (
+            LAUNCHED,
+            ["diffusion.steps=5", "diffusion.steps=10"],
+            r"--set diffusion\.steps=10: diffusion\.steps is already set by "
+            r"--set diffusion\.steps=5",
+        ),
+        (
+            LAUNCHED,
+            ["model.hidden_dim=16", "diffusion.reverse=residual"],
+            r"--set model\.hidden_dim=16 --set diffusion\.reverse=residual: "
+            r"diffusion\.reverse=residual .* needs diffusion\.target=epsilon",
+        ),
+        # a key the study varies
+        (
+            LAUNCHED,
+            ["structure.encoder=mgat"],
+            r"--set structure\.encoder=mgat: the study varies structure\.encoder "
+            r"\(variants\.no-mgat\); overriding it would silently change the design",
+        ),
+        (
+            "kind: sensitivity\naxes: {diffusion.steps: [5, 10]}\ndefaults: {diffusion.steps: 5}\n",
+            ["diffusion.steps=20"],
+            r"--set diffusion\.steps=20: the study varies diffusion\.steps "
+            r"\(axes\.diffusion\.steps\)",
+        ),
+        (
+            SEARCH + "    loss.w_kl: {type: uniform, low: 0.1, high: 1.0}\n",
+            ["loss.w_kl=0.5"],
+            r"--set loss\.w_kl=0\.5: the study varies loss\.w_kl \(search\.space\.loss\.w_kl\)",
+        ),
+        # fine on its own, not with a cell of the study
+        (
+            "kind: ablation\noverrides: {diffusion.target: epsilon}\nvariants:\n"
+            "  full: {}\n  residual: {diffusion.reverse: residual}\n",
+            ["diffusion.target=x0"],
+            r"--set diffusion\.target=x0: variants\.residual: diffusion\.reverse=residual .* "
+            r"needs diffusion\.target=epsilon",
+        ),
+        (
+            "overrides: {train.stage1_epochs: 2, train.stage2_epochs: 3}\n"
+            + SEARCH.replace("  space:\n", "  asha: {max_t: 5}\n  space:\n")
+            + "    loss.w_kl: {type: uniform, low: 0.1, high: 1.0}\n",
+            ["train.stage2_epochs=30"],
+            r"--set train\.stage2_epochs=30: search\.asha\.max_t: 5 is below the 32 epochs",
+        ),
+    ],
+)
+def test_bad_launch_overrides_name_the_file_and_the_set(tmp_path, text, sets, message):
+    path = write_study(tmp_path, text)
+    load_study(path)  # the study itself is fine
+    with pytest.raises(StudyError, match=rf"^{re.escape(str(path))}: {message}"):
+        load_study(path, sets)
+
+
+def test_a_bad_study_is_the_files_fault_not_the_sets(tmp_path):
+    path = write_study(tmp_path, ABLATION + "  x:\n    diffusion.stepz: 3\n")
+    with pytest.raises(StudyError) as refused:
+        load_study(path, ["data.dataset=nations"])
+    assert str(refused.value).startswith(f"{path}: variants.x.diffusion.stepz: unknown config key")
+    assert "--set" not in str(refused.value)

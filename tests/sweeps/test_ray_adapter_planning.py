@@ -1,0 +1,115 @@
+"""What ``launch`` and ``extend`` write and plan, with Ray's parts stubbed out (no Ray starts).
+
+The Ray runs themselves are in ``test_ray_adapter.py`` (marked slow).
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sweeps import ray_adapter
+from sweeps.experiment import read_json
+from sweeps.study import StudyError
+
+STUDIES = Path(__file__).parent / "studies"
+SETS = ("data.dataset=umls", "train.stage2_epochs=1")
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """``_launch`` writes the experiment folder but neither starts Ray nor runs a Tuner."""
+    tuned = []
+    monkeypatch.setattr(ray_adapter, "_start_ray", lambda address: None)
+    monkeypatch.setattr(ray_adapter, "_check_storage_visible", lambda storage: None)
+    monkeypatch.setattr(ray_adapter, "_cluster_resources", dict)
+    monkeypatch.setattr(ray_adapter, "_tuner", lambda study, *args: tuned.append(study))
+    monkeypatch.setattr(ray_adapter, "_fit", lambda tuner: None)
+    return tuned
+
+
+def _study_copy(tmp_path, name: str) -> Path:
+    """A copy of a test study (``extend`` checks the file has not changed since launch)."""
+    path = tmp_path / f"{name}.yaml"
+    shutil.copy(STUDIES / f"{name}.yaml", path)
+    return path
+
+
+def test_launch_overrides_are_recorded_and_planned(tmp_path, no_ray):
+    study = _study_copy(tmp_path, "smoke-sensitivity")
+    folder = ray_adapter.launch(study, overrides=SETS, storage=tmp_path / "store")
+
+    metadata = read_json(folder / "experiment.json")
+    assert metadata["launch_overrides"] == list(SETS)
+    assert metadata["study_file"] == str(study)
+    copied = (folder / "study.yaml").read_text()
+    assert copied.splitlines()[0] == (
+        "# launched with --set data.dataset=umls --set train.stage2_epochs=1 "
+        "(merged into overrides below)"
+    )
+    assert copied.endswith(study.read_text())
+    trials = read_json(folder / "plan.json")["trials"]
+    assert len(trials) == 4
+    for config in trials.values():
+        assert config["data"]["dataset"] == "umls" and config["train"]["stage2_epochs"] == 1
+        assert config["model"]["hidden_dim"] == 32  # the study's own overrides still hold
+    # A trial (first run or resumed) builds its config from the plan, not from the study file.
+    study.write_text(study.read_text().replace("data.dataset: nations", "data.dataset: kinships"))
+    name = "sensitivity/diffusion.steps=10/seed-1"
+    _, (spec,), _ = ray_adapter._prepare_trial({"trial": name}, folder, "trial-id")
+    assert spec.config.data.dataset == "umls" and spec.config.diffusion.steps == 10
+
+
+def test_a_launch_without_overrides_records_none(tmp_path, no_ray):
+    folder = ray_adapter.launch(
+        _study_copy(tmp_path, "smoke-sensitivity"), storage=tmp_path / "store"
+    )
+    assert read_json(folder / "experiment.json")["launch_overrides"] == []
+    assert (folder / "study.yaml").read_text().startswith("# diffcom sweep launch")
+    for config in read_json(folder / "plan.json")["trials"].values():
+        assert config["data"]["dataset"] == "nations"
+
+
+def test_extend_applies_the_launch_overrides_again(tmp_path, no_ray):
+    storage = tmp_path / "store"
+    study = _study_copy(tmp_path, "smoke-sensitivity")
+    old = ray_adapter.launch(study, overrides=SETS, name="first", storage=storage)
+    new = ray_adapter.extend("first", seeds=(7,), storage=storage)
+
+    assert new == storage / "first-ext1"
+    metadata = read_json(new / "experiment.json")
+    assert metadata["launch_overrides"] == list(SETS)
+    assert metadata["parents"] == [str(old)] and metadata["extension"] == {"seeds": [7]}
+    header = (new / "study.yaml").read_text().splitlines()[:2]
+    assert header[0].startswith(f"# extended from {old}")
+    assert header[1].startswith("# launched with --set data.dataset=umls")
+    trials = read_json(new / "plan.json")["trials"]
+    assert sorted(trials) == [
+        "sensitivity/diffusion.steps=10/seed-7",
+        "sensitivity/diffusion.steps=5/seed-7",
+    ]
+    for config in trials.values():
+        assert config["data"]["dataset"] == "umls" and config["train"]["stage2_epochs"] == 1
+        assert config["seed"] == 7
+    # ... and the extension of the extension too.
+    again = ray_adapter.extend("first-ext1", seeds=(8,), storage=storage)
+    for config in read_json(again / "plan.json")["trials"].values():
+        assert config["data"]["dataset"] == "umls" and config["seed"] == 8
+
+
+def test_a_search_plan_carries_the_launch_overrides_in_its_base(tmp_path, no_ray):
+    study = _study_copy(tmp_path, "smoke-search")
+    folder = ray_adapter.launch(study, overrides=SETS, storage=tmp_path / "store")
+    plan = read_json(folder / "plan.json")
+    assert plan["base"]["data"]["dataset"] == "umls"
+    assert plan["base"]["train"]["stage2_epochs"] == 1
+    point = {"diffusion.steps": 15, "loss.w_kl": 0.5}
+    _, (spec,), _ = ray_adapter._prepare_trial(point, folder, "abc")
+    assert spec.config.data.dataset == "umls" and spec.config.diffusion.steps == 15
+
+
+def test_bad_launch_overrides_are_refused_before_anything_is_written(tmp_path, no_ray):
+    study = _study_copy(tmp_path, "smoke-sensitivity")
+    with pytest.raises(StudyError, match=r"--set diffusion\.steps=20: the study varies"):
+        ray_adapter.launch(study, overrides=("diffusion.steps=20",), storage=tmp_path / "store")
+    assert not (tmp_path / "store").exists() and not no_ray
