@@ -3,10 +3,13 @@
 It reads files only (it never imports ``core`` or ``ray``), so it works on an experiment folder
 copied to another machine.
 
-* :mod:`analysis.load` turns experiment folders into one tidy pandas frame.
-* :mod:`analysis.stats` has the statistics (t intervals, paired t-test, paired bootstrap).
+* :mod:`analysis.load` turns experiment folders into one tidy pandas frame, and every run's
+  ``metrics.jsonl`` into a per-epoch frame of learning curves.
+* :mod:`analysis.stats` has the statistics (t intervals, paired t-test, paired bootstrap, the
+  two-level bootstrap over seeds and queries).
 * :mod:`analysis.tables` builds the ablation, sensitivity and protocol-audit tables.
-* :mod:`analysis.figures` draws the plotly figures.
+* :mod:`analysis.figures` draws the plotly figures (sensitivity, search, learning curves, the
+  ablation's forest plot).
 * :mod:`analysis.report` writes ``report.html`` and the tables; :mod:`analysis.cli` adds
   ``diffcom report``.
 """

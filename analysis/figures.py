@@ -1,15 +1,25 @@
-"""Plotly figures: sensitivity curves, the K latency trade-off, search importance and coordinates."""
+"""Plotly figures: sensitivity curves, the K latency trade-off, search importance and coordinates,
+learning curves, and the ablation's forest plot."""
 
 from __future__ import annotations
 
 import math
 import warnings
 
+import numpy as np
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-__all__ = ["importance_figure", "parallel_coordinates", "pareto_figure", "sensitivity_figure"]
+__all__ = [
+    "forest_figure",
+    "importance_figure",
+    "learning_curves_figure",
+    "parallel_coordinates",
+    "pareto_figure",
+    "sensitivity_figure",
+]
 
 LATENCY_AXIS = "diffusion.steps"
 
@@ -183,5 +193,234 @@ def parallel_coordinates(points: pd.DataFrame, metric_column: str) -> go.Figure 
     )
     figure.update_layout(
         title="Search points (valid, clean protocol)", template="plotly_white", height=450
+    )
+    return figure
+
+
+# ------------------------------------------------------------------------------ learning curves
+
+# 24 distinguishable colours; cells beyond that reuse them (the legend and hover still tell).
+_PALETTE = plotly.colors.qualitative.Dark24
+
+
+def _cell_order(curves: pd.DataFrame, order: list[str]) -> list[str]:
+    """``order`` first (the study's), then the rest by axis and numeric value, then by name."""
+    present = list(dict.fromkeys(curves["cell"]))
+    first = [c for c in dict.fromkeys(order) if c in present]
+    values = curves.groupby("cell", sort=False)[["axis", "axis_value"]].first()
+
+    def key(cell):
+        axis, value = values.loc[cell, "axis"], values.loc[cell, "axis_value"]
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (
+            str(axis) if isinstance(axis, str) else "",
+            not numeric,
+            value if numeric else 0,
+            cell,
+        )
+
+    return first + sorted((c for c in present if c not in first), key=key)
+
+
+def learning_curves_figure(
+    curves: pd.DataFrame, order: list[str] = (), title: str | None = None, max_legend: int = 30
+) -> go.Figure | None:
+    """Valid MRR (top) and training loss (bottom) per epoch, one line per run.
+
+    Args:
+        curves: rows of :attr:`analysis.load.Loaded.curves`, usually one experiment's.
+        order: cells in this order first (the study's variants), the others after.
+        title: the figure's title.
+        max_legend: above this many cells the legend is hidden (hover still names each run).
+
+    The x axis is the epoch across both stages (``global_epoch``); a dashed line marks where
+    stage 2 starts (one per distinct start, since early stopping can end stage 1 at different
+    epochs). Seeds of one cell share its colour and its single legend entry, which toggles them
+    all. Valid MRR appears on the epochs that were evaluated. Loss is stage 1's BCE, then
+    stage 2's weighted KL + BCE, so it jumps at the line; its axis is logarithmic when every loss
+    is positive. None when there is nothing to draw.
+    """
+    if curves.empty:
+        return None
+    cells = _cell_order(curves, list(order))
+    figure = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.07,
+        subplot_titles=("valid MRR (clean protocol)", "training loss (mean over batches)"),
+    )
+    legend = len(cells) <= max_legend
+    traces = []
+    by_run = dict(tuple(curves.groupby("run", sort=True)))
+    for index, cell in enumerate(cells):
+        colour = _PALETTE[index % len(_PALETTE)]
+        in_legend = legend
+        for run in sorted(set(curves.loc[curves["cell"] == cell, "run"])):
+            rows = by_run[run].sort_values("global_epoch")
+            for axis, column in (("y", "valid_mrr"), ("y2", "loss")):
+                shown = rows[rows[column].notna()]
+                if shown.empty:
+                    continue
+                traces.append(
+                    go.Scatter(
+                        # int32 and float32 halve the base64 the page carries for many runs.
+                        x=shown["global_epoch"].to_numpy(np.int32),
+                        y=shown[column].to_numpy(np.float32),
+                        customdata=shown[["stage", "epoch"]].to_numpy(np.int32),
+                        meta=str(run),
+                        line={"color": colour},
+                        name=str(cell),
+                        legendgroup=str(cell),
+                        showlegend=in_legend,
+                        xaxis="x2" if axis == "y2" else "x",
+                        yaxis=axis,
+                    )
+                )
+                in_legend = False  # one legend entry per cell
+    # What every line shares is set once, in the figure's template, not once per trace.
+    figure.update_layout(template="plotly_white")
+    figure.layout.template.data.scatter = [
+        go.Scatter(
+            mode="lines+markers",
+            line={"width": 1.5},
+            marker={"size": 3},
+            opacity=0.8,
+            hovertemplate="%{meta}<br>stage %{customdata[0]}, epoch %{customdata[1]}"
+            "<br>%{y:.4f}<extra></extra>",
+        )
+    ]
+    figure.add_traces(traces)
+    starts = sorted(
+        {
+            float(first) - 0.5
+            for first in curves[curves["stage"] == 2].groupby("run")["global_epoch"].min()
+        }
+    )
+    for start in starts:
+        figure.add_vline(x=start, line_dash="dash", line_color="#777", line_width=1, row="all")
+    if starts:
+        figure.add_annotation(
+            x=starts[0],
+            y=0.98,
+            xref="x",
+            yref="y domain",
+            text=" stage 2 →",
+            showarrow=False,
+            xanchor="left",
+            yanchor="top",
+            font={"size": 11, "color": "#555"},
+        )
+    if (curves["loss"].dropna() > 0).all() and curves["loss"].notna().any():
+        figure.update_yaxes(type="log", row=2, col=1)
+    figure.update_xaxes(title_text="epoch (stage 1, then stage 2)", row=2, col=1)
+    if curves["global_epoch"].max() <= 20:
+        figure.update_xaxes(dtick=1)  # whole epochs only
+    runs = curves["run"].nunique()
+    figure.update_layout(
+        title=title or f"Learning curves ({runs} runs; seeds of a cell share its colour)",
+        height=640,
+        legend={"title": {"text": "cell" if legend else ""}, "groupclick": "togglegroup"},
+        hovermode="closest",
+    )
+    return figure
+
+
+# ------------------------------------------------------------------------------- forest plot
+
+
+def _column(rows: pd.DataFrame, name: str) -> pd.Series:
+    return rows[name].astype(float) if name in rows else pd.Series(math.nan, index=rows.index)
+
+
+def forest_figure(table: pd.DataFrame, reference: str = "full") -> go.Figure | None:
+    """Δ MRR and Δ Hits@1 of each variant against ``reference`` with their 95% intervals.
+
+    Args:
+        table: :func:`analysis.tables.ablation_table`'s frame (its ``delta_<m>``,
+            ``delta_<m>_ci_low``/``_high``, ``p_<m>``, ``test_<m>`` and ``mark_<m>`` columns).
+        reference: the variant the others were compared with; it gets no row.
+
+    Variants keep the table's order (the study's), top to bottom; a dashed line marks zero, so a
+    bar that crosses it is a difference the paired test cannot tell from none. A variant without
+    an interval (one seed and no stored ranks) shows its point alone. None when no variant has a
+    difference to show.
+    """
+    if table.empty or "variant" not in table:
+        return None
+    rows = table[table["variant"] != reference]
+    rows = rows[_column(rows, "delta_mrr").notna() | _column(rows, "delta_hits@1").notna()]
+    if rows.empty:
+        return None
+    variants = [str(v) for v in rows["variant"]]
+    figure = make_subplots(
+        rows=1,
+        cols=2,
+        shared_yaxes=True,
+        horizontal_spacing=0.06,
+        subplot_titles=(f"Δ MRR vs {reference}", f"Δ Hits@1 vs {reference}"),
+    )
+    for col, (measure, label) in enumerate((("mrr", "MRR"), ("hits@1", "Hits@1")), start=1):
+        delta = _column(rows, f"delta_{measure}")
+        low, high = (
+            _column(rows, f"delta_{measure}_ci_low"),
+            _column(rows, f"delta_{measure}_ci_high"),
+        )
+        tests = (
+            rows[f"test_{measure}"]
+            if f"test_{measure}" in rows
+            else pd.Series("", index=rows.index)
+        )
+        marks = (
+            rows[f"mark_{measure}"]
+            if f"mark_{measure}" in rows
+            else pd.Series("", index=rows.index)
+        )
+        p_values = _column(rows, f"p_{measure}")
+        hover = [
+            f"{variant}: Δ {label} {d:+.4f}{m if isinstance(m, str) else ''}<br>"
+            + (
+                f"95% CI [{lo:+.4f}, {hi:+.4f}]"
+                if not (math.isnan(lo) or math.isnan(hi))
+                else "no CI"
+            )
+            + f"<br>{t if isinstance(t, str) else 'no test'}, "
+            + (f"p = {p:.3g}" if not math.isnan(p) else "p unknown")
+            for variant, d, lo, hi, t, m, p in zip(
+                variants, delta, low, high, tests, marks, p_values, strict=True
+            )
+        ]
+        figure.add_trace(
+            go.Scatter(
+                x=delta,
+                y=variants,
+                mode="markers+text",
+                text=[m if isinstance(m, str) else "" for m in marks],
+                textposition="top center",
+                marker={"size": 10, "symbol": "diamond", "color": "#1f77b4"},
+                error_x={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": (high - delta).fillna(0).clip(lower=0).tolist(),
+                    "arrayminus": (delta - low).fillna(0).clip(lower=0).tolist(),
+                    "visible": True,
+                    "thickness": 1.5,
+                    "width": 6,
+                },
+                name=f"Δ {label} (95% CI)",
+                hovertext=hover,
+                hoverinfo="text",
+                showlegend=False,
+            ),
+            row=1,
+            col=col,
+        )
+        figure.add_vline(x=0, line_dash="dash", line_color="#777", line_width=1, row=1, col=col)
+        figure.update_xaxes(title_text=f"Δ {label} (test, clean protocol)", row=1, col=col)
+    figure.update_yaxes(categoryorder="array", categoryarray=variants, autorange="reversed")
+    figure.update_layout(
+        title=f"Ablation: difference against {reference} with 95% intervals",
+        template="plotly_white",
+        height=160 + 45 * len(variants),
     )
     return figure

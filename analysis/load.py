@@ -12,6 +12,14 @@ sensitivity axis and value, or search point), the seed, the run's config flatten
 ``config.<section>.<key>`` columns, its best and last epochs (both explicit: the best epoch, by
 valid MRR under the clean protocol, is what ``results.json`` reports), timings and provenance.
 A folder that cannot be read is listed in :attr:`Loaded.problems` and skipped, never fatal.
+
+The same pass reads every run's ``metrics.jsonl`` into :attr:`Loaded.curves`, the learning
+curves: one row per run × recorded epoch (columns :data:`CURVE_COLUMNS`). ``epoch`` counts within
+its stage; ``global_epoch`` counts across both, stage 2 continuing after stage 1's last epoch. A
+run whose stage 1 was trained once for several trials (``<experiment>/stage1/<key>/run/``) has no
+stage-1 epochs of its own; that shared run's stage-1 epochs are its curve's start (``source``
+``"shared stage 1"``). A line that is not a complete record (cut by a kill, or still being
+written) is skipped and listed in :attr:`Loaded.problems`.
 """
 
 from __future__ import annotations
@@ -23,9 +31,37 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-__all__ = ["MEASURES", "Loaded", "load_experiments", "protocol_kind"]
+__all__ = ["CURVE_COLUMNS", "MEASURES", "Loaded", "load_experiments", "protocol_kind"]
 
 MEASURES = ("mr", "mrr", "hits@1", "hits@3", "hits@10")
+
+CURVE_COLUMNS = [
+    "experiment",
+    "kind",
+    "run",
+    "cell",
+    "axis",
+    "axis_value",
+    "seed",
+    "source",  # "run" (its own metrics.jsonl) or "shared stage 1"
+    "stage",
+    "epoch",  # 1-based within the stage
+    "global_epoch",  # 1-based across both stages
+    "loss",
+    "lr",
+    "train_seconds",
+    "kl",
+    "bce",
+    "lambda",
+    *(f"valid_{measure}" for measure in MEASURES),  # clean protocol; NaN on epochs not evaluated
+    "early_stopped",
+]
+
+# What an epoch record of core's trainer carries besides stage, epoch and validation.
+_RECORD_KEYS = ("loss", "lr", "train_seconds", "kl", "bce", "lambda")
+
+# Where sweeps.stage1 trains the stage-1 runs trials share (repeated: analysis never imports it).
+_STAGE1_DIR = "stage1"
 
 
 @dataclass
@@ -35,12 +71,14 @@ class Loaded:
     Attributes:
         frame: the tidy frame (empty, with its columns, when nothing could be read).
         experiments: ``experiment.json`` of each experiment, by name, with ``path`` added.
-        problems: ``(path, reason)`` of every folder or file skipped.
+        problems: ``(path, reason)`` of every folder, file or line skipped.
+        curves: the learning curves, one row per run × epoch (columns :data:`CURVE_COLUMNS`).
     """
 
     frame: pd.DataFrame
     experiments: dict[str, dict] = field(default_factory=dict)
     problems: list[tuple[str, str]] = field(default_factory=list)
+    curves: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CURVE_COLUMNS))
 
 
 def protocol_kind(protocol: str) -> str:
@@ -54,6 +92,8 @@ def load_experiments(paths: list[str | Path]) -> Loaded:
     """Read experiment folders (each with ``experiment.json`` and ``runs/``)."""
     loaded = Loaded(frame=pd.DataFrame())
     rows: list[dict] = []
+    curve_rows: list[dict] = []
+    shared: dict[Path, list[dict]] = {}  # shared stage-1 metrics, read once however many trials
     for path in map(Path, paths):
         metadata = _read(path / "experiment.json", loaded)
         if metadata is None:
@@ -69,11 +109,15 @@ def load_experiments(paths: list[str | Path]) -> Loaded:
         if not status_files:
             loaded.problems.append((str(path), "no runs yet (empty experiment)"))
         for status_file in status_files:
-            rows += _run_rows(path, metadata, status_file.parent, loaded)
+            run_rows, run_curve = _run_rows(path, metadata, status_file.parent, loaded, shared)
+            rows += run_rows
+            curve_rows += run_curve
     frame = pd.DataFrame(rows)
     if frame.empty:
         frame = pd.DataFrame(columns=_BASE_COLUMNS)
     loaded.frame = frame
+    if curve_rows:
+        loaded.curves = pd.DataFrame(curve_rows).reindex(columns=CURVE_COLUMNS)
     return loaded
 
 
@@ -134,15 +178,52 @@ def _flatten(tree: dict, prefix: str) -> dict:
     return flat
 
 
-def _epochs(metrics_file: Path) -> dict:
-    """Best (by valid clean MRR, final stage) and last epochs of a run's ``metrics.jsonl``."""
-    records = []
-    if metrics_file.is_file():
-        for line in metrics_file.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill; the trainer drops it on resume
+def _read_metrics(metrics_file: Path, loaded: Loaded) -> list[dict]:
+    """The epoch records of a ``metrics.jsonl``, by stage then epoch; ``[]`` when there is none.
+
+    A line that is not a complete record (a run killed mid-write, or one still writing) is
+    skipped and listed in ``loaded.problems``. Should an epoch appear twice (a run killed between
+    its record and its checkpoint repeats it), the later record is kept.
+    """
+    if not metrics_file.is_file():
+        return []
+    try:
+        lines = metrics_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        loaded.problems.append((str(metrics_file), f"unreadable: {error}"))
+        return []
+    records: dict[tuple[int, int], dict] = {}
+    skipped = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skipped.append(number)
+            continue
+        if not (
+            isinstance(record, dict)
+            and record.get("stage") in (1, 2)
+            and isinstance(record.get("epoch"), int)
+        ):
+            skipped.append(number)
+            continue
+        records[(record["stage"], record["epoch"])] = record
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        loaded.problems.append(
+            (
+                str(metrics_file),
+                f"line{'s' if len(skipped) > 1 else ''} {shown} of {len(lines)} not a complete "
+                "epoch record (cut by a kill, or still being written); skipped",
+            )
+        )
+    return [records[key] for key in sorted(records)]
+
+
+def _epochs(records: list[dict]) -> dict:
+    """Best (by valid clean MRR, final stage) and last epochs of a run's own epoch records."""
     if not records:
         return {}
     last = records[-1]
@@ -161,11 +242,74 @@ def _epochs(metrics_file: Path) -> dict:
     }
 
 
-def _run_rows(experiment: Path, metadata: dict, run_dir: Path, loaded: Loaded) -> list[dict]:
+def _shared_stage1(
+    experiment: Path, status: dict, loaded: Loaded, shared: dict[Path, list[dict]]
+) -> list[dict]:
+    """Stage-1 records of the shared stage-1 run a trial used (``status.json``'s ``stage1``).
+
+    Looked up under this experiment first (it may have been copied elsewhere), then beside the
+    checkpoint the trial loaded (a parent experiment's, for one that extends another).
+    """
+    stage1 = status.get("stage1") or {}
+    key = stage1.get("key")
+    if not key:
+        return []
+    candidates = [experiment / _STAGE1_DIR / str(key) / "run" / "metrics.jsonl"]
+    if stage1.get("checkpoint"):
+        candidates.append(Path(stage1["checkpoint"]).parent.parent / "metrics.jsonl")
+    for candidate in candidates:
+        if candidate.is_file():
+            if candidate not in shared:
+                shared[candidate] = _read_metrics(candidate, loaded)
+            return [r for r in shared[candidate] if r["stage"] == 1]
+    return []
+
+
+def _curve_rows(
+    identity: dict, own: list[dict], shared_stage1: list[dict], stage1_epochs: object
+) -> list[dict]:
+    """One row per epoch of a run: its own records, after the shared stage 1 when it has none.
+
+    Stage 2's ``global_epoch`` continues after the last stage-1 epoch recorded (early stopping
+    may end stage 1 before ``train.stage1_epochs``); with no stage-1 record at all, after the
+    configured ``stage1_epochs``.
+    """
+    sources = [("run", r) for r in own]
+    if shared_stage1 and not any(r["stage"] == 1 for r in own):
+        sources = [("shared stage 1", r) for r in shared_stage1] + sources
+    stage1_last = max((r["epoch"] for _, r in sources if r["stage"] == 1), default=None)
+    if stage1_last is None:
+        stage1_last = stage1_epochs if isinstance(stage1_epochs, int) else 0
+    rows = []
+    for source, record in sources:
+        offset = stage1_last if record["stage"] == 2 else 0
+        rows.append(
+            {
+                **identity,
+                "source": source,
+                "stage": record["stage"],
+                "epoch": record["epoch"],
+                "global_epoch": offset + record["epoch"],
+                **{key: record.get(key) for key in _RECORD_KEYS},
+                **{f"valid_{m}": record.get(f"valid.clean.{m}") for m in MEASURES},
+                "early_stopped": bool(record.get("early_stopped", False)),
+            }
+        )
+    return rows
+
+
+def _run_rows(
+    experiment: Path,
+    metadata: dict,
+    run_dir: Path,
+    loaded: Loaded,
+    shared: dict[Path, list[dict]],
+) -> tuple[list[dict], list[dict]]:
+    """The run's rows of the tidy frame and of the learning curves."""
     run = run_dir.relative_to(experiment / "runs").as_posix()
     status = _read(run_dir / "status.json", loaded)
     if status is None:
-        return []
+        return [], []
     config_tree = (
         _read(run_dir / "config.json", loaded) if (run_dir / "config.json").exists() else None
     )
@@ -174,7 +318,8 @@ def _run_rows(experiment: Path, metadata: dict, run_dir: Path, loaded: Loaded) -
     ) or {}
     config = _flatten(config_tree or provenance.get("config") or {}, "config.")
     cell, axis, axis_value = _cell(metadata.get("kind", ""), run, config)
-    epochs = _epochs(run_dir / "metrics.jsonl")
+    records = _read_metrics(run_dir / "metrics.jsonl", loaded)
+    epochs = _epochs(records)
     best_record = epochs.pop("_best_record", None)
     stage1 = status.get("stage1") or {}
     common = {
@@ -198,6 +343,15 @@ def _run_rows(experiment: Path, metadata: dict, run_dir: Path, loaded: Loaded) -
         **epochs,
         **config,
     }
+    identity = {
+        k: common[k] for k in ("experiment", "kind", "run", "cell", "axis", "axis_value", "seed")
+    }
+    curve = _curve_rows(
+        identity,
+        records,
+        _shared_stage1(experiment, status, loaded, shared),
+        config.get("config.train.stage1_epochs"),
+    )
     results = None
     if common["state"] == "finished":
         results = _read(run_dir / "results.json", loaded)
@@ -213,7 +367,7 @@ def _run_rows(experiment: Path, metadata: dict, run_dir: Path, loaded: Loaded) -
                     "protocol": "clean",
                     "protocol_kind": "clean",
                 }
-            ]
+            ], curve
         measures = {m: best_record.get(f"valid.clean.{m}") for m in MEASURES}
         return [
             {
@@ -224,7 +378,7 @@ def _run_rows(experiment: Path, metadata: dict, run_dir: Path, loaded: Loaded) -
                 "protocol_kind": "clean",
                 **measures,
             }
-        ]
+        ], curve
     rows = []
     common["train_seconds"] = results.get("timings", {}).get("train_seconds")
     common["dataset_hash"] = common["dataset_hash"] or results.get("dataset_hash")
@@ -256,4 +410,4 @@ def _run_rows(experiment: Path, metadata: dict, run_dir: Path, loaded: Loaded) -
                     **{m: values.get(m) for m in MEASURES},
                 }
             )
-    return rows
+    return rows, curve

@@ -8,6 +8,7 @@ Reads only files (``experiment.json``, ``runs/**``); writes into ``out``::
     tables/protocol-audit.{md,tex,csv}
     tables/search-points.csv
     tables/runs.csv              the tidy frame itself
+    tables/curves.csv            every run's epochs (the learning curves)
     figures/*.png                when a Chromium is available (kaleido); skipped with a note otherwise
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,7 +30,9 @@ import plotly.offline
 
 from analysis.figures import (
     LATENCY_AXIS,
+    forest_figure,
     importance_figure,
+    learning_curves_figure,
     parallel_coordinates,
     pareto_figure,
     sensitivity_figure,
@@ -51,6 +55,21 @@ PROTOCOL_NOTE = (
     "Models are selected by valid MRR under the same protocol. The released code's "
     "<b>official min-of-S</b> protocol (the best gold rank over S stochastic passes, which needs "
     "the test labels) appears only in the protocol audit."
+)
+
+ABLATION_TEST_NOTE = (
+    "The two-level bootstrap resamples seeds, then test queries (the same queries for both arms), "
+    "from each run's stored per-query ranks, so its interval carries seed-to-seed as well as "
+    "query-to-query variance; with one common seed it is a bootstrap over queries only and says "
+    "so. Without stored ranks, a paired t-test over seeds (and its t interval)."
+)
+
+CURVES_NOTE = (
+    "Valid MRR (clean protocol, on evaluated epochs) and the mean training loss of every epoch, "
+    "one line per run; seeds of a cell share its colour and its legend entry. The x axis counts "
+    "epochs across both stages: stage 2 continues after stage 1's last epoch, and the dashed line "
+    "marks where it starts. Runs that shared a stage-1 run show its stage-1 epochs. Loss is stage "
+    "1's BCE, then stage 2's weighted KL + BCE. Every epoch is in <code>tables/curves.csv</code>."
 )
 
 
@@ -88,6 +107,8 @@ def build_report(
     frame = loaded.frame
     frame.to_csv(out / "tables" / "runs.csv", index=False)
     report.files.append(out / "tables" / "runs.csv")
+    loaded.curves.to_csv(out / "tables" / "curves.csv", index=False)
+    report.files.append(out / "tables" / "curves.csv")
 
     sections: list[str] = [_overview(loaded)]
     figures: list[tuple[str, go.Figure]] = []
@@ -102,16 +123,19 @@ def build_report(
         tests = sorted(
             {t for c in ("test_mrr", "test_hits@1") if c in ablation for t in ablation[c].dropna()}
         )
-        sections.append(
-            _section(
-                "Ablation",
-                _table_html(formatted)
-                + _paragraph(
-                    "Mean ± sample std over seeds; 95% t interval of MRR; Δ against the full model "
-                    f"with a paired test ({'; '.join(tests) or 'none'}): * p < 0.05, ** p < 0.01."
-                ),
-            )
-        )
+        parts = [
+            _table_html(formatted),
+            _paragraph(
+                "Mean ± sample std over seeds; 95% t interval of MRR; Δ against the full model "
+                "with its 95% interval [in brackets] and a paired test, named per row "
+                f"({'; '.join(tests) or 'none'}): * p < 0.05, ** p < 0.01. " + ABLATION_TEST_NOTE
+            ),
+        ]
+        forest = forest_figure(ablation)
+        if forest is not None:
+            figures.append(("ablation-forest", forest))
+            parts.append(_figure_placeholder(len(figures) - 1))
+        sections.append(_section("Ablation", "".join(parts)))
     sensitivity = sensitivity_table(frame)
     if not sensitivity.empty:
         formatted = format_table(sensitivity, "sensitivity")
@@ -175,6 +199,9 @@ def build_report(
                 + _table_html(formatted_audit),
             )
         )
+    curves = _curves_section(loaded, figures)
+    if curves:
+        sections.append(curves)
     sections.append(_runs_section(frame))
     sections.append(_problems_section(loaded, report.notes))
 
@@ -267,6 +294,34 @@ def _overview(loaded: Loaded) -> str:
     if not items:
         items.append("<p>No experiment could be read.</p>")
     return _section("Experiments", _paragraph(PROTOCOL_NOTE) + "".join(items))
+
+
+def _curves_section(loaded: Loaded, figures: list[tuple[str, go.Figure]]) -> str:
+    """One learning-curve figure per experiment with recorded epochs ("" when none has any)."""
+    curves = loaded.curves
+    if curves.empty:
+        return ""
+    parts = [_paragraph(CURVES_NOTE)]
+    for name, metadata in loaded.experiments.items():
+        rows = curves[curves["experiment"] == name]
+        figure = learning_curves_figure(
+            rows,
+            order=metadata.get("variant_order", []),
+            title=f"Learning curves: {name} ({metadata.get('kind')}, {rows['run'].nunique()} runs)",
+        )
+        if figure is None:
+            continue
+        slug = f"curves-{_slug(name)}"
+        if slug in {n for n, _ in figures}:  # two names that differ only in odd characters
+            slug = f"{slug}-{len(figures)}"
+        figures.append((slug, figure))
+        parts.append(_figure_placeholder(len(figures) - 1))
+    return _section("Learning curves", "".join(parts)) if len(parts) > 1 else ""
+
+
+def _slug(name: str) -> str:
+    """A file- and id-safe form of an experiment name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "experiment"
 
 
 def _runs_section(frame: pd.DataFrame) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import MEASURES
-from analysis.stats import Comparison, mark, paired_bootstrap, paired_t_test, summarize
+from analysis.stats import Comparison, mark, paired_t_test, summarize, two_level_bootstrap
 
 __all__ = [
     "ablation_table",
@@ -50,34 +50,64 @@ def _summary_columns(group: pd.DataFrame) -> dict:
     return row
 
 
-def _per_query(group: pd.DataFrame, seeds: list, measure: str) -> np.ndarray | None:
-    """``(Q,)`` per-query values of ``measure`` averaged over ``seeds``, or None if not stored.
+def _ranks(path: str, cache: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(Q,)`` realistic ranks of a ``ranks_*.npz`` and its ``(Q, 3)`` queries (None if absent)."""
+    if path not in cache:
+        with np.load(path) as ranks:
+            queries = ranks["queries"] if "queries" in ranks.files else None
+            cache[path] = (ranks["realistic"].astype(float), queries)
+    return cache[path]
 
-    MRR's per-query value is ``1 / rank``, Hits@k's is ``rank <= k`` (as in ``core.evaluation``);
-    both are averaged over seeds query by query, so the bootstrap pairs the same test query.
+
+def _ranks_file(group: pd.DataFrame, seed) -> str | None:
+    files = group.loc[group["seed"] == seed, "ranks_file"].dropna()
+    return None if files.empty else files.iloc[0]
+
+
+def _per_query(group: pd.DataFrame, seeds: list, measure: str, cache: dict) -> np.ndarray:
+    """``(S, Q)`` per-query values of ``measure``, one row per seed of ``seeds``.
+
+    MRR's per-query value is ``1 / rank``, Hits@k's is ``rank <= k`` (as in ``core.evaluation``).
     """
-    arrays = []
+    rows = []
     for seed in seeds:
-        files = group.loc[group["seed"] == seed, "ranks_file"].dropna()
-        if files.empty:
-            return None
-        with np.load(files.iloc[0]) as ranks:
-            realistic = ranks["realistic"].astype(float)
+        realistic, _ = _ranks(_ranks_file(group, seed), cache)
         if measure == "mrr":
-            arrays.append(1.0 / realistic)
+            rows.append(1.0 / realistic)
         else:
-            arrays.append((realistic <= int(measure.split("@")[1])).astype(float))
-    if not arrays or len({a.shape for a in arrays}) != 1:
-        return None
-    return np.mean(arrays, axis=0)
+            rows.append((realistic <= int(measure.split("@")[1])).astype(float))
+    return np.stack(rows)
 
 
-def _compare(group: pd.DataFrame, reference: pd.DataFrame, measure: str) -> Comparison:
+def _same_queries(files: list[str], cache: dict) -> bool:
+    """Whether every ranks file ranks the same queries in the same order (the pairing holds)."""
+    first, first_queries = _ranks(files[0], cache)
+    for path in files[1:]:
+        realistic, queries = _ranks(path, cache)
+        if realistic.shape != first.shape:
+            return False
+        known = queries is not None and first_queries is not None
+        if known and not np.array_equal(queries, first_queries):
+            return False
+    return True
+
+
+def _compare(group: pd.DataFrame, reference: pd.DataFrame, measure: str, cache: dict) -> Comparison:
+    """The variant's ``measure`` against the reference's, paired by seed (and query).
+
+    A two-level bootstrap over seeds and queries when both arms stored per-query ranks for at
+    least one common seed (only those seeds enter it); otherwise a paired t-test over the
+    per-seed values.
+    """
     seeds = sorted(set(group["seed"]) & set(reference["seed"]))
-    if measure != "mr" and "ranks_file" in group and seeds:
-        mine, theirs = _per_query(group, seeds, measure), _per_query(reference, seeds, measure)
-        if mine is not None and theirs is not None and mine.shape == theirs.shape:
-            return paired_bootstrap(mine, theirs)
+    if measure != "mr" and "ranks_file" in group and "ranks_file" in reference:
+        ranked = [s for s in seeds if _ranks_file(group, s) and _ranks_file(reference, s)]
+        files = [f for s in ranked for f in (_ranks_file(group, s), _ranks_file(reference, s))]
+        if ranked and _same_queries(files, cache):
+            return two_level_bootstrap(
+                _per_query(group, ranked, measure, cache),
+                _per_query(reference, ranked, measure, cache),
+            )
     return paired_t_test(
         dict(zip(group["seed"], group[measure].astype(float), strict=True)),
         dict(zip(reference["seed"], reference[measure].astype(float), strict=True)),
@@ -91,8 +121,11 @@ def ablation_table(
 
     Variants follow ``order`` (the study file's order), then any others alphabetically.
 
-    Columns per measure: mean, std and 95% CI bounds over seeds; then the MRR and Hits@1
-    differences against ``reference`` with their paired test, p-value and mark.
+    Columns per measure: mean, std and 95% CI bounds over seeds; then, for MRR and Hits@1, the
+    difference against ``reference`` (``delta_<m>``), its 95% interval (``delta_<m>_ci_low``,
+    ``delta_<m>_ci_high``), the paired test that gave them (``test_<m>``: a two-level bootstrap
+    over seeds and queries when per-query ranks are stored, else a paired t over seeds), its
+    p-value (``p_<m>``) and mark (``mark_<m>``). The reference's own row has NaN there.
     """
     finished = _finished(frame[frame["kind"] == "ablation"]) if not frame.empty else frame
     if finished.empty:
@@ -103,6 +136,7 @@ def ablation_table(
         cells.remove(reference)
         cells.insert(0, reference)
     reference_rows = finished[finished["cell"] == reference]
+    ranks: dict = {}  # ranks files read so far: each is read once per table
     rows = []
     for cell in cells:
         group = finished[finished["cell"] == cell]
@@ -110,12 +144,21 @@ def ablation_table(
         row.update(_summary_columns(group))
         for measure in ("mrr", "hits@1"):
             if cell == reference or reference_rows.empty:
-                row.update({f"delta_{measure}": math.nan, f"p_{measure}": math.nan})
+                row.update(
+                    {
+                        f"delta_{measure}": math.nan,
+                        f"delta_{measure}_ci_low": math.nan,
+                        f"delta_{measure}_ci_high": math.nan,
+                        f"p_{measure}": math.nan,
+                    }
+                )
                 continue
-            comparison = _compare(group, reference_rows, measure)
+            comparison = _compare(group, reference_rows, measure, ranks)
             row.update(
                 {
                     f"delta_{measure}": comparison.delta,
+                    f"delta_{measure}_ci_low": comparison.ci_low,
+                    f"delta_{measure}_ci_high": comparison.ci_high,
                     f"p_{measure}": comparison.p_value,
                     f"test_{measure}": comparison.test,
                     f"mark_{measure}": mark(comparison.p_value),
@@ -204,8 +247,34 @@ def _cell_text(row: pd.Series, measure: str, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _delta_text(row: pd.Series, measure: str) -> str:
+    """``+0.012** [+0.004, +0.020]``: the difference, its mark and its 95% interval."""
+    delta = row[f"delta_{measure}"]
+    if isinstance(delta, float) and math.isnan(delta):
+        return "-"
+    text = f"{delta:+.3f}{row.get(f'mark_{measure}', '') or ''}"
+    low, high = row.get(f"delta_{measure}_ci_low"), row.get(f"delta_{measure}_ci_high")
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return f"{text} [no CI]"
+    return f"{text} [{low:+.3f}, {high:+.3f}]"
+
+
+def _test_text(row: pd.Series) -> str:
+    """The paired test behind the row's differences (one name when MRR and Hits@1 share it)."""
+    tests = {
+        LABELS[m]: row.get(f"test_{m}")
+        for m in ("mrr", "hits@1")
+        if isinstance(row.get(f"test_{m}"), str)
+    }
+    if not tests:
+        return "-"
+    if len(set(tests.values())) == 1:
+        return next(iter(tests.values()))
+    return "; ".join(f"{label}: {test}" for label, test in tests.items())
+
+
 def format_table(table: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """Readable text cells: ``mean ± std`` per measure, signed deltas with their marks."""
+    """Readable text cells: ``mean ± std`` per measure, signed deltas with marks and intervals."""
     if table.empty:
         return table
     formatted = pd.DataFrame()
@@ -224,14 +293,10 @@ def format_table(table: pd.DataFrame, kind: str) -> pd.DataFrame:
         )
     if kind == "ablation":
         for measure in ("mrr", "hits@1"):
-            formatted[f"Δ {LABELS[measure]}"] = table.apply(
-                lambda r, m=measure: (
-                    "-"
-                    if math.isnan(r[f"delta_{m}"])
-                    else f"{r[f'delta_{m}']:+.3f}{r.get(f'mark_{m}', '') or ''}"
-                ),
-                axis=1,
+            formatted[f"Δ {LABELS[measure]} [95% CI]"] = table.apply(
+                lambda r, m=measure: _delta_text(r, m), axis=1
             )
+        formatted["Test"] = table.apply(_test_text, axis=1)
         formatted["95% CI of MRR"] = table.apply(
             lambda r: (
                 "-"

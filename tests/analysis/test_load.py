@@ -5,9 +5,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from analysis.load import MEASURES, load_experiments
+from analysis.load import CURVE_COLUMNS, MEASURES, load_experiments
+from tests.analysis.fake_runs import epochs, write_experiment, write_run, write_shared_stage1
 
 
 def _results(run_dir):
@@ -109,3 +111,113 @@ def test_a_run_on_a_shared_stage1_takes_its_best_epoch_from_the_trainer(ablation
     row = frame[frame["run"] == "ablation/no-diffusion/seed-0"].iloc[0]
     assert row["final_stage"] == 1
     assert row["best_epoch"] == _results(run_dir)["best_epochs"]["stage1"]
+
+
+# ------------------------------------------------------------------------------ learning curves
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_curves_follow_every_runs_epochs_across_both_stages(ablation_experiment):
+    loaded = load_experiments([ablation_experiment])
+    curves = loaded.curves
+    assert list(curves.columns) == CURVE_COLUMNS
+    assert set(curves["run"]) == set(loaded.frame["run"])
+    for run, rows in curves.groupby("run"):
+        run_dir = ablation_experiment / "runs" / run
+        status = json.loads((run_dir / "status.json").read_text())
+        shared = ablation_experiment / "stage1" / status["stage1"]["key"] / "run" / "metrics.jsonl"
+        own = _lines(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+        expected = [("shared stage 1", r) for r in _lines(shared)] + [("run", r) for r in own]
+        assert len(rows) == len(expected), run
+        stage1_last = max(r["epoch"] for _, r in expected if r["stage"] == 1)
+        for (_, row), (source, record) in zip(rows.iterrows(), expected, strict=True):
+            assert (row["source"], row["stage"], row["epoch"]) == (
+                source,
+                record["stage"],
+                record["epoch"],
+            )
+            offset = stage1_last if record["stage"] == 2 else 0
+            assert row["global_epoch"] == offset + record["epoch"]
+            assert row["loss"] == pytest.approx(record["loss"])
+            assert row["valid_mrr"] == pytest.approx(record["valid.clean.mrr"])
+        assert list(rows["global_epoch"]) == list(range(1, len(rows) + 1))
+        assert rows["cell"].iloc[0] == run.split("/")[1] and rows["seed"].iloc[0] == int(run[-1])
+    # A stage-1-only variant reused the shared stage 1: its curve is that run's, nothing else.
+    no_diffusion = curves[curves["run"] == "ablation/no-diffusion/seed-0"]
+    assert set(no_diffusion["source"]) == {"shared stage 1"} and set(no_diffusion["stage"]) == {1}
+    assert (curves[curves["stage"] == 2]["source"] == "run").all()
+
+
+def test_stage2_continues_after_stage1s_last_epoch_wherever_stage1_is(tmp_path):
+    experiment = write_experiment(tmp_path, "curves", "ablation")
+    # Stage 1 early-stopped at epoch 3 of the 5 configured: stage 2 starts at global epoch 4.
+    write_run(
+        experiment,
+        "ablation/full/seed-0",
+        seed=0,
+        records=epochs(1, 3, early_stop=True) + epochs(2, 2),
+    )
+    # No stage-1 epoch anywhere (a copied experiment without its stage1/ folder): after the
+    # configured 5.
+    write_run(
+        experiment,
+        "ablation/full/seed-1",
+        seed=1,
+        records=epochs(2, 2),
+        stage1={"key": "gone", "checkpoint": str(tmp_path / "nowhere" / "last.pt")},
+    )
+    # A stage 1 shared through a parent experiment: found beside the checkpoint it loaded.
+    parent = write_experiment(tmp_path, "parent", "ablation")
+    stage1 = write_shared_stage1(parent, "k1", epochs(1, 4))
+    write_run(experiment, "ablation/lean/seed-0", seed=0, records=epochs(2, 2), stage1=stage1)
+    # An epoch recorded twice (killed between its record and its checkpoint): the later counts.
+    repeated = epochs(1, 2) + [{**epochs(1, 2)[1], "loss": 9.0}] + epochs(2, 1)
+    write_run(experiment, "ablation/lean/seed-1", seed=1, records=repeated)
+
+    loaded = load_experiments([experiment])
+    assert loaded.problems == []
+    curves = loaded.curves.set_index(["run", "stage", "epoch"])
+
+    def global_epochs(run):
+        return list(loaded.curves[loaded.curves["run"] == run]["global_epoch"])
+
+    assert global_epochs("ablation/full/seed-0") == [1, 2, 3, 4, 5]
+    assert curves.loc[("ablation/full/seed-0", 1, 3), "early_stopped"]
+    assert not curves.loc[("ablation/full/seed-0", 1, 2), "early_stopped"]
+    assert global_epochs("ablation/full/seed-1") == [6, 7]
+    assert global_epochs("ablation/lean/seed-0") == [1, 2, 3, 4, 5, 6]
+    shared_rows = loaded.curves[loaded.curves["run"] == "ablation/lean/seed-0"]
+    assert list(shared_rows["source"]) == ["shared stage 1"] * 4 + ["run"] * 2
+    assert global_epochs("ablation/lean/seed-1") == [1, 2, 3]
+    assert curves.loc[("ablation/lean/seed-1", 1, 2), "loss"] == 9.0
+    assert curves.loc[("ablation/lean/seed-1", 2, 1), "kl"] == 0.01
+    assert np.isnan(curves.loc[("ablation/lean/seed-1", 1, 1), "kl"])  # stage 1 has no KL
+
+
+def test_a_cut_metrics_line_is_skipped_and_reported_once(tmp_path):
+    experiment = write_experiment(tmp_path, "cut", "ablation")
+    good = "".join(json.dumps(r) + "\n" for r in epochs(2, 2))
+    cut = good + '{"stage": 2, "epoch": 3, "loss": 0.4, "valid.cl'
+    run_dir = write_run(experiment, "ablation/full/seed-0", seed=0, metrics_text=cut)
+    shared = write_shared_stage1(experiment, "k1", epochs(1, 3))
+    shared_file = experiment / "stage1" / "k1" / "run" / "metrics.jsonl"
+    shared_file.write_text(shared_file.read_text() + "not json\n")
+    for seed in (0, 1):  # two trials reuse the damaged shared stage 1
+        write_run(
+            experiment, f"ablation/lean/seed-{seed}", seed=seed, records=epochs(2, 1), stage1=shared
+        )
+
+    loaded = load_experiments([experiment])
+    reasons = dict(loaded.problems)
+    assert len(loaded.problems) == 2
+    assert reasons[str(run_dir / "metrics.jsonl")].startswith("line 3 of 3 not a complete epoch")
+    assert reasons[str(shared_file)].startswith("line 4 of 4 not a complete epoch")
+    cut_rows = loaded.curves[loaded.curves["run"] == "ablation/full/seed-0"]
+    assert list(cut_rows["epoch"]) == [1, 2]
+    row = loaded.frame[loaded.frame["run"] == "ablation/full/seed-0"].iloc[0]
+    assert row["last_epoch"] == 2 and row["finished"]
+    lean = loaded.curves[loaded.curves["run"] == "ablation/lean/seed-1"]
+    assert list(lean["global_epoch"]) == [1, 2, 3, 4]

@@ -1,0 +1,118 @@
+"""Experiment folders written by hand, in the layout the trial runner writes.
+
+For what the real pipeline (``conftest.py``) cannot produce on demand: chosen per-query ranks,
+many runs, early stopping at a given epoch, a cut ``metrics.jsonl`` line, a shared stage 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+MEASURES = ("mr", "mrr", "hits@1", "hits@3", "hits@10")
+
+
+def write_experiment(root: Path, name: str, kind: str, variants: list[str] = ()) -> Path:
+    """``experiment.json`` (and ``study.yaml`` listing ``variants`` in order, for an ablation)."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "experiment.json").write_text(
+        json.dumps({"name": name, "kind": kind, "metric": "valid.clean.mrr", "mode": "max"})
+    )
+    if variants:
+        lines = ["variants:"] + [f"  {v}: []" for v in variants]
+        (folder / "study.yaml").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def epochs(
+    stage: int, count: int, *, start_mrr: float = 0.3, step: float = 0.01, early_stop: bool = False
+) -> list[dict]:
+    """``count`` epoch records of ``stage`` with a rising valid MRR and a falling loss."""
+    records = []
+    for epoch in range(1, count + 1):
+        record = {
+            "stage": stage,
+            "epoch": epoch,
+            "loss": 1.0 / (epoch + 1) + (0.2 if stage == 2 else 0.0),
+            "lr": 1e-3,
+            "train_seconds": 0.1,
+            "valid.clean.mrr": start_mrr + step * epoch,
+            "valid.clean.hits@1": start_mrr / 2 + step * epoch,
+        }
+        if stage == 2:
+            record.update(kl=0.01, bce=0.5)
+        records.append(record)
+    if early_stop and records:
+        records[-1]["early_stopped"] = True
+    return records
+
+
+def ranks_measures(realistic: np.ndarray) -> dict:
+    """The clean-protocol measures of ``(Q,)`` realistic ranks, as ``core.evaluation`` has them."""
+    return {
+        "mr": float(realistic.mean()),
+        "mrr": float((1.0 / realistic).mean()),
+        **{f"hits@{k}": float((realistic <= k).mean()) for k in (1, 3, 10)},
+    }
+
+
+def write_run(
+    experiment: Path,
+    run: str,
+    *,
+    seed: int,
+    records: list[dict] = (),
+    realistic: np.ndarray | None = None,
+    stage1_epochs: int = 5,
+    stage1: dict | None = None,
+    metrics_text: str | None = None,
+) -> Path:
+    """A finished run: ``status.json``, ``config.json``, ``metrics.jsonl``, ``results.json``.
+
+    Args:
+        run: e.g. ``ablation/full/seed-0``.
+        records: its own epoch records (written one JSON object a line).
+        realistic: ``(Q,)`` test ranks; when given, ``ranks_test.npz`` is written (queries
+            ``(Q, 3)`` numbered ``0..Q-1``) and the test measures are computed from them.
+        stage1_epochs: ``train.stage1_epochs`` of its config.
+        stage1: ``status.json``'s ``stage1`` (a shared stage-1 run's ``key`` and ``checkpoint``).
+        metrics_text: ``metrics.jsonl`` exactly, instead of ``records``.
+    """
+    folder = experiment / "runs" / run
+    folder.mkdir(parents=True)
+    status = {"state": "finished", "seed": seed, "attempts": [{}], "wall_seconds": 1.0}
+    if stage1 is not None:
+        status["stage1"] = stage1
+    (folder / "status.json").write_text(json.dumps(status))
+    config = {"seed": seed, "train": {"stage1_epochs": stage1_epochs, "stage2_epochs": 3}}
+    (folder / "config.json").write_text(json.dumps(config))
+    text = "".join(json.dumps(r) + "\n" for r in records) if metrics_text is None else metrics_text
+    if text:
+        (folder / "metrics.jsonl").write_text(text)
+    if realistic is None:
+        test = dict(zip(MEASURES, (2.0, 0.5, 0.3, 0.6, 0.9), strict=True))
+    else:
+        realistic = np.asarray(realistic, dtype=float)
+        queries = np.stack([np.arange(len(realistic))] * 3, axis=1)
+        np.savez(folder / "ranks_test.npz", queries=queries, realistic=realistic)
+        test = ranks_measures(realistic)
+    results = {
+        "final_stage": 2,
+        "valid": {"clean": test, "inference_ms_per_query": 0.1},
+        "test": {"clean": test, "inference_ms_per_query": 0.1},
+        "best_epochs": {"stage2": 1},
+        "timings": {"train_seconds": 1.0},
+    }
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def write_shared_stage1(experiment: Path, key: str, records: list[dict]) -> dict:
+    """A shared stage-1 run under ``stage1/<key>/run``; returns the ``stage1`` a trial records."""
+    folder = experiment / "stage1" / key / "run"
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"key": key, "reused": True, "checkpoint": str(folder / "checkpoints" / "last.pt")}
