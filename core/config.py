@@ -4,6 +4,10 @@ Every run and trial directory, and every checkpoint, holds the config as JSON. U
 values are rejected before any work starts, naming the key and listing what is valid::
 
     config = load_config("run.yaml", overrides=["diffusion.steps=20", "structure.fusion=fixed"])
+
+The defaults are the shipped recipe, what ``diffcom train --dataset X`` runs with no config file;
+``core/configs/recipe.yaml`` spells every value out for users to start from (a test keeps the two
+equal). They were chosen on valid MRR across datasets, never per dataset (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ class FeaturesConfig:
 class ModelConfig:
     """Structure-MKGformer, the feature extractor that scores every candidate (x_0)."""
 
-    hidden_dim: int = _range(256, 8, 8192)
+    hidden_dim: int = _range(128, 8, 8192)
     num_layers: int = _range(2, 1, 48)
     num_heads: int = _range(4, 1, 64)
     fusion_layers: int = _range(1, 0, 48)  # last layers where visual tokens join the text tokens
@@ -92,7 +96,7 @@ class StructureConfig:
     encoder: str = _choice("mgat", ("mgat", "none"))
     conv: str = _choice("gatv2", ("gat", "gatv2"))
     hops: int = _range(1, 1, 1)  # 1-hop subgraphs only for now
-    max_nodes: int = _range(32, 2, 4096)
+    max_nodes: int = _range(16, 2, 4096)
     neighbour_selection: str = _choice("relation", ("relation", "random"))
     heads: int = _range(2, 1, 16)
     layers: int = _range(2, 1, 8)
@@ -105,7 +109,7 @@ class DiffusionConfig:
     """The diffusion process over candidate scores and the conditional denoiser (CDenoiser)."""
 
     enabled: bool = True  # False: stage 1 only (the "−diffusion" ablation)
-    steps: int = _range(20, 1, 1000)
+    steps: int = _range(5, 1, 1000)
     schedule: str = _choice("linear", ("linear", "cosine"))
     beta_start: float = _range(1e-4, 0.0, 1.0, low_open=True, high_open=True)
     beta_end: float = _range(0.02, 0.0, 1.0, low_open=True, high_open=True)
@@ -140,20 +144,24 @@ class LossConfig:
     kl_reduction: str = _choice("sum", ("sum", "mean"))
     w_bce: float = _range(1.0, 0.0, 1e6)
     stage2_extractor: str = _choice("frozen", ("frozen", "finetune"))
+    # What stage 2 trains: the denoiser through the diffusion loss, or (a control for studies)
+    # the extractor alone with its stage-1 loss for the same epochs at lr_stage2, which separates
+    # "more extractor training" from "diffusion" when compared with stage2_extractor=finetune.
+    stage2_objective: str = _choice("diffusion", ("diffusion", "extractor-bce"))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation for both stages; early stopping watches valid MRR under the clean protocol."""
 
-    stage1_epochs: int = _range(20, 0, 100_000)
+    stage1_epochs: int = _range(200, 0, 100_000)
     stage2_epochs: int = _range(10, 0, 100_000)
     batch_size: int = _range(128, 1, 1_000_000)
-    lr_stage1: float = _range(1e-3, 0.0, 10.0, low_open=True)
+    lr_stage1: float = _range(5e-3, 0.0, 10.0, low_open=True)
     lr_stage2: float = _range(1e-3, 0.0, 10.0, low_open=True)
     weight_decay: float = _range(0.01, 0.0, 10.0)
     warmup_fraction: float = _range(0.1, 0.0, 1.0)
-    patience: int = _range(5, 0, 100_000)  # epochs without valid MRR gain; 0 disables
+    patience: int = _range(20, 0, 100_000)  # epochs without valid MRR gain; 0 disables
     mixed_precision: str = _choice("no", ("no", "bf16", "fp16"))
     eval_every: int = _range(1, 1, 100_000)
     max_grad_norm: float = _range(1.0, 0.0, 1e6)

@@ -203,7 +203,7 @@ def stage1_loss(scores: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.
 
 def _clean_scorer(model: DiffusionCom, stage: int, config: ExperimentConfig):
     """Score function of the clean protocol: deterministic, no label use."""
-    if stage == 1 or model.diffusion is None:
+    if stage == 1 or model.diffusion is None or config.loss.stage2_objective == "extractor-bce":
         return model.stage1_scores
     if config.eval.clean_inference == "zero-noise":
         return model.scores
@@ -354,6 +354,14 @@ def _keeps_query_cache(config: ExperimentConfig, graph: KnowledgeGraph, is_main:
     return False
 
 
+def _extractor_trains_in_stage2(config: ExperimentConfig) -> bool:
+    """Whether stage 2 changes the extractor (fine-tuned, or trained alone as a control)."""
+    return (
+        config.loss.stage2_extractor == "finetune"
+        or config.loss.stage2_objective == "extractor-bce"
+    )
+
+
 def _run_stage(
     run: TrainingRun,
     stage: int,
@@ -372,8 +380,10 @@ def _run_stage(
         # The whole model is wrapped; with a frozen extractor only the denoiser has trainable
         # parameters, so only its gradients are synchronised across processes.
         trained = model
-        model.extractor.requires_grad_(config.loss.stage2_extractor == "finetune")
+        model.extractor.requires_grad_(_extractor_trains_in_stage2(config))
         learning_rate = config.train.lr_stage2
+        if config.loss.stage2_objective == "extractor-bce":
+            trained = model.extractor
     parameters = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters, lr=learning_rate, weight_decay=config.train.weight_decay
@@ -402,7 +412,7 @@ def _run_stage(
         optimizer.load_state_dict(progress_state["optimizer"])
         scheduler.load_state_dict(progress_state["scheduler"])
     trained_wrapped, optimizer = accelerator.prepare(trained, optimizer)
-    frozen_extractor = stage == 2 and config.loss.stage2_extractor == "frozen"
+    frozen_extractor = stage == 2 and not _extractor_trains_in_stage2(config)
     model.extractor.freeze_entity_table(frozen_extractor, cache_queries=run.cache_queries)
     if frozen_extractor:
         model.extractor.eval()
@@ -414,7 +424,7 @@ def _run_stage(
     while progress_state["epoch"] < epochs and not progress_state["done"]:
         epoch = progress_state["epoch"]
         model.train()
-        if stage == 2 and config.loss.stage2_extractor == "frozen":
+        if frozen_extractor:
             model.extractor.eval()  # frozen: no dropout either
         started, loss_sum, kl_sum, bce_sum, batches = time.perf_counter(), 0.0, 0.0, 0.0, 0
         batches_of_epoch = _epoch_batches(run.queries, config, stage, epoch, accelerator)
@@ -430,7 +440,7 @@ def _run_stage(
                 accelerator.device
             )
             with accelerator.autocast():
-                if stage == 1:
+                if stage == 1 or config.loss.stage2_objective == "extractor-bce":
                     scores = trained_wrapped(batch[:, 0], batch[:, 1]).scores
                     loss = stage1_loss(scores.float(), labels, config.loss.stage1)
                     parts = {}
@@ -600,12 +610,18 @@ def _forget_epochs_after(metrics_file: Path, state: dict) -> None:
     """Drop ``metrics.jsonl`` records newer than the checkpoint being resumed.
 
     A run killed between writing an epoch's record and its checkpoint repeats that epoch; without
-    this its record would appear twice.
+    this its record would appear twice. A record cut short by the kill is dropped too.
     """
     if not metrics_file.is_file():
         return
     reached = {stage: state.get(f"stage{stage}", {}).get("epoch", 0) for stage in (1, 2)}
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    records = []
+    for line in metrics_file.read_text().splitlines():
+        # A kill while a record was being written leaves a cut last line: drop it.
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line) if line.strip() else None
+            if isinstance(record, dict):
+                records.append(record)
     kept = [r for r in records if r.get("epoch", 0) <= reached.get(r.get("stage"), 0)]
     metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
@@ -634,7 +650,7 @@ def _stage1_metrics(run: TrainingRun, state: dict, split: str) -> dict:
     """Clean metrics of the stage-1 extractor alone: under ``finetune`` stage 2 changed the
     extractor, so its stage-1 weights are put back for this evaluation and restored after."""
     config, model = run.config, run.model
-    if config.loss.stage2_extractor == "frozen" or "best_stage1" not in state:
+    if not _extractor_trains_in_stage2(config) or "best_stage1" not in state:
         return evaluate_clean(model, run.graph, split, 1, config, run.accelerator).metrics(
             config.eval.tie
         )
@@ -658,7 +674,7 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
     # Every evaluation below runs the same frozen extractor on the same queries: encode once.
     model.eval()
     model.extractor.freeze_entity_table(
-        final_stage == 2 and config.loss.stage2_extractor == "frozen",
+        final_stage == 2 and not _extractor_trains_in_stage2(config),
         cache_queries=run.cache_queries,
     )
     results: dict = {
@@ -676,7 +692,11 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
             results[split]["stage1_clean"] = (
                 results[split]["clean"] if final_stage == 1 else _stage1_metrics(run, state, split)
             )
-        if final_stage == 2 and config.eval.report_official:
+        if (
+            final_stage == 2
+            and config.eval.report_official
+            and config.loss.stage2_objective == "diffusion"
+        ):
             official = evaluate_official(model, graph, split, config, run.accelerator)
             results[split][f"official-min-of-{config.eval.official_samples}"] = official.metrics(
                 config.eval.tie

@@ -124,6 +124,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     # A kill between an epoch's record and its checkpoint leaves a record the checkpoint lacks.
     with (tmp_path / "killed" / "metrics.jsonl").open("a") as stream:
         stream.write(json.dumps({"stage": 2, "epoch": 2, "loss": 0.0}) + "\n")
+        stream.write('{"stage": 2, "epoch": 3, "lo')  # and a record the kill cut short
     resumed = train(smoke_config(), tmp_path / "killed", progress=False)
     assert resumed["test"]["clean_all"] == uninterrupted["test"]["clean_all"]
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
@@ -292,3 +293,32 @@ def test_bf16_mixed_precision_on_cpu_and_fp16_refused(tmp_path):
     again = train(smoke_config(), tmp_path / "plain", progress=False)
     reference = train(smoke_config(), tmp_path / "reference", progress=False)
     assert again["test"]["clean_all"] == reference["test"]["clean_all"]
+
+
+def test_extractor_bce_control_trains_the_extractor_alone_in_stage2(tmp_path):
+    """The control for "more extractor training vs diffusion": stage 2 leaves the denoiser as
+    initialised and continues the extractor with its stage-1 loss."""
+    from core.train.checkpoint import load_checkpoint
+
+    results = train(
+        smoke_config("loss.stage2_objective=extractor-bce", "eval.report_official=true"),
+        tmp_path / "control",
+        progress=False,
+    )
+    state = load_checkpoint(tmp_path / "control" / "checkpoints" / "last.pt")
+    weights, stage1 = state["best_stage2"], state["best_stage1"]
+    assert torch.count_nonzero(weights["denoiser.output.weight"]) == 0  # never trained
+    changed = [
+        k for k in stage1 if k.startswith("extractor.") and not torch.equal(stage1[k], weights[k])
+    ]
+    assert "extractor.entity_embedding.weight" in changed
+    records = [
+        json.loads(x) for x in (tmp_path / "control" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["kl"] for r in records if r["stage"] == 2] == [0.0, 0.0]
+    # stage1_clean is the extractor before stage 2, not the one stage 2 trained.
+    assert results["valid"]["stage1_clean"]["mrr"] == pytest.approx(
+        results["selection"]["valid_mrr_stage1"]
+    )
+    assert results["valid"]["clean"]["mrr"] != results["valid"]["stage1_clean"]["mrr"]
+    assert "official-min-of-2" not in results["test"]  # no diffusion to sample from
