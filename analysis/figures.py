@@ -333,13 +333,14 @@ def _column(rows: pd.DataFrame, name: str) -> pd.Series:
     return rows[name].astype(float) if name in rows else pd.Series(math.nan, index=rows.index)
 
 
-def forest_figure(table: pd.DataFrame, reference: str = "full") -> go.Figure | None:
+def forest_figure(table: pd.DataFrame, reference: str | None = None) -> go.Figure | None:
     """Δ MRR and Δ Hits@1 of each variant against ``reference`` with their 95% intervals.
 
     Args:
         table: :func:`analysis.tables.ablation_table`'s frame (its ``delta_<m>``,
             ``delta_<m>_ci_low``/``_high``, ``p_<m>``, ``test_<m>`` and ``mark_<m>`` columns).
-        reference: the variant the others were compared with; it gets no row.
+        reference: the variant the others were compared with; it gets no row, and the titles
+            name it. By default the table's ``reference`` column, else ``full``.
 
     Variants keep the table's order (the study's), top to bottom; a dashed line marks zero, so a
     bar that crosses it is a difference the paired test cannot tell from none. A variant without
@@ -348,6 +349,8 @@ def forest_figure(table: pd.DataFrame, reference: str = "full") -> go.Figure | N
     """
     if table.empty or "variant" not in table:
         return None
+    if reference is None:
+        reference = str(table["reference"].iloc[0]) if "reference" in table else "full"
     rows = table[table["variant"] != reference]
     rows = rows[_column(rows, "delta_mrr").notna() | _column(rows, "delta_hits@1").notna()]
     if rows.empty:

@@ -13,6 +13,13 @@ sensitivity axis and value, or search point), the seed, the run's config flatten
 valid MRR under the clean protocol, is what ``results.json`` reports), timings and provenance.
 A folder that cannot be read is listed in :attr:`Loaded.problems` and skipped, never fatal.
 
+Each experiment's metadata also gets what its copied ``study.yaml`` says of an ablation:
+``variant_order`` (the variants in file order) and ``reference`` (the variant every other
+variant's difference is against: the study's ``reference``, else ``full`` if there is such a
+variant, else the first; the rule of :mod:`sweeps.study`). An ablation without a readable study
+file takes ``full`` if some run is of it, else the first of its cells alphabetically. Other kinds
+get ``None``.
+
 The same pass reads every run's ``metrics.jsonl`` into :attr:`Loaded.curves`, the learning
 curves: one row per run × recorded epoch (columns :data:`CURVE_COLUMNS`). ``epoch`` counts within
 its stage; ``global_epoch`` counts across both, stage 2 continuing after stage 1's last epoch. A
@@ -70,7 +77,9 @@ class Loaded:
 
     Attributes:
         frame: the tidy frame (empty, with its columns, when nothing could be read).
-        experiments: ``experiment.json`` of each experiment, by name, with ``path`` added.
+        experiments: ``experiment.json`` of each experiment, by name, with ``path``,
+            ``variant_order`` and ``reference`` (an ablation's reference variant, else ``None``)
+            added.
         problems: ``(path, reason)`` of every folder, file or line skipped.
         curves: the learning curves, one row per run × epoch (columns :data:`CURVE_COLUMNS`).
     """
@@ -103,15 +112,22 @@ def load_experiments(paths: list[str | Path]) -> Loaded:
             loaded.problems.append((str(path), f"a second experiment named {name!r}; skipped"))
             continue
         metadata["path"] = str(path)
-        metadata["variant_order"] = _variant_order(path / "study.yaml")
+        metadata["variant_order"], metadata["reference"] = _ablation_design(
+            path / "study.yaml", metadata.get("kind"), loaded
+        )
         loaded.experiments[name] = metadata
         status_files = sorted((path / "runs").glob("**/status.json"))
         if not status_files:
             loaded.problems.append((str(path), "no runs yet (empty experiment)"))
+        experiment_rows = []
         for status_file in status_files:
             run_rows, run_curve = _run_rows(path, metadata, status_file.parent, loaded, shared)
-            rows += run_rows
+            experiment_rows += run_rows
             curve_rows += run_curve
+        if metadata.get("kind") == "ablation" and metadata["reference"] is None and experiment_rows:
+            cells = sorted({row["cell"] for row in experiment_rows})
+            metadata["reference"] = _default_reference(cells)
+        rows += experiment_rows
     frame = pd.DataFrame(rows)
     if frame.empty:
         frame = pd.DataFrame(columns=_BASE_COLUMNS)
@@ -148,14 +164,41 @@ def _read(path: Path, loaded: Loaded):
     return None
 
 
-def _variant_order(study_file: Path) -> list[str]:
-    """Ablation variants in the order the study file lists them (the paper's row order)."""
+def _ablation_design(
+    study_file: Path, kind: str | None, loaded: Loaded
+) -> tuple[list[str], str | None]:
+    """``(variants in file order, reference variant)`` from an experiment's copied study file.
+
+    The order is the paper's row order (``[]`` without a readable list of variants). The reference
+    is the study's ``reference``, else ``full`` if it has such a variant, else its first; ``None``
+    for other kinds or without variants. A reference that is not one of the variants is kept (its
+    comparisons stay empty) and listed in ``loaded.problems``.
+    """
     try:
         study = yaml.safe_load(study_file.read_text())
     except (OSError, yaml.YAMLError):
-        return []
+        return [], None
     variants = study.get("variants") if isinstance(study, dict) else None
-    return list(variants) if isinstance(variants, dict) else []
+    order = [str(variant) for variant in variants] if isinstance(variants, dict) else []
+    if kind != "ablation" or not order:
+        return order, None
+    reference = study.get("reference")
+    if reference is None:
+        return order, _default_reference(order)
+    if reference not in order:
+        loaded.problems.append(
+            (
+                str(study_file),
+                f"reference {reference!r} is not one of its variants ({', '.join(order)}): "
+                "no variant has a difference to show",
+            )
+        )
+    return order, str(reference)
+
+
+def _default_reference(variants: list[str]) -> str:
+    """``full`` if it is among ``variants``, else the first (as :mod:`sweeps.study` chooses)."""
+    return "full" if "full" in variants else variants[0]
 
 
 def _cell(kind: str, run: str, config: dict) -> tuple[str, str | None, object]:

@@ -3,7 +3,8 @@
 Reads only files (``experiment.json``, ``runs/**``); writes into ``out``::
 
     report.html                  everything below, plotly.js inlined (opens offline)
-    tables/ablation.{md,tex,csv}
+    tables/ablation.{md,tex,csv} Δ against the reference variant; when the experiments name
+                                 different ones, tables/ablation-vs-<variant>.* (one per reference)
     tables/sensitivity.{md,tex,csv}
     tables/protocol-audit.{md,tex,csv}
     tables/search-points.csv
@@ -113,29 +114,9 @@ def build_report(
     sections: list[str] = [_overview(loaded)]
     figures: list[tuple[str, go.Figure]] = []
 
-    order = [v for m in loaded.experiments.values() for v in m.get("variant_order", [])]
-    ablation = ablation_table(frame, order=order)
-    if not ablation.empty:
-        formatted = format_table(ablation, "ablation")
-        report.files += write_table(
-            ablation, formatted, out / "tables" / "ablation", "Ablation (test, clean protocol)"
-        )
-        tests = sorted(
-            {t for c in ("test_mrr", "test_hits@1") if c in ablation for t in ablation[c].dropna()}
-        )
-        parts = [
-            _table_html(formatted),
-            _paragraph(
-                "Mean ± sample std over seeds; 95% t interval of MRR; Δ against the full model "
-                "with its 95% interval [in brackets] and a paired test, named per row "
-                f"({'; '.join(tests) or 'none'}): * p < 0.05, ** p < 0.01. " + ABLATION_TEST_NOTE
-            ),
-        ]
-        forest = forest_figure(ablation)
-        if forest is not None:
-            figures.append(("ablation-forest", forest))
-            parts.append(_figure_placeholder(len(figures) - 1))
-        sections.append(_section("Ablation", "".join(parts)))
+    ablation = _ablation_section(loaded, out, report, figures)
+    if ablation:
+        sections.append(ablation)
     sensitivity = sensitivity_table(frame)
     if not sensitivity.empty:
         formatted = format_table(sensitivity, "sensitivity")
@@ -214,6 +195,89 @@ def build_report(
     return report
 
 
+# ----------------------------------------------------------------------------------- ablation
+
+
+def _ablation_groups(loaded: Loaded) -> dict[str, list[str]]:
+    """Ablation experiments by the variant their differences are against, in load order.
+
+    Experiments that share a reference (a study and its extensions, which add seeds) are pooled
+    into one table, as cells of the same name always were; experiments with different references
+    never are, so every Δ of a table is against the one variant its header names.
+    """
+    groups: dict[str, list[str]] = {}
+    for name, metadata in loaded.experiments.items():
+        if metadata.get("kind") == "ablation" and metadata.get("reference") is not None:
+            groups.setdefault(metadata["reference"], []).append(name)
+    return groups
+
+
+def _ablation_section(
+    loaded: Loaded, out: Path, report: Report, figures: list[tuple[str, go.Figure]]
+) -> str:
+    """The ablation tables (one per reference variant) and their forest plots ("" when none)."""
+    frame = loaded.frame
+    tables = []
+    for reference, names in _ablation_groups(loaded).items():
+        order = [v for name in names for v in loaded.experiments[name].get("variant_order", [])]
+        runs = frame[frame["experiment"].isin(names)]
+        table = ablation_table(runs, reference=reference, order=order)
+        if not table.empty:
+            tables.append((reference, names, table))
+    if not tables:
+        return ""
+    several = len(tables) > 1
+    parts = [
+        _paragraph(
+            "Mean ± sample std over seeds; 95% t interval of MRR; Δ = variant − reference "
+            "variant, with its 95% interval [in brackets] and a paired test, named per row: "
+            "* p < 0.05, ** p < 0.01. The reference is the study's <code>reference</code> "
+            "(by default the variant called full, else the study's first). " + ABLATION_TEST_NOTE
+        )
+    ]
+    if several:
+        parts.append(
+            _paragraph(
+                "These experiments name different reference variants, so each reference has its "
+                "own table and forest plot; experiments that share one are pooled."
+            )
+        )
+    stems: set[str] = set()
+    for reference, names, table in tables:
+        stem = f"ablation-vs-{_slug(reference)}" if several else "ablation"
+        if stem in stems:  # two references that differ only in odd characters
+            stem = f"{stem}-{len(stems)}"
+        stems.add(stem)
+        formatted = format_table(table, "ablation")
+        report.files += write_table(
+            table,
+            formatted,
+            out / "tables" / stem,
+            f"Ablation (test, clean protocol; Δ vs {reference})",
+        )
+        tests = sorted(
+            {t for c in ("test_mrr", "test_hits@1") if c in table for t in table[c].dropna()}
+        )
+        experiments = ", ".join(names)
+        text = (
+            f"Δ against <b>{html.escape(reference)}</b>, the reference variant of "
+            f"{html.escape(experiments)}; paired tests: {html.escape('; '.join(tests) or 'none')}."
+        )
+        if reference not in set(table["variant"]):
+            text += (
+                f" The reference {html.escape(reference)} has no finished run yet, so no Δ is "
+                "shown."
+            )
+        if several:
+            parts.append(f"<h3>Δ vs {html.escape(reference)}</h3>")
+        parts += [_paragraph(text), _table_html(formatted)]
+        forest = forest_figure(table, reference=reference)
+        if forest is not None:
+            figures.append((stem.replace("ablation", "ablation-forest", 1), forest))
+            parts.append(_figure_placeholder(len(figures) - 1))
+    return _section("Ablation", "".join(parts))
+
+
 # --------------------------------------------------------------------------------------- html
 
 
@@ -277,6 +341,11 @@ def _overview(loaded: Loaded) -> str:
             ("seeds", ", ".join(map(str, metadata.get("seeds", []))) or "-"),
             ("runs", status_text),
             ("metric", f"{metadata.get('metric')} ({metadata.get('mode')})"),
+            *(
+                [("reference variant", f"{metadata['reference']} (every Δ is against it)")]
+                if metadata.get("reference") is not None
+                else []
+            ),
             (
                 "code revision",
                 f"{code.get('revision', 'unknown')}{' (uncommitted changes)' if code.get('dirty') else ''}"

@@ -17,6 +17,7 @@ from analysis.load import MEASURES
 from analysis.stats import Comparison, mark, paired_t_test, summarize, two_level_bootstrap
 
 __all__ = [
+    "ablation_reference",
     "ablation_table",
     "format_table",
     "protocol_audit",
@@ -119,10 +120,18 @@ def ablation_table(
 ) -> pd.DataFrame:
     """One row per ablation variant (test split, clean protocol), the reference first.
 
-    Variants follow ``order`` (the study file's order), then any others alphabetically.
+    Args:
+        frame: the tidy frame; only its ablation runs enter.
+        reference: the variant every other variant is compared with (the study's ``reference``,
+            :attr:`analysis.load.Loaded.experiments`' ``reference``). A reference without
+            finished runs leaves every difference NaN.
+        order: the study file's variant order; variants follow it, then any others
+            alphabetically.
 
-    Columns per measure: mean, std and 95% CI bounds over seeds; then, for MRR and Hits@1, the
-    difference against ``reference`` (``delta_<m>``), its 95% interval (``delta_<m>_ci_low``,
+    Columns: ``variant``, ``experiment``, ``reference`` (the same in every row, so the CSV says
+    what the differences are against), ``seeds``; per measure, mean, std and 95% CI bounds over
+    seeds; then, for MRR and Hits@1, the difference against ``reference`` (``delta_<m>``), its
+    95% interval (``delta_<m>_ci_low``,
     ``delta_<m>_ci_high``), the paired test that gave them (``test_<m>``: a two-level bootstrap
     over seeds and queries when per-query ranks are stored, else a paired t over seeds), its
     p-value (``p_<m>``) and mark (``mark_<m>``). The reference's own row has NaN there.
@@ -140,7 +149,11 @@ def ablation_table(
     rows = []
     for cell in cells:
         group = finished[finished["cell"] == cell]
-        row = {"variant": cell, "experiment": ", ".join(sorted(set(group["experiment"])))}
+        row = {
+            "variant": cell,
+            "experiment": ", ".join(sorted(set(group["experiment"]))),
+            "reference": reference,
+        }
         row.update(_summary_columns(group))
         for measure in ("mrr", "hits@1"):
             if cell == reference or reference_rows.empty:
@@ -248,7 +261,12 @@ def _cell_text(row: pd.Series, measure: str, digits: int) -> str:
 
 
 def _delta_text(row: pd.Series, measure: str) -> str:
-    """``+0.012** [+0.004, +0.020]``: the difference, its mark and its 95% interval."""
+    """``+0.012** [+0.004, +0.020]``: the difference, its mark and its 95% interval.
+
+    ``reference`` on the reference's own row, ``-`` where there is no difference to show.
+    """
+    if row["variant"] == row.get("reference"):
+        return "reference"
     delta = row[f"delta_{measure}"]
     if isinstance(delta, float) and math.isnan(delta):
         return "-"
@@ -273,8 +291,18 @@ def _test_text(row: pd.Series) -> str:
     return "; ".join(f"{label}: {test}" for label, test in tests.items())
 
 
+def ablation_reference(table: pd.DataFrame) -> str | None:
+    """The variant an :func:`ablation_table`'s differences are against (None for an empty one)."""
+    if table.empty or "reference" not in table:
+        return None
+    return str(table["reference"].iloc[0])
+
+
 def format_table(table: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """Readable text cells: ``mean ± std`` per measure, signed deltas with marks and intervals."""
+    """Readable text cells: ``mean ± std`` per measure, signed deltas with marks and intervals.
+
+    An ablation's difference columns name their reference: ``Δ MRR vs full [95% CI]``.
+    """
     if table.empty:
         return table
     formatted = pd.DataFrame()
@@ -292,8 +320,9 @@ def format_table(table: pd.DataFrame, kind: str) -> pd.DataFrame:
             lambda r, m=measure, d=digits: _cell_text(r, m, d), axis=1
         )
     if kind == "ablation":
+        versus = f" vs {ablation_reference(table)}" if "reference" in table else ""
         for measure in ("mrr", "hits@1"):
-            formatted[f"Δ {LABELS[measure]} [95% CI]"] = table.apply(
+            formatted[f"Δ {LABELS[measure]}{versus} [95% CI]"] = table.apply(
                 lambda r, m=measure: _delta_text(r, m), axis=1
             )
         formatted["Test"] = table.apply(_test_text, axis=1)

@@ -18,6 +18,8 @@ one of three kinds of study over the typed experiment config of :mod:`core.confi
     variants:                       # kind: ablation -- one cell per variant
       full: {}
       no-mgat: {structure.encoder: none}
+    reference: full                 # kind: ablation, optional -- the variant each Δ is against;
+                                    # full if there is one, else the first variant
 
     axes:                           # kind: sensitivity -- one axis at a time
       diffusion.steps: [5, 10, 20]
@@ -267,6 +269,8 @@ class Study:
         mode: ``"max"`` or ``"min"``.
         search: the search part (``search`` studies).
         variants: the ablation cells (``ablation`` studies).
+        reference: the variant every other variant's difference is against (``ablation``
+            studies: ``full`` if there is such a variant, else the first; ``None`` otherwise).
         axes: the axes (``sensitivity`` studies).
         defaults: ``(axis key, value)`` pairs each axis key keeps while another axis moves.
         launch_overrides: the ``KEY=VALUE`` texts of ``--set`` given at launch, as given; their
@@ -286,6 +290,7 @@ class Study:
     mode: str = "max"
     search: Search | None = None
     variants: tuple[Variant, ...] = ()
+    reference: str | None = None
     axes: tuple[Axis, ...] = ()
     defaults: tuple[tuple[str, Any], ...] = ()
     launch_overrides: tuple[str, ...] = ()
@@ -425,6 +430,7 @@ def _read_study(
                 )
     elif kind == "ablation":
         study["variants"] = reader.variants(data.get("variants"), base_tree)
+        study["reference"] = reader.reference(data.get("reference"), study["variants"])
     else:
         study["axes"], study["defaults"] = reader.axes(
             data.get("axes"), data.get("defaults"), base_tree
@@ -702,7 +708,7 @@ class _Reader:
     )
     _BY_KIND = {
         "search": ("search",),
-        "ablation": ("variants",),
+        "ablation": ("variants", "reference"),
         "sensitivity": ("axes", "defaults"),
     }
 
@@ -979,6 +985,23 @@ class _Reader:
             configs[config] = name
             variants.append(Variant(name=name, overrides=pairs))
         return tuple(variants)
+
+    def reference(self, value, variants: tuple[Variant, ...]) -> str:
+        """The variant named by ``reference``; by default ``full`` if there is one, else the first."""
+        names = [variant.name for variant in variants]
+        if value is None:
+            return "full" if "full" in names else names[0]
+        if not isinstance(value, str) or value not in names:
+            hint = (
+                " (YAML reads unquoted yes/no/on/off as booleans)"
+                if isinstance(value, bool)
+                else ""
+            )
+            raise self.error(
+                "reference",
+                f"{value!r} is not a variant of this study{hint}; choose one of {', '.join(names)}",
+            )
+        return value
 
     def axes(self, value, defaults, tree: dict):
         if not isinstance(value, dict) or not value:

@@ -14,8 +14,11 @@ import numpy as np
 MEASURES = ("mr", "mrr", "hits@1", "hits@3", "hits@10")
 
 
-def write_experiment(root: Path, name: str, kind: str, variants: list[str] = ()) -> Path:
-    """``experiment.json`` (and ``study.yaml`` listing ``variants`` in order, for an ablation)."""
+def write_experiment(
+    root: Path, name: str, kind: str, variants: list[str] = (), reference: str | None = None
+) -> Path:
+    """``experiment.json`` (and ``study.yaml`` listing ``variants`` in order, for an ablation,
+    with ``reference: <reference>`` when given)."""
     folder = root / name
     folder.mkdir(parents=True)
     (folder / "experiment.json").write_text(
@@ -23,8 +26,39 @@ def write_experiment(root: Path, name: str, kind: str, variants: list[str] = ())
     )
     if variants:
         lines = ["variants:"] + [f"  {v}: []" for v in variants]
+        if reference is not None:
+            lines.append(f"reference: {reference}")
         (folder / "study.yaml").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def write_ablation(
+    root: Path,
+    name: str,
+    shifts: dict[str, float],
+    *,
+    reference: str | None = None,
+    seeds=(0, 1),
+    queries: int = 200,
+) -> tuple[Path, dict[str, np.ndarray]]:
+    """An ablation whose variant ``v`` ranks every query ``shifts[v]`` (plus the seed) worse.
+
+    Variants are ``shifts``' keys in order; every run stores its test ranks.
+
+    Returns:
+        The experiment folder and each variant's ``(S, Q)`` reciprocal ranks, seeds in order.
+    """
+    experiment = write_experiment(root, name, "ablation", list(shifts), reference=reference)
+    base = np.random.default_rng(0).integers(1, 20, queries).astype(float)
+    arms = {}
+    for variant, shift in shifts.items():
+        per_seed = []
+        for seed in seeds:
+            ranks = base + shift + seed
+            write_run(experiment, f"ablation/{variant}/seed-{seed}", seed=seed, realistic=ranks)
+            per_seed.append(1 / ranks)
+        arms[variant] = np.stack(per_seed)
+    return experiment, arms
 
 
 def epochs(

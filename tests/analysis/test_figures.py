@@ -148,3 +148,12 @@ def test_forest_plot_of_a_real_ablation_table(ablation_experiment):
     assert list(figure.data[0].y) == list(rows["variant"])
     high = rows["delta_mrr_ci_high"] - rows["delta_mrr"]
     assert list(figure.data[0].error_x.array) == pytest.approx(list(high))
+
+
+def test_forest_plot_names_the_tables_reference():
+    table = _ablation_frame().assign(reference="no-diffusion")
+    figure = forest_figure(table)
+    assert list(figure.data[0].y) == ["no-mgat", "one-seed"]  # the reference has no row
+    titles = [annotation.text for annotation in figure.layout.annotations]
+    assert titles == ["Δ MRR vs no-diffusion", "Δ Hits@1 vs no-diffusion"]
+    assert "against no-diffusion" in figure.layout.title.text

@@ -221,3 +221,34 @@ def test_a_cut_metrics_line_is_skipped_and_reported_once(tmp_path):
     assert row["last_epoch"] == 2 and row["finished"]
     lean = loaded.curves[loaded.curves["run"] == "ablation/lean/seed-1"]
     assert list(lean["global_epoch"]) == [1, 2, 3, 4]
+
+
+def test_the_reference_variant_follows_the_study_file_with_the_sweeps_default(tmp_path):
+    variants = ["ddpm", "stage1-only"]
+    paths = [
+        write_experiment(tmp_path, "named", "ablation", variants, reference="stage1-only"),
+        write_experiment(tmp_path, "first", "ablation", variants),
+        write_experiment(tmp_path, "with-full", "ablation", ["ddpm", "full"]),
+        write_experiment(tmp_path, "unknown", "ablation", ["ddpm", "full"], reference="gone"),
+        write_experiment(tmp_path, "bare", "ablation"),  # no study.yaml: from its runs
+        write_experiment(tmp_path, "axes", "sensitivity"),
+    ]
+    for cell in ("b", "a"):
+        write_run(paths[4], f"ablation/{cell}/seed-0", seed=0)
+    loaded = load_experiments(paths)
+    references = {name: m["reference"] for name, m in loaded.experiments.items()}
+    assert references == {
+        "named": "stage1-only",
+        "first": "ddpm",
+        "with-full": "full",
+        "unknown": "gone",
+        "bare": "a",
+        "axes": None,
+    }
+    assert loaded.experiments["named"]["variant_order"] == variants
+    study_file = str(paths[3] / "study.yaml")
+    assert (
+        study_file,
+        "reference 'gone' is not one of its variants (ddpm, full): no variant has a difference "
+        "to show",
+    ) in loaded.problems

@@ -6,13 +6,14 @@ import shutil
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from analysis.load import load_experiments
 from analysis.report import build_report, find_chromium
 from core.cli import main
-from tests.analysis.fake_runs import epochs, write_experiment, write_run
+from tests.analysis.fake_runs import epochs, write_ablation, write_experiment, write_run
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -51,7 +52,7 @@ def test_report_command_writes_html_and_tables(
     for figure in ("ablation-forest", "curves-tiny-ablation", "curves-tiny-sensitivity"):
         assert f'id="figure-{figure}"' in html
     assert html.index('id="figure-ablation-forest"') < html.index(">Sensitivity</h2>")
-    assert "two-level bootstrap over seeds and queries" in html and "Δ MRR [95% CI]" in html
+    assert "two-level bootstrap over seeds and queries" in html and "Δ MRR vs full [95% CI]" in html
     # Self-contained: plotly.js is inlined, nothing is fetched (no external script or style).
     assert not re.search(r"<script[^>]*\bsrc=", html) and not re.search(r"<link[^>]*href=", html)
     assert "Plotly.newPlot" in html and len(html) > 1_000_000
@@ -96,6 +97,64 @@ def test_a_search_report_has_its_learning_curves(tmp_path):
     html = build_report([search], tmp_path / "out", png=False).html.read_text()
     assert html.index(">Search</h2>") < html.index(">Learning curves</h2>")
     assert 'id="figure-curves-tiny-search"' in html and ">Ablation</h2>" not in html
+
+
+SHIFTS = {"full": 0, "no-mgat": 2, "no-diffusion": 5}
+
+
+def test_the_ablation_is_against_the_reference_its_study_names(tmp_path):
+    designs, arms = write_ablation(tmp_path, "designs", SHIFTS, reference="no-diffusion")
+    out = tmp_path / "out"
+    html = build_report([designs], out, png=False).html.read_text()
+    table = pd.read_csv(out / "tables" / "ablation.csv")
+    assert list(table["variant"]) == ["no-diffusion", "full", "no-mgat"]
+    assert set(table["reference"]) == {"no-diffusion"}
+    full = table[table["variant"] == "full"].iloc[0]
+    assert full["delta_mrr"] == pytest.approx((arms["full"] - arms["no-diffusion"]).mean())
+    markdown = (out / "tables" / "ablation.md").read_text()
+    assert markdown.startswith("Ablation (test, clean protocol; Δ vs no-diffusion)")
+    assert "Δ MRR vs no-diffusion [95% CI]" in markdown and "| no-diffusion |" in markdown
+    assert "Δ MRR vs no-diffusion [95% CI]" in html
+    assert "Δ against <b>no-diffusion</b>, the reference variant of designs" in html
+    assert "Ablation: difference against no-diffusion" in html  # the forest plot's title
+    assert "no-diffusion (every Δ is against it)" in html  # the overview says it too
+
+
+def test_experiments_with_different_references_get_a_table_each(tmp_path):
+    designs, design_arms = write_ablation(tmp_path, "designs", SHIFTS, reference="no-diffusion")
+    paper, paper_arms = write_ablation(tmp_path, "paper", SHIFTS)  # full, by default
+    more, _ = write_ablation(tmp_path, "paper-ext1", SHIFTS, seeds=(2,))  # more seeds of paper
+    out = tmp_path / "out"
+    html = build_report([paper, designs, more], out, png=False).html.read_text()
+    tables = out / "tables"
+    assert not (tables / "ablation.csv").exists()
+    against_full = pd.read_csv(tables / "ablation-vs-full.csv")
+    against_none = pd.read_csv(tables / "ablation-vs-no-diffusion.csv")
+    assert list(against_full["variant"]) == ["full", "no-mgat", "no-diffusion"]
+    assert set(against_full["experiment"]) == {"paper, paper-ext1"}  # the same reference: pooled
+    assert list(against_full["seeds"]) == [3, 3, 3]
+    assert set(against_none["experiment"]) == {"designs"}
+    row = against_none[against_none["variant"] == "no-mgat"].iloc[0]
+    expected = (design_arms["no-mgat"] - design_arms["no-diffusion"]).mean()
+    assert row["delta_mrr"] == pytest.approx(expected)
+    row = against_full[against_full["variant"] == "no-diffusion"].iloc[0]
+    assert row["delta_mrr"] < 0  # no-diffusion against full, not the other way round
+    assert "<h3>Δ vs full</h3>" in html and "<h3>Δ vs no-diffusion</h3>" in html
+    assert html.index("<h3>Δ vs full</h3>") < html.index("<h3>Δ vs no-diffusion</h3>")
+    for figure in ("ablation-forest-vs-full", "ablation-forest-vs-no-diffusion"):
+        assert f'id="figure-{figure}"' in html
+    assert "name different reference variants" in html
+
+
+def test_a_reference_without_finished_runs_says_so(tmp_path):
+    designs, _ = write_ablation(tmp_path, "designs", SHIFTS, reference="no-diffusion")
+    for seed in (0, 1):
+        (designs / f"runs/ablation/no-diffusion/seed-{seed}/results.json").unlink()
+        status = designs / f"runs/ablation/no-diffusion/seed-{seed}/status.json"
+        status.write_text(json.dumps({**json.loads(status.read_text()), "state": "running"}))
+    html = build_report([designs], tmp_path / "out", png=False).html.read_text()
+    assert "The reference no-diffusion has no finished run yet, so no Δ is shown." in html
+    assert 'id="figure-ablation-forest"' not in html
 
 
 @pytest.mark.skipif(

@@ -17,7 +17,7 @@ from analysis.tables import (
     sensitivity_table,
     write_table,
 )
-from tests.analysis.fake_runs import write_experiment, write_run
+from tests.analysis.fake_runs import write_ablation, write_experiment, write_run
 
 TWO_LEVEL = "two-level bootstrap over seeds and queries"
 
@@ -91,11 +91,12 @@ def test_ablation_table_mean_std_ci_and_paired_comparison(ablation_experiment, t
         == f"{table.iloc[0]['mrr_mean']:.3f} ± {table.iloc[0]['mrr_std']:.3f}"
     )
     no_mgat_text = formatted[formatted["Variant"] == "no-mgat"].iloc[0]
-    assert no_mgat_text["Δ MRR [95% CI]"] == (
+    assert no_mgat_text["Δ MRR vs full [95% CI]"] == (
         f"{no_mgat['delta_mrr']:+.3f}{no_mgat['mark_mrr']} "
         f"[{no_mgat['delta_mrr_ci_low']:+.3f}, {no_mgat['delta_mrr_ci_high']:+.3f}]"
     )
     assert no_mgat_text["Test"] == TWO_LEVEL and formatted.iloc[0]["Test"] == "-"
+    assert formatted.iloc[0]["Δ MRR vs full [95% CI]"] == "reference"
     paths = write_table(table, formatted, tmp_path / "ablation", "Ablation (test, clean protocol)")
     assert [p.suffix for p in paths] == [".csv", ".md", ".tex"]
     assert "| full |" in paths[1].read_text() and r"$\pm$" in paths[2].read_text()
@@ -103,8 +104,11 @@ def test_ablation_table_mean_std_ci_and_paired_comparison(ablation_experiment, t
     header = paths[0].read_text().splitlines()[0].split(",")
     for column in ("delta_mrr_ci_low", "delta_mrr_ci_high", "test_mrr", "delta_hits@1_ci_low"):
         assert column in header
-    assert TWO_LEVEL in paths[1].read_text() and "Δ MRR [95% CI]" in paths[1].read_text()
-    assert TWO_LEVEL in paths[2].read_text() and r"$\Delta$ MRR [95\% CI]" in paths[2].read_text()
+    assert TWO_LEVEL in paths[1].read_text() and "Δ MRR vs full [95% CI]" in paths[1].read_text()
+    assert (
+        TWO_LEVEL in paths[2].read_text()
+        and r"$\Delta$ MRR vs full [95\% CI]" in paths[2].read_text()
+    )
 
 
 def test_sensitivity_table_has_one_row_per_value_with_latency(sensitivity_experiment):
@@ -204,3 +208,29 @@ def test_ranks_of_different_queries_are_not_paired(tmp_path):
     np.savez(ranks_file, queries=queries, realistic=realistic)
     worse = ablation_table(load_experiments([experiment]).frame).iloc[1]
     assert worse["test_mrr"] == "paired t over seeds"
+
+
+def test_ablation_deltas_are_against_the_reference_the_study_names(tmp_path):
+    shifts = {"full": 0, "no-mgat": 2, "no-diffusion": 5}
+    experiment, arms = write_ablation(tmp_path, "designs", shifts, reference="no-diffusion")
+    loaded = load_experiments([experiment])
+    metadata = loaded.experiments["designs"]
+    assert metadata["reference"] == "no-diffusion" and not loaded.problems
+    table = ablation_table(
+        loaded.frame, reference=metadata["reference"], order=metadata["variant_order"]
+    )
+    assert list(table["variant"]) == ["no-diffusion", "full", "no-mgat"]  # the reference first
+    assert set(table["reference"]) == {"no-diffusion"}
+    assert math.isnan(table.iloc[0]["delta_mrr"])
+    for variant in ("full", "no-mgat"):
+        row = table[table["variant"] == variant].iloc[0]
+        difference = arms[variant] - arms["no-diffusion"]  # (S, Q), paired by seed and query
+        assert row["test_mrr"] == TWO_LEVEL
+        assert row["delta_mrr"] == pytest.approx(difference.mean())
+        assert row["delta_mrr"] > 0  # both rank better than no-diffusion
+    formatted = format_table(table, "ablation")
+    assert list(formatted.columns[7:9]) == [
+        "Δ MRR vs no-diffusion [95% CI]",
+        "Δ Hits@1 vs no-diffusion [95% CI]",
+    ]
+    assert formatted.iloc[0]["Δ MRR vs no-diffusion [95% CI]"] == "reference"

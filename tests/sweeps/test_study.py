@@ -32,6 +32,7 @@ EXPECTED_STUDIES = {
     "sensitivity-loss",
     "sensitivity-steps",
     "sensitivity-width",
+    "stage2-designs",
 }
 
 
@@ -70,6 +71,18 @@ def test_every_shipped_study_loads_and_names_its_launch_command(path):
 def test_the_shipped_set_is_complete():
     assert {path.stem for path in shipped_studies()} == EXPECTED_STUDIES
     assert STUDIES_DIR == REPO / "sweeps" / "studies"
+
+
+def test_stage2_designs_share_one_stage1_per_seed_against_stage1_only():
+    """The study's cost is three stage-1 runs: every design is a stage-2 change only."""
+    from sweeps.stage1 import stage1_key
+
+    study = load_study(STUDIES_DIR / "stage2-designs.yaml")
+    assert study.reference == "stage1-only"
+    configs = [trial_config(study, trial) for trial in expand_trials(study)]
+    assert len(configs) == 14 * 3
+    assert len({stage1_key(config) for config in configs}) == 3
+    assert {c.train.stage2_selection for c in configs} == {"stage2-only"}
 
 
 def test_paper_ablation_expands_to_27_stable_trials():
@@ -182,15 +195,32 @@ def test_search_umls_holds_what_the_ray_adapter_needs():
     assert (sampled.diffusion.steps, sampled.loss.w_kl, sampled.seed) == (35, 0.3, 4)
 
 
-def test_demo_is_four_small_trials_on_umls():
+def test_demo_trains_two_stage1_runs_for_its_three_cells():
+    """make demo's budget rests on stage-1 reuse: full and no-diffusion share one stage 1."""
+    from sweeps.stage1 import stage1_key
+
     study = load_study(STUDIES_DIR / "demo.yaml")
     assert study.base_config == REPO / "core" / "configs" / "demo.yaml"
-    trials = expand_trials(study)
-    assert len(trials) == 4
-    for trial in trials:
-        config = trial_config(study, trial)
-        assert config.data.dataset == "umls"
-        assert config.train.stage1_epochs + config.train.stage2_epochs <= 6
+    configs = {trial.name: trial_config(study, trial) for trial in expand_trials(study)}
+    assert len(configs) == 3 and {c.data.dataset for c in configs.values()} == {"umls"}
+    keys = {name.split("/")[1]: stage1_key(config) for name, config in configs.items()}
+    assert keys["full"] == keys["no-diffusion"] != keys["no-mgat"]
+
+
+def test_an_ablation_names_the_variant_its_differences_are_against(tmp_path):
+    designs = (
+        "kind: ablation\nvariants:\n  ddpm: {}\n  stage1-only: {diffusion.enabled: false}\n"
+        "  no-mgat: {structure.encoder: none}\n"
+    )
+    named = load_study(write_study(tmp_path, designs + "reference: stage1-only\n"))
+    assert named.reference == "stage1-only"
+    assert [trial.cell for trial in expand_trials(named)] == ["ddpm", "stage1-only", "no-mgat"]
+    # By default: the variant called full if there is one, else the first variant.
+    assert load_study(write_study(tmp_path, designs)).reference == "ddpm"
+    with_full = designs.replace("  no-mgat:", "  full: {diffusion.steps: 20}\n  no-mgat:")
+    assert load_study(write_study(tmp_path, with_full)).reference == "full"
+    assert load_study(STUDIES_DIR / "paper-ablation.yaml").reference == "full"
+    assert load_study(STUDIES_DIR / "sensitivity-steps.yaml").reference is None
 
 
 # --------------------------------------------------------------------------------- grid search
@@ -279,6 +309,23 @@ SEARCH = "kind: search\nsearch:\n  algorithm: optuna-tpe\n  num_samples: 4\n  sp
         ),
         (ABLATION + "sedes: [0]\n", r"sedes: unknown study key; valid keys of a ablation study"),
         (ABLATION + "axes: {diffusion.steps: [1]}\n", r"axes: belongs to sensitivity studies"),
+        (
+            "kind: sensitivity\naxes: {diffusion.steps: [5, 10]}\nreference: full\n",
+            r"reference: belongs to ablation studies; this study is kind sensitivity",
+        ),
+        (
+            SEARCH + "    diffusion.steps: {type: choice, values: [5]}\nreference: full\n",
+            r"reference: belongs to ablation studies; this study is kind search",
+        ),
+        (
+            ABLATION + "  no-mgat: {structure.encoder: none}\nreference: no-diffusion\n",
+            r"reference: 'no-diffusion' is not a variant of this study; choose one of full, no-mgat",
+        ),
+        (
+            ABLATION + "reference: no\n",
+            r"reference: False is not a variant of this study \(YAML reads unquoted yes/no.*\); "
+            r"choose one of full",
+        ),
         (
             "kind: ablation\noverrides:\n  diffusion: {steps: 3}\nvariants: {full: {}}\n",
             r"overrides\.diffusion: diffusion is a section, not a key",
