@@ -174,8 +174,8 @@ def test_sensitivity_centres_match_the_full_model_of_the_ablation():
     for name in ("steps", "width", "depth", "lambda", "loss"):
         study = load_study(STUDIES_DIR / f"sensitivity-{name}.yaml")
         centre = config_to_dict(study_config(study))
-        allowed = {axis.key for axis in study.axes} | {"structure.fusion"}
-        assert _differences(centre, full) <= allowed, name
+        # Only the lambda study fixes the gate (its axis is the fixed lambda).
+        assert _differences(centre, full) <= {"structure.fusion"}, name
 
 
 def test_search_umls_holds_what_the_ray_adapter_needs():
