@@ -516,7 +516,7 @@ def _run_stage(
     if f"best_{stage_key}" in state:
         model.load_state_dict(state[f"best_{stage_key}"])
     elif stage == 2 and "best_stage1" in state:
-        model.load_state_dict(state["best_stage1"])
+        _load_extractor(model, state["best_stage1"])
     accelerator.free_memory()
 
 
@@ -626,6 +626,18 @@ def _forget_epochs_after(metrics_file: Path, state: dict) -> None:
     metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+def _load_extractor(model: DiffusionCom, weights: dict) -> None:
+    """Put the extractor's part of a full model state back (the stage-1 weights).
+
+    A stage 1 reused from another run (a sweep's shared stage-1 store, or ``--stage1-checkpoint``)
+    may come from a model without a denoiser, so only the extractor's keys are read.
+    """
+    prefix = "extractor."
+    model.extractor.load_state_dict(
+        {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    )
+
+
 def _load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:
     try:
         module.load_state_dict(weights)
@@ -654,14 +666,14 @@ def _stage1_metrics(run: TrainingRun, state: dict, split: str) -> dict:
         return evaluate_clean(model, run.graph, split, 1, config, run.accelerator).metrics(
             config.eval.tie
         )
-    selected = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(state["best_stage1"])
+    selected = {k: v.detach().clone() for k, v in model.extractor.state_dict().items()}
+    _load_extractor(model, state["best_stage1"])
     try:
         return evaluate_clean(model, run.graph, split, 1, config, run.accelerator).metrics(
             config.eval.tie
         )
     finally:
-        model.load_state_dict(selected)
+        model.extractor.load_state_dict(selected)
 
 
 def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:

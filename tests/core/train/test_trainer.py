@@ -322,3 +322,27 @@ def test_extractor_bce_control_trains_the_extractor_alone_in_stage2(tmp_path):
     )
     assert results["valid"]["clean"]["mrr"] != results["valid"]["stage1_clean"]["mrr"]
     assert "official-min-of-2" not in results["test"]  # no diffusion to sample from
+
+
+@pytest.mark.parametrize(
+    "stage2", ["loss.stage2_extractor=frozen", "loss.stage2_extractor=finetune"]
+)
+def test_stage1_fallback_and_stage1_metrics_work_on_a_reused_stage1_without_denoiser(
+    tmp_path, monkeypatch, stage2
+):
+    """A sweep's shared stage 1 is a stage-1-only run: its weights have no denoiser keys."""
+    train(smoke_config("diffusion.enabled=false"), tmp_path / "stage1", progress=False)
+    real_scores = DiffusionCom.scores
+    monkeypatch.setattr(
+        DiffusionCom, "scores", lambda self, *args, **kwargs: -real_scores(self, *args, **kwargs)
+    )
+    results = train(
+        smoke_config("train.stage2_selection=include-stage1", stage2),
+        tmp_path / "reused",
+        stage1_checkpoint=tmp_path / "stage1" / "checkpoints" / "last.pt",
+        progress=False,
+    )
+    stage1 = json.loads((tmp_path / "stage1" / "results.json").read_text())
+    assert results["final_stage"] == 1
+    # The selected model is exactly the reused stage 1, whatever stage 2 did to the extractor.
+    assert results["test"]["clean_all"] == stage1["test"]["clean_all"]
