@@ -42,14 +42,11 @@ __all__ = ["CURVE_COLUMNS", "MEASURES", "Loaded", "load_experiments", "protocol_
 
 MEASURES = ("mr", "mrr", "hits@1", "hits@3", "hits@10")
 
+# What names a run in every frame: its experiment, study kind, trial name, cell and seed.
+_RUN_COLUMNS = ["experiment", "kind", "run", "cell", "axis", "axis_value", "seed"]
+
 CURVE_COLUMNS = [
-    "experiment",
-    "kind",
-    "run",
-    "cell",
-    "axis",
-    "axis_value",
-    "seed",
+    *_RUN_COLUMNS,
     "source",  # "run" (its own metrics.jsonl) or "shared stage 1"
     "stage",
     "epoch",  # 1-based within the stage
@@ -138,13 +135,7 @@ def load_experiments(paths: list[str | Path]) -> Loaded:
 
 
 _BASE_COLUMNS = [
-    "experiment",
-    "kind",
-    "run",
-    "cell",
-    "axis",
-    "axis_value",
-    "seed",
+    *_RUN_COLUMNS,
     "state",
     "finished",
     "split",
