@@ -4,9 +4,10 @@ This module wires the parts together; the diffusion math stays in :mod:`core.mod
 network pieces in :mod:`core.model.extractor` and :mod:`core.model.denoiser`.
 
 What is diffused: the extractor's scores over all entities (``diffuse="full"``) or over its top-k
-candidates (``"top-k"``, ordered by score or, as the released code does, by entity id), by default standardised
-per query (zero mean, unit variance) so that the noise schedule means the same thing whatever the
-scale of the logits. Ranking is unchanged by that standardisation.
+candidates (``"top-k"``, ordered by score or, as the released code does, by entity id), by default
+standardised per query (zero mean, unit variance) so that the noise schedule means the same thing
+whatever the scale of the logits (``x0="raw"`` diffuses the raw logits, as the released code does).
+Ranking is unchanged by that standardisation.
 
 Inference starts the reverse chain from the noised x_0, ``x_K = sqrt(ᾱ_K)·x_0 + sqrt(1−ᾱ_K)·ε``, as
 the released code does: with the released linear schedule ᾱ_K is near 0.9, so a chain started from

@@ -373,17 +373,16 @@ def _run_stage(
     config, model, accelerator = run.config, run.model, run.accelerator
     stage_key = f"stage{stage}"
     epochs = config.train.stage1_epochs if stage == 1 else config.train.stage2_epochs
+    # Stage 1, and the extractor-bce control in stage 2, train the extractor alone on its loss.
+    extractor_alone = stage == 1 or config.loss.stage2_objective == "extractor-bce"
     if stage == 1:
-        trained = model.extractor
         learning_rate = config.train.lr_stage1
     else:
-        # The whole model is wrapped; with a frozen extractor only the denoiser has trainable
-        # parameters, so only its gradients are synchronised across processes.
-        trained = model
         model.extractor.requires_grad_(_extractor_trains_in_stage2(config))
         learning_rate = config.train.lr_stage2
-        if config.loss.stage2_objective == "extractor-bce":
-            trained = model.extractor
+    # Otherwise the whole model is wrapped; with a frozen extractor only the denoiser has
+    # trainable parameters, so only its gradients are synchronised across processes.
+    trained = model.extractor if extractor_alone else model
     parameters = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters, lr=learning_rate, weight_decay=config.train.weight_decay
@@ -440,7 +439,7 @@ def _run_stage(
                 accelerator.device
             )
             with accelerator.autocast():
-                if stage == 1 or config.loss.stage2_objective == "extractor-bce":
+                if extractor_alone:
                     scores = trained_wrapped(batch[:, 0], batch[:, 1]).scores
                     loss = stage1_loss(scores.float(), labels, config.loss.stage1)
                     parts = {}

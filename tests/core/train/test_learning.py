@@ -5,6 +5,8 @@ seed and the data and asserts what training must achieve, with the values measur
 recorded beside each bound, so a change that stops the extractor learning from the graph fails.
 """
 
+import json
+
 import pytest
 from accelerate.utils import set_seed
 
@@ -46,7 +48,5 @@ def test_stage1_learns_the_structure_of_an_anonymised_graph(tmp_path):
 
 
 def _valid_curve(run_dir):
-    import json
-
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [record["valid.clean.mrr"] for record in records]
