@@ -376,10 +376,14 @@ def markdown_table(
             results = [run["pykeen"][model] for run in runs]
             epochs = statistics.fmean(r["epochs"] for r in results)
             best = statistics.fmean(r["best_epoch"] for r in results)
+            reused = {r["reused_from"] for r in results if "reused_from" in r}
+            label = f"PyKEEN {model}" + (
+                f" (the {', '.join(sorted(reused))} runs: budget ≥ T)" if reused else ""
+            )
             lines.append(
                 _row(
                     dataset,
-                    f"PyKEEN {model}",
+                    label,
                     budget,
                     _fmt([r["seconds"] for r in results], 0),
                     f"{epochs:.0f} ({best:.0f})",
@@ -433,6 +437,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, help="folder for table.md and results.json")
     parser.add_argument(
+        "--from-results",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="train nothing: print the table of these results.json files (e.g. of two processes "
+        "that each ran some datasets)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -467,10 +479,28 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown model {unknown[0]}; choose from {', '.join(PYKEEN_MODELS)}")
 
+    if args.from_results:
+        records, configs, datasets = merge_results(args.from_results)
+        variants = sorted(
+            {v for runs in records.values() for r in runs.values() for v in r["ours"]}
+        )
+        models = [
+            m
+            for m in PYKEEN_MODELS
+            if all(m in r["pykeen"] for runs in records.values() for r in runs.values())
+        ]
+        table = markdown_table(records, datasets, variants, models)
+        print(table)
+        print(verdict(records, datasets, variants, models))
+        return
+
     work = Path(tempfile.mkdtemp(prefix="bench-quality-runs-"))
     began = time.perf_counter()
     records: dict = {}
     configs: dict = {}
+    # (dataset without ":anonymous", seed, model) -> (budget, result): PyKEEN sees only id triples,
+    # so NAME:anonymous reuses NAME's run of the same seed when that one had at least its budget.
+    pykeen_runs: dict[tuple[str, int, str], tuple[float, dict]] = {}
     for dataset in datasets:
         graph = _graph(dataset)
         records[dataset] = {}
@@ -491,17 +521,30 @@ def main(argv: list[str] | None = None) -> None:
             # Every PyKEEN model gets the longest time any of our variants took.
             budget = max(ours["budget_seconds"] for ours in record["ours"].values())
             record["budget_seconds"] = budget
+            base = dataset.removesuffix(ANONYMOUS_SUFFIX)
             for model in models:
-                result = run_pykeen(model, graph, seed, budget, args)
+                earlier = pykeen_runs.get((base, seed, model))
+                if earlier is not None and earlier[0] >= budget:
+                    result = {**earlier[1], "reused_from": base, "reused_budget": earlier[0]}
+                else:
+                    result = run_pykeen(model, graph, seed, budget, args)
+                    pykeen_runs[(base, seed, model)] = (budget, result)
                 record["pykeen"][model] = result
                 print(
                     f"[{dataset} seed {seed}] {model}: {result['seconds']:.1f}s "
                     f"{result['epochs']} epochs (best {result['best_epoch']}) "
                     f"test MRR {result['test']['mrr']:.4f} H@1 {result['test']['hits@1']:.4f} "
-                    f"load {result['load_average']}",
+                    f"load {result['load_average']}"
+                    + (
+                        f" (reused from {base}, budget {earlier[0]:.1f}s)"
+                        if "reused_from" in result
+                        else ""
+                    ),
                     flush=True,
                 )
             records[dataset][str(seed)] = record
+            if args.out is not None:  # after every seed: an interrupted run keeps what it measured
+                write_results(args, seeds, datasets, configs, models, records, began)
 
     shutil.rmtree(work, ignore_errors=True)
     table = markdown_table(records, datasets, variants, models)
@@ -512,30 +555,56 @@ def main(argv: list[str] | None = None) -> None:
     print(summary)
     print(f"total {elapsed / 60:.1f} min, load average now {os.getloadavg()}")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
+        write_results(args, seeds, datasets, configs, models, records, began)
         (args.out / "table.md").write_text(table + "\n" + summary)
-        payload = {
-            "argv": sys.argv,
-            "seeds": seeds,
-            "datasets": datasets,
-            "our_configs": configs,
-            "pykeen": {
-                "models": {m: PYKEEN_MODELS[m][1] for m in models},
-                "training": "LCWA, create_inverse_triples=True, CrossEntropyLoss, Adam",
-                "lr": args.pykeen_lr,
-                "batch_size": args.pykeen_batch_size,
-                "label_smoothing": args.pykeen_label_smoothing,
-                "selection": "best valid MRR epoch (our evaluator), checked after every epoch",
-            },
-            "environment": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-            },
-            "total_seconds": round(elapsed, 1),
-            "records": records,
-        }
-        (args.out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def write_results(args, seeds, datasets, configs, models, records, began) -> None:
+    """``results.json`` under ``--out``: every per-seed number measured so far, written atomically."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "argv": sys.argv,
+        "seeds": seeds,
+        "datasets": datasets,
+        "our_configs": configs,
+        "pykeen": {
+            "models": {m: PYKEEN_MODELS[m][1] for m in models},
+            "training": "LCWA, create_inverse_triples=True, CrossEntropyLoss, Adam",
+            "lr": args.pykeen_lr,
+            "batch_size": args.pykeen_batch_size,
+            "label_smoothing": args.pykeen_label_smoothing,
+            "selection": "best valid MRR epoch (our evaluator), checked after every epoch",
+        },
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "total_seconds": round(time.perf_counter() - began, 1),
+        "records": records,
+    }
+    partial = args.out / "results.json.partial"
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    partial.replace(args.out / "results.json")
+
+
+def merge_results(paths: list[Path]) -> tuple[dict, dict, list[str]]:
+    """Records, configs and dataset order of several ``results.json`` (e.g. two processes that
+    each ran some datasets); a dataset in two files is an error."""
+    records: dict = {}
+    configs: dict = {}
+    datasets: list[str] = []
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        for dataset in payload["datasets"]:
+            if dataset not in payload["records"] or not payload["records"][dataset]:
+                continue
+            if dataset in records:
+                raise SystemExit(f"{path}: dataset {dataset} is also in an earlier results file")
+            records[dataset] = payload["records"][dataset]
+            configs[dataset] = payload["our_configs"].get(dataset, {})
+            datasets.append(dataset)
+    return records, configs, datasets
 
 
 if __name__ == "__main__":
