@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-__all__ = ["build_parser", "main"]
+__all__ = ["add_core_commands"]
 
 
 def _load_options(args: argparse.Namespace):
@@ -61,8 +61,13 @@ _SYNTH_OVERRIDES = (
 def _data_synth(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from core.data.files import DatasetError
     from core.data.synthetic import SyntheticSpec, generate_synthetic
 
+    if not args.out.strip():
+        # Path("") is the current directory: an empty argument (an unset shell variable) must not
+        # write a dataset there.
+        raise DatasetError("diffcom data synth: the output folder is empty; name a folder")
     spec = SyntheticSpec.preset(args.preset)
     overrides = {
         field: getattr(args, field)
@@ -96,6 +101,43 @@ def _data_features(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What a run folder holds once ``train`` wrote into it (``config.json`` is checked on its own).
+_RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "results.json")
+#: Sections of the ``config.json`` that ``train`` writes (``core.config.save_config``).
+_RUN_CONFIG_SECTIONS = ("data", "model", "train")
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(saved, dict) and all(
+        isinstance(saved.get(section), dict) for section in _RUN_CONFIG_SECTIONS
+    )
+
+
+def _check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that holds something other than a run: training writes its
+    ``config.json`` there, over any file of that name. A run folder (to resume) and an empty or
+    missing folder pass."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out}: exists and is not a folder")
+    entries = sorted(entry.name for entry in out.iterdir())
+    if not entries:
+        return
+    if any((out / name).exists() for name in _RUN_ENTRIES) or _is_run_config(out / "config.json"):
+        return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise FileExistsError(
+        f"--out {out}: not empty and not a diffcom run (it holds {shown}; a run has config.json "
+        f"written by diffcom train, metrics.jsonl or checkpoints/); choose an empty or new folder, "
+        f"or pass --force to train there anyway"
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from core.config import load_config
     from core.train.trainer import train
@@ -103,10 +145,23 @@ def _train(args: argparse.Namespace) -> int:
     overrides = [*args.set]
     if args.dataset:
         overrides.insert(0, f"data.dataset={args.dataset}")
+    # The config is checked before --out is looked at, so a refused run leaves no folder behind.
     config = load_config(args.config, overrides)
-    results = train(
-        config, args.out, stage1_checkpoint=args.stage1_checkpoint, progress=not args.quiet
-    )
+    out = Path(args.out)
+    if not args.force:
+        _check_out_folder(out)
+    created = not out.exists()
+    try:
+        results = train(
+            config, out, stage1_checkpoint=args.stage1_checkpoint, progress=not args.quiet
+        )
+    except BaseException:
+        # The trainer creates --out before it loads the dataset and checkpoints; a run they refuse
+        # has written nothing yet, so the folder it created goes again.
+        if created:  # rmdir fails on a folder the run wrote into, or one another rank removed
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     if os.environ.get("RANK", "0") != "0":  # a multi-process launch: the main process reports
         return 0
     test = results["test"]["clean"]
@@ -162,14 +217,12 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser; every command and subcommand has ``--help``."""
-    parser = argparse.ArgumentParser(
-        prog="diffcom",
-        description="Train DiffusionCom, sweep and ablate it, and report the results.",
-    )
-    nouns = parser.add_subparsers(dest="noun", metavar="{data,train,sweep,report}", required=True)
+def add_core_commands(nouns) -> None:
+    """Add ``data check|synth|features`` and ``train`` to the ``diffcom`` parser's subcommands.
 
+    The ``diffcom`` command itself (``diffcom.cli``) joins these with the sweep and report commands;
+    ``core`` stays below ``sweeps`` and ``analysis`` and imports neither.
+    """
     data = nouns.add_parser("data", help="inspect, generate and featurise datasets")
     data_verbs = data.add_subparsers(dest="verb", metavar="{check,synth,features}", required=True)
 
@@ -226,37 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run directory")
     train.add_argument("--stage1-checkpoint", help="reuse the stage-1 extractor of this checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="train into --out even when it holds files but is not a run (its config.json is "
+        "overwritten)",
+    )
     train.set_defaults(handler=_train)
-
-    # One `diffcom` command for the whole project: the sweep and report commands live with their
-    # packages (sweeps loads Ray only when a sweep starts; analysis never loads core or Ray).
-    from analysis.cli import add_report_command
-    from sweeps.cli import add_sweep_commands
-
-    add_sweep_commands(nouns)
-    add_report_command(nouns)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``diffcom`` console script; returns the exit status."""
-    from core.data.files import DatasetError
-    from core.train.checkpoint import CheckpointError
-    from core.train.trainer import NonFiniteLossError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except (
-        DatasetError,
-        CheckpointError,
-        NonFiniteLossError,
-        ValueError,
-        FileExistsError,
-    ) as error:
-        print(f"diffcom: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

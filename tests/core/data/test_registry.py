@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from core.cli import main
 from core.data.files import DatasetError
 from core.data.mkgformer import LoadOptions, load_mkgformer
 from core.data.registry import load_dataset, synthetic_dataset_folder
 from core.data.synthetic import SyntheticSpec, generate_synthetic
 from core.features.cache import cache_key
+from diffcom.cli import main
 
 
 def test_synthetic_dataset_reads_back_through_the_mkgformer_loader(tmp_path):
@@ -99,6 +99,13 @@ def test_data_synth_command_writes_a_loadable_dataset(tmp_path, capsys):
     assert "diffcom: error:" in capsys.readouterr().err
 
 
+def test_data_synth_refuses_an_empty_output_folder_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # an empty folder: Path("") would be it
+    assert main(["data", "synth", "", "--entities", "60"]) == 2
+    assert "output folder is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_data_features_command_computes_then_hits_the_cache(tmp_path, capsys):
     argv = [
         "data",
@@ -140,3 +147,36 @@ def test_anonymous_entity_text_replaces_every_text_and_keeps_the_graph():
     assert cache_key(anonymous.content_hash(), *identity) != cache_key(
         named.content_hash(), *identity
     )
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_empty_dataset_name_is_an_error_not_the_current_folder(name, capsys, tmp_path, monkeypatch):
+    # The current folder is a valid-looking dataset, so only the empty-name check can stop the load.
+    generate_synthetic(SyntheticSpec.preset("small", images_per_entity=0), tmp_path, progress=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match="dataset name is empty"):
+        load_dataset(name, cache_dir=tmp_path / "cache")
+    assert main(["data", "check", name, "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "diffcom: error: the dataset name is empty" in capsys.readouterr().err
+
+
+def test_a_file_given_as_dataset_folder_is_named(tmp_path):
+    (tmp_path / "train.tsv").write_text("a\tb\tc\n")
+    with pytest.raises(DatasetError, match=r"train\.tsv: is a file, expected a folder"):
+        load_dataset(tmp_path / "train.tsv", cache_dir=tmp_path)
+
+
+def test_data_synth_overwrite_refuses_a_real_dataset(tmp_path, capsys):
+    # A hand-made MKGformer folder: the generator's own file names, but no generator marker.
+    real = tmp_path / "FB15k-237"
+    real.mkdir()
+    names = ["train.tsv", "dev.tsv", "test.tsv", "entities.txt", "relations.txt", "entity2text.txt"]
+    for name in names:
+        (real / name).write_text(f"real {name}\n")
+    (real / "images" / "m.0a").mkdir(parents=True)
+    (real / "images" / "m.0a" / "0.png").write_bytes(b"real image")
+    before = {path: path.read_bytes() for path in real.rglob("*") if path.is_file()}
+    assert main(["data", "synth", str(real), "--overwrite"]) == 2
+    error = capsys.readouterr().err
+    assert f"{real} was not written by `diffcom data synth`" in error
+    assert {path: path.read_bytes() for path in real.rglob("*") if path.is_file()} == before
