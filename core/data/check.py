@@ -74,6 +74,11 @@ def format_statistics(statistics: dict) -> str:
         lines.append(
             f"             {report['entities_without_image_folder']:,} entities without an image folder"
         )
+    if report.get("unreadable_image_folders"):
+        lines.append(
+            f"             {report['unreadable_image_folders']:,} entities whose image folder cannot "
+            "be read (images skipped)"
+        )
     dropped = report.get("dropped_unknown", {})
     if any(dropped.values()):
         lines.append(

@@ -17,12 +17,20 @@ never-correct candidates, so it can only make ranks worse.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from core.data.files import DatasetError, read_columns, read_id_list, read_id_texts
+from core.data.files import (
+    DatasetError,
+    path_problem,
+    quote,
+    read_columns,
+    read_id_list,
+    read_id_texts,
+)
 from core.data.graph import KnowledgeGraph
 from core.data.images import IMAGE_SUFFIXES, SKIP_REASONS, ImageVerdictCache
 
@@ -30,6 +38,7 @@ __all__ = ["CANDIDATE_SETS", "LoadOptions", "entity_image_folder", "load_mkgform
 
 CANDIDATE_SETS = ("entities", "entity2text")
 _SPLIT_FILES = {"train": ("train.tsv",), "valid": ("dev.tsv", "valid.tsv"), "test": ("test.tsv",)}
+_VOCABULARY_FILES = {"entity": "entities.txt", "relation": "relations.txt"}
 _IMAGE_ROOTS = ("images", "../FB15k-images", "../wn18-images", "FB15k-images", "wn18-images")
 
 
@@ -70,9 +79,18 @@ def entity_image_folder(entity: str) -> str:
     return entity.strip("/").replace("/", ".")
 
 
+def _present(path: Path) -> bool:
+    """Whether anything, even a broken link or a folder, sits at ``path``.
+
+    Optional files are read when present at all, so a folder or a link loop where a file belongs is
+    reported by the reader instead of being skipped as if the file were absent.
+    """
+    return os.path.lexists(path)
+
+
 def _find_split(folder: Path, split: str) -> Path:
     for name in _SPLIT_FILES[split]:
-        if (folder / name).is_file():
+        if _present(folder / name):
             return folder / name
     raise DatasetError(
         f"{folder}: no {split} split; expected one of {', '.join(_SPLIT_FILES[split])}"
@@ -81,13 +99,22 @@ def _find_split(folder: Path, split: str) -> Path:
 
 def _find_image_root(folder: Path, image_root: str | None) -> Path | None:
     if image_root is not None:
+        if not image_root.strip():
+            raise DatasetError("image_root is empty; expected a folder of per-entity image folders")
         root = Path(image_root).expanduser()
-        if not root.is_dir():
-            raise DatasetError(f"image_root {root} is not a folder")
+        problem = path_problem(root, folder=True)
+        if problem:
+            raise DatasetError(f"image_root {root} is not a folder: {problem}")
         return root.resolve()
     for relative in _IMAGE_ROOTS:
-        if (folder / relative).is_dir():
-            return (folder / relative).resolve()
+        candidate = folder / relative
+        if _present(candidate):
+            problem = path_problem(candidate, folder=True)
+            if problem:
+                raise DatasetError(
+                    f"{candidate}: {problem} of per-entity image folders (or pass image_root)"
+                )
+            return candidate.resolve()
     return None
 
 
@@ -96,12 +123,21 @@ def _triples_to_ids(
     entity_ids: dict[str, int],
     relation_ids: dict[str, int],
     drop_unknown: bool,
+    is_train: bool,
 ) -> tuple[torch.Tensor, int]:
-    """Map a split file to an ``(n, 3)`` id tensor; returns it and the number of dropped triples."""
+    """Map a split file to an ``(n, 3)`` id tensor; returns it and the number of dropped triples.
+
+    ``drop_unknown`` is ignored for the training split: training facts define the graph.
+    """
     ids, dropped = [], 0
+    drop_unknown = drop_unknown and not is_train
+    if is_train:
+        advice = "fix the file (drop_unknown does not apply here: training facts define the graph)"
+    else:
+        advice = "fix the file or load with drop_unknown (--drop-unknown) to drop such triples"
     for number, (head, relation, tail) in read_columns(path, 3):
         unknown = [
-            f"{kind} {value!r}"
+            (kind, value)
             for kind, value, known in (
                 ("entity", head, entity_ids),
                 ("relation", relation, relation_ids),
@@ -113,9 +149,10 @@ def _triples_to_ids(
             if drop_unknown:
                 dropped += 1
                 continue
+            names = " and ".join(f"{kind} {quote(value)}" for kind, value in unknown)
+            vocabularies = " / ".join(sorted({_VOCABULARY_FILES[kind] for kind, _ in unknown}))
             raise DatasetError(
-                f"{path}:{number}: unknown {' and '.join(unknown)} (not in entities.txt / "
-                f"relations.txt); fix the file or load with drop_unknown to drop such triples"
+                f"{path}:{number}: unknown {names} (not in {vocabularies}); {advice}"
             )
         ids.append((entity_ids[head], relation_ids[relation], entity_ids[tail]))
     if not ids:
@@ -124,29 +161,72 @@ def _triples_to_ids(
     return torch.tensor(ids, dtype=torch.long), dropped
 
 
+def _image_files(folder: Path) -> tuple[list[Path], int]:
+    """Image-named files of one entity folder, and how many of them cannot even be stat'ed.
+
+    A link loop or dangling link named like an image is counted as unreadable right here, so it is
+    skipped even when image checks are off.
+
+    Raises:
+        OSError: the folder itself cannot be listed (``NotADirectoryError`` for a plain file).
+    """
+    files, unreadable = [], 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                if entry.is_file():
+                    files.append(Path(entry.path))
+                elif entry.is_symlink():
+                    unreadable += 1  # dangling link: is_file() is false without raising
+            except OSError:
+                unreadable += 1
+    return sorted(files), unreadable
+
+
 def _entity_images(
     entities: list[str], image_root: Path | None, options: LoadOptions, report: dict
 ) -> tuple[tuple[Path, ...], ...]:
+    """Each entity's usable images; unreadable files and folders are skipped and counted.
+
+    An entity folder that cannot be listed (a link loop, a dangling link, no permission) loses its
+    images with a warning and a count in ``report["unreadable_image_folders"]``, as a bad image file
+    does; it does not stop the load.
+    """
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     report["image_root"] = str(image_root) if image_root else None
     report["skipped_images"] = skipped
+    report["unreadable_image_folders"] = 0
     if image_root is None:
         report["entities_without_image_folder"] = len(entities)
         return tuple(() for _ in entities)
-    folders = {entry.name for entry in os.scandir(image_root) if entry.is_dir()}
+    try:
+        with os.scandir(image_root) as entries:
+            names = {entry.name for entry in entries}
+    except OSError as error:
+        raise DatasetError(
+            f"{image_root}: cannot list the image folders ({error.strerror or error})"
+        ) from None
     verdicts = ImageVerdictCache(Path(options.cache_dir) if options.cache_dir else None, image_root)
-    images, missing = [], 0
+    images, missing, unreadable_folders = [], 0, []
     for entity in entities:
         name = entity_image_folder(entity)
-        if name not in folders:
+        if name not in names:
             missing += 1
             images.append(())
             continue
-        files = sorted(
-            Path(entry.path)
-            for entry in os.scandir(image_root / name)
-            if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
-        )
+        try:
+            files, unreadable = _image_files(image_root / name)
+        except NotADirectoryError:  # a plain file of that name is no image folder
+            missing += 1
+            images.append(())
+            continue
+        except OSError:
+            unreadable_folders.append(image_root / name)
+            images.append(())
+            continue
+        skipped["unreadable"] += unreadable
         if options.check_images:
             kept = []
             for path, verdict in zip(files, verdicts.verdicts(files), strict=True):
@@ -158,6 +238,18 @@ def _entity_images(
         images.append(tuple(files))
     verdicts.save()
     report["entities_without_image_folder"] = missing
+    report["unreadable_image_folders"] = len(unreadable_folders)
+    if unreadable_folders:
+        reasons = "; ".join(
+            f"{path}: {path_problem(path, folder=True) or 'cannot be listed'}"
+            for path in unreadable_folders[:3]
+        )
+        more = f" (and {len(unreadable_folders) - 3} more)" if len(unreadable_folders) > 3 else ""
+        warnings.warn(
+            f"skipped the images of {len(unreadable_folders)} entities whose image folder cannot "
+            f"be read: {reasons}{more}",
+            stacklevel=3,
+        )
     return tuple(images)
 
 
@@ -171,9 +263,12 @@ def load_mkgformer(
             relation in a split (unless ``drop_unknown`` for dev/test), or an empty split.
     """
     options = options or LoadOptions()
+    if not str(folder).strip():  # Path("") would silently mean the current directory
+        raise DatasetError("the dataset folder is empty; expected the path of a dataset folder")
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: dataset folder not found")
+    problem = path_problem(folder, folder=True)
+    if problem:
+        raise DatasetError(f"{folder}: dataset {problem}")
     folder = folder.resolve()
     entities = read_id_list(folder / "entities.txt")
     relations = read_id_list(folder / "relations.txt")
@@ -182,11 +277,10 @@ def load_mkgformer(
     if not relations:
         raise DatasetError(f"{folder / 'relations.txt'}: no relations")
 
-    short_texts = (
-        read_id_texts(folder / "entity2text.txt") if (folder / "entity2text.txt").is_file() else {}
-    )
+    short_file = folder / "entity2text.txt"
+    short_texts = read_id_texts(short_file) if _present(short_file) else {}
     long_file = folder / "entity2textlong.txt"
-    long_texts = read_id_texts(long_file) if long_file.is_file() else {}
+    long_texts = read_id_texts(long_file) if _present(long_file) else {}
     report: dict = {
         "text_file": long_file.name if long_texts else "entity2text.txt" if short_texts else None
     }
@@ -207,13 +301,13 @@ def load_mkgformer(
     splits, dropped = {}, {}
     for split in ("train", "valid", "test"):
         path = _find_split(folder, split)
-        # Training facts define the graph: an unknown id there is always an error.
-        drop = options.drop_unknown and split != "train"
-        splits[split], dropped[split] = _triples_to_ids(path, entity_ids, relation_ids, drop)
+        splits[split], dropped[split] = _triples_to_ids(
+            path, entity_ids, relation_ids, options.drop_unknown, is_train=split == "train"
+        )
     report["dropped_unknown"] = dropped
 
     relation_file = folder / "relation2text.txt"
-    relation_texts = read_id_texts(relation_file) if relation_file.is_file() else {}
+    relation_texts = read_id_texts(relation_file) if _present(relation_file) else {}
     entity_texts = tuple(long_texts.get(e) or short_texts.get(e, "") for e in entities)
     image_root = _find_image_root(folder, options.image_root)
     return KnowledgeGraph(

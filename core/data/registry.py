@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from core.data.builtin import BUILTIN_DATASETS, load_builtin
-from core.data.files import DatasetError
+from core.data.files import DatasetError, path_problem, quote
 from core.data.graph import KnowledgeGraph
 from core.data.mkgformer import LoadOptions, load_mkgformer
 from core.data.synthetic import SyntheticSpec, generate_synthetic
@@ -68,6 +69,10 @@ def load_dataset(
     if options is None:
         options = LoadOptions(cache_dir=str(cache_dir))
     text = str(name_or_path)
+    if not text.strip():  # Path("") is the current directory: never what an empty name meant
+        raise DatasetError(
+            f"the dataset name is empty; expected one of {', '.join(dataset_names())} or a folder"
+        )
     if text in BUILTIN_DATASETS:
         return load_builtin(text)
     if text == "synthetic" or text.startswith("synthetic:"):
@@ -81,6 +86,9 @@ def load_dataset(
     path = Path(text).expanduser()
     if path.is_dir():
         return load_mkgformer(path, options)
+    if os.path.lexists(path):  # a file or a bad link where a folder was meant: say which
+        problem = path_problem(path, folder=True) or "is not a folder"
+        raise DatasetError(f"{path}: {problem} (a dataset folder)")
     raise DatasetError(
-        f"dataset {text!r} is neither a known name ({', '.join(dataset_names())}) nor a folder"
+        f"dataset {quote(text)} is neither a known name ({', '.join(dataset_names())}) nor a folder"
     )

@@ -36,7 +36,10 @@ Layout written into ``out_dir`` (what :mod:`core.data` 's MKGformer loader reads
     images/m.0s0001/0.png ...      images_per_entity PNGs for image_coverage of the entities
     synthetic.json                 spec, seed, format version, counts; written last
 
-A folder without ``synthetic.json`` is a half-written one.
+A folder without ``synthetic.json`` is a half-written one; while it is being written it holds
+``synthetic.partial.json`` (the spec), removed once ``synthetic.json`` is in place. One of the two
+marks a folder as the generator's own: ``overwrite`` empties only such a folder, never a real dataset
+that happens to use the same file names.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from core.data.files import DatasetError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -73,6 +78,8 @@ RELATION_KINDS = ("one_to_one", "many_to_one", "many_to_many")
 _MID_PREFIX = "/m/0s"
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _METADATA_FILE = "synthetic.json"
+_PARTIAL_FILE = "synthetic.partial.json"
+_GENERATOR = "core.data.synthetic"
 _TEXT_FILES = (
     "train.tsv",
     "dev.tsv",
@@ -317,8 +324,9 @@ def generate_synthetic(
     Args:
         spec: what to generate.
         out_dir: target folder; created when missing.
-        overwrite: allow a non-empty ``out_dir``. Only files and folders this generator writes are
-            removed first; anything else in the folder makes the call fail.
+        overwrite: allow a non-empty ``out_dir`` that this generator wrote (it holds
+            ``synthetic.json`` or ``synthetic.partial.json``). Only files and folders this
+            generator writes are removed first; anything else in the folder makes the call fail.
         progress: show a tqdm bar over the entities while images are written.
 
     Returns:
@@ -327,9 +335,11 @@ def generate_synthetic(
     Raises:
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false, or it holds files
             the generator did not write.
+        DatasetError: ``overwrite`` is true but ``out_dir`` is a non-empty folder without the
+            generator's marker file (for example a real MKGformer dataset).
     """
     out_dir = Path(out_dir)
-    _prepare_folder(out_dir, overwrite)
+    _prepare_folder(out_dir, overwrite, spec)
     streams = np.random.SeedSequence(spec.seed).spawn(5)
     latent_rng, graph_rng, split_rng, text_rng, image_rng = (
         np.random.default_rng(stream) for stream in streams
@@ -371,7 +381,7 @@ def generate_synthetic(
     in_train = np.unique(np.concatenate([train[:, 0], train[:, 2]]))
     metadata = {
         "format_version": FORMAT_VERSION,
-        "generator": "core.data.synthetic",
+        "generator": _GENERATOR,
         "name": spec.name,
         "seed": spec.seed,
         "spec": spec.to_dict(),
@@ -400,6 +410,7 @@ def generate_synthetic(
     temporary = out_dir / (_METADATA_FILE + ".tmp")
     temporary.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(temporary, out_dir / _METADATA_FILE)
+    (out_dir / _PARTIAL_FILE).unlink(missing_ok=True)
     return out_dir
 
 
@@ -408,33 +419,54 @@ def generate_synthetic(
 # --------------------------------------------------------------------------------------------------
 
 
-def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
-    """Create ``out_dir`` or, with ``overwrite``, clear what an earlier generation left in it."""
-    if out_dir.exists() and not out_dir.is_dir():
+def _written_by_generator(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds this generator's finished or in-progress marker file."""
+    for name in (_METADATA_FILE, _PARTIAL_FILE):
+        try:
+            marker = json.loads((out_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(marker, dict) and marker.get("generator") == _GENERATOR:
+            return True
+    return False
+
+
+def _prepare_folder(out_dir: Path, overwrite: bool, spec: SyntheticSpec) -> None:
+    """Create ``out_dir`` or, with ``overwrite``, clear what an earlier generation left in it.
+
+    Either way the in-progress marker is written before anything else, so that a folder this
+    generator started, even one interrupted half-way, can be overwritten again.
+    """
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     existing = sorted(path.name for path in out_dir.iterdir())
-    if not existing:
-        return
-    if not overwrite:
+    if existing and not overwrite:
         raise FileExistsError(
-            f"{out_dir} is not empty ({len(existing)} entries); pass overwrite=True to replace "
-            "an earlier synthetic dataset"
+            f"{out_dir} is not empty ({len(existing)} entries); pass overwrite=True "
+            "(--overwrite) to replace an earlier synthetic dataset"
         )
-    ours = {*_TEXT_FILES, _IMAGES_DIR, _METADATA_FILE, _METADATA_FILE + ".tmp"}
+    if existing and not _written_by_generator(out_dir):
+        raise DatasetError(
+            f"{out_dir} was not written by `diffcom data synth` (it holds no {_METADATA_FILE} "
+            "from the generator); refusing to overwrite it: choose an empty or new folder"
+        )
+    ours = {*_TEXT_FILES, _IMAGES_DIR, _METADATA_FILE, _METADATA_FILE + ".tmp", _PARTIAL_FILE}
     foreign = [name for name in existing if name not in ours]
     if foreign:
         raise FileExistsError(
             f"{out_dir} holds entries the synthetic generator did not write: {foreign[:10]}; "
             "refusing to overwrite it"
         )
+    partial = {"generator": _GENERATOR, "format_version": FORMAT_VERSION, "spec": spec.to_dict()}
+    (out_dir / _PARTIAL_FILE).write_text(json.dumps(partial, indent=2) + "\n", encoding="utf-8")
     # Metadata first, so an interrupted overwrite leaves a folder that reads as half-written.
     for name in (_METADATA_FILE, _METADATA_FILE + ".tmp", *_TEXT_FILES):
         (out_dir / name).unlink(missing_ok=True)
     images = out_dir / _IMAGES_DIR
-    if images.is_dir():
+    if images.is_dir() and not images.is_symlink():
         _remove_tree(images)
-    elif images.exists():
+    elif os.path.lexists(images):  # a link is removed, never what it points to
         images.unlink()
 
 

@@ -1,11 +1,15 @@
 """The MKGformer-layout loader on small hand-written folders, including every bad-input case."""
 
+import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from core.data.check import dataset_statistics, format_statistics
 from core.data.files import DatasetError
 from core.data.mkgformer import LoadOptions, entity_image_folder, load_mkgformer
 
@@ -199,3 +203,112 @@ def test_bad_options_are_rejected(tmp_path):
 )
 def test_entity_image_folder(entity, folder):
     assert entity_image_folder(entity) == folder
+
+
+@pytest.mark.parametrize("file", ["entities.txt", "relations.txt", "train.tsv", "entity2text.txt"])
+def test_leading_bom_does_not_hide_the_first_line(tmp_path, file):
+    folder = make_dataset(tmp_path)
+    path = folder / file
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    graph = load_mkgformer(folder, LoadOptions(candidates="entity2text"))
+    assert graph.entities[0] == "/m/0a" and graph.relations[0] == "/r/likes"
+    assert graph.train[0].tolist() == [0, 0, 1]
+    assert len(graph.entities) == 5  # entity2text's ids are read without the mark, no extra entity
+
+
+def _as_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _as_symlink_loop(path: Path) -> None:
+    path.unlink()
+    os.symlink(path.name, path)
+
+
+# The optional text files used to be skipped silently when they were not regular files.
+@pytest.mark.parametrize(
+    "file",
+    [
+        "entities.txt",
+        "train.tsv",
+        "dev.tsv",
+        "entity2text.txt",
+        "entity2textlong.txt",
+        "relation2text.txt",
+    ],
+)
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [(_as_directory, "is a directory, expected a file"), (_as_symlink_loop, "symlink loop")],
+    ids=["directory", "symlink-loop"],
+)
+def test_no_file_where_a_file_belongs_is_named(tmp_path, file, make, expected):
+    folder = make_dataset(tmp_path, images=False)
+    make(folder / file)
+    with pytest.raises(DatasetError, match=re.escape(f"{folder / file}: {expected}")):
+        load_mkgformer(folder)
+
+
+def test_image_folder_symlink_loop_skips_that_entity_with_a_warning(tmp_path):
+    folder = make_dataset(tmp_path)
+    image_root = tmp_path / "FB15k-images"
+    shutil.rmtree(image_root / "m.0b")
+    os.symlink("m.0b", image_root / "m.0b")
+    os.symlink("loop.png", image_root / "m.0a" / "loop.png")
+    with pytest.warns(UserWarning, match=r"1 entities whose image folder cannot be read.*m\.0b"):
+        graph = load_mkgformer(folder, LoadOptions(check_images=False))
+    assert [len(images) for images in graph.entity_images] == [1, 0, 4, 0]
+    assert graph.report["unreadable_image_folders"] == 1
+    assert graph.report["skipped_images"]["unreadable"] == 1  # the looping loop.png
+    assert "1 entities whose image folder cannot be read" in format_statistics(
+        dataset_statistics(graph)
+    )
+
+
+def test_image_root_symlink_loop_is_an_error(tmp_path):
+    folder = make_dataset(tmp_path)
+    shutil.rmtree(tmp_path / "FB15k-images")
+    os.symlink("FB15k-images", tmp_path / "FB15k-images")
+    with pytest.raises(DatasetError, match=r"FB15k-images: symlink loop"):
+        load_mkgformer(folder)
+    with pytest.raises(DatasetError, match=r"image_root .* is not a folder: symlink loop"):
+        load_mkgformer(folder, LoadOptions(image_root=str(tmp_path / "FB15k-images")))
+
+
+def test_unknown_value_is_cut_in_the_message(tmp_path):
+    folder = make_dataset(tmp_path, images=False)
+    huge = "/m/" + "x" * 5_000_000
+    _write_lines(folder / "train.tsv", [f"/m/0a\t/r/likes\t{huge}"])
+    with pytest.raises(DatasetError) as error:
+        load_mkgformer(folder)
+    message = str(error.value)
+    assert "train.tsv:1: unknown entity '/m/xxx" in message
+    assert "(5,000,003 characters)" in message and len(message) < 400
+
+
+@pytest.mark.parametrize("drop_unknown", [False, True])
+def test_unknown_id_in_train_does_not_advise_drop_unknown(tmp_path, drop_unknown):
+    folder = make_dataset(tmp_path, images=False)
+    _write_lines(folder / "train.tsv", ["/m/0a\t/r/hates\t/m/0b"])
+    with pytest.raises(DatasetError) as error:
+        load_mkgformer(folder, LoadOptions(drop_unknown=drop_unknown))
+    message = str(error.value)
+    assert "unknown relation '/r/hates' (not in relations.txt)" in message
+    assert "load with drop_unknown" not in message
+    assert "does not apply here" in message
+
+
+def test_duplicate_id_in_entity2text_names_both_lines(tmp_path):
+    folder = make_dataset(tmp_path, images=False)
+    _write_lines(folder / "entity2text.txt", ["/m/0a\tone", "/m/0b\ttwo", "/m/0a\tthree"])
+    with pytest.raises(
+        DatasetError, match=r"entity2text\.txt:3: duplicate id '/m/0a' \(first on line 1\)"
+    ):
+        load_mkgformer(folder)
+
+
+@pytest.mark.parametrize("folder", ["", "   "])
+def test_empty_folder_name_is_an_error(folder):
+    with pytest.raises(DatasetError, match="dataset folder is empty"):
+        load_mkgformer(folder)

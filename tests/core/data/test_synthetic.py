@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from core.data import synthetic
+from core.data.files import DatasetError
 from core.data.synthetic import (
     FORMAT_VERSION,
     SyntheticSpec,
@@ -307,6 +309,39 @@ def test_interrupted_generation_is_detectable(tmp_path: Path, monkeypatch) -> No
         generate_synthetic(_tiny(seed=2), out, overwrite=True, progress=False)
     assert (out / "train.tsv").exists()
     assert not (out / "synthetic.json").exists()
+    monkeypatch.undo()
+    # The in-progress marker keeps the half-written folder the generator's own, so it can be redone.
+    generate_synthetic(_tiny(seed=2), out, overwrite=True, progress=False)
+    assert (out / "synthetic.json").exists()
+    assert not (out / "synthetic.partial.json").exists()
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [None, '{"generator": "someone else"}', "not json", '["core.data.synthetic"]'],
+    ids=["no-marker", "other-generator", "not-json", "not-an-object"],
+)
+def test_overwrite_refuses_a_folder_the_generator_did_not_write(tmp_path: Path, marker) -> None:
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "train.tsv").write_text("a real split\n")
+    if marker is not None:
+        (out / "synthetic.json").write_text(marker)
+    with pytest.raises(DatasetError, match=r"data was not written by `diffcom data synth`"):
+        generate_synthetic(_tiny(), out, overwrite=True, progress=False)
+    assert (out / "train.tsv").read_text() == "a real split\n"
+
+
+def test_overwrite_removes_an_images_link_not_its_target(tmp_path: Path) -> None:
+    out = generate_synthetic(_tiny(images_per_entity=0), tmp_path / "data", progress=False)
+    elsewhere = tmp_path / "real-images" / "m.0a"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "0.png").write_bytes(b"keep me")
+    (out / "images").rmdir()
+    os.symlink(tmp_path / "real-images", out / "images")
+    generate_synthetic(_tiny(), out, overwrite=True, progress=False)
+    assert (elsewhere / "0.png").read_bytes() == b"keep me"
+    assert not (out / "images").is_symlink()
 
 
 # --------------------------------------------------------------------------------------------------
