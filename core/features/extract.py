@@ -3,17 +3,24 @@
 :func:`extract_features` first fingerprints the data and both encoders from files on disk, looks the
 key up in the cache, and only on a miss loads the models. Disabling a modality (``"none"``) gives
 zero-width features with an all-false mask, which is what the "−text" and "−image" ablations use.
+
+Computing features leaves the process's global RNGs as they were: building an encoder draws random
+numbers (EfficientNet initialises its layers before reading its weights) and only a miss builds one,
+so otherwise whatever trains next in the process would depend on the state of the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from core.data.graph import KnowledgeGraph
@@ -123,12 +130,13 @@ def extract_features(
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    started = time.perf_counter()
-    text_features, text_mask = _encode_texts(graph, settings, device, progress)
-    text_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    encoding = _encode_images(graph, settings, device, progress)
-    image_seconds = time.perf_counter() - started
+    with _global_rng_untouched(device):
+        started = time.perf_counter()
+        text_features, text_mask = _encode_texts(graph, settings, device, progress)
+        text_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        encoding = _encode_images(graph, settings, device, progress)
+        image_seconds = time.perf_counter() - started
     if encoding.skipped:
         warnings.warn(
             f"{graph.name}: skipped {len(encoding.skipped)} unreadable image file(s), "
@@ -170,6 +178,23 @@ def extract_features(
             stacklevel=2,
         )
     return _features(tensors, metadata, settings, folder, from_cache=False)
+
+
+@contextlib.contextmanager
+def _global_rng_untouched(device: str | torch.device):
+    """Restore the python, numpy and torch RNG states (CPU, and the encoders' CUDA device) after
+    the block, whatever it drew."""
+    device = torch.device(device)
+    cuda_devices = []
+    if device.type == "cuda":
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _encode_texts(

@@ -13,6 +13,7 @@ processes (``accelerate launch --num_processes N``); the recipe is the same on o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import platform
@@ -114,11 +115,26 @@ def load_run_dataset(config: ExperimentConfig) -> KnowledgeGraph:
     return graph
 
 
+def _seed_for(seed: int, purpose: str) -> None:
+    """Seed the global python, numpy, torch and CUDA RNGs for one purpose of a run.
+
+    Model init, dropout and the diffusion noise of training draw from the global RNGs, which
+    anything else in the process may have used before (encoder loading on a feature-cache miss,
+    another trial in a reused sweep worker); seeding right before each use makes the run a function
+    of its config alone. Each purpose gets its own stream derived from ``(seed, purpose)``, so
+    training does not replay the numbers model init drew.
+    """
+    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
+    set_seed(int.from_bytes(digest[:4], "little"))
+
+
 def build_model(
     config: ExperimentConfig, graph: KnowledgeGraph, progress: bool = True
 ) -> DiffusionCom:
-    """Extract (or reuse) frozen features and build the model for ``graph``."""
+    """Extract (or reuse) frozen features and build the model for ``graph``; the initial weights
+    depend on ``config.seed`` only."""
     features = extract_features(graph, feature_settings(config), progress=progress)
+    _seed_for(config.seed, "model-init")
     sampler = None
     if config.structure.encoder == "mgat":
         sampler = SubgraphSampler(
@@ -542,7 +558,6 @@ def train(
     """
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(config.seed)
     use_cpu = not torch.cuda.is_available()
     if use_cpu and config.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on a CPU choose bf16 or no")
@@ -567,16 +582,16 @@ def train(
     )
 
     last = out_dir / "checkpoints" / "last.pt"
+    resuming = last.exists()
     state: dict = {"config": config_to_dict(config), "stage": 1}
-    if last.exists():
-        state = load_checkpoint(last)
+    if resuming:
+        state = load_checkpoint(last, required=("model", "rng"))
         _check_resume_config(state["config"], config, last)
         _load_weights(model, state["model"], last)
-        set_rng_state(state["rng"])
         if accelerator.is_main_process:
             _forget_epochs_after(out_dir / "metrics.jsonl", state)
     elif stage1_checkpoint is not None:
-        reused = load_checkpoint(Path(stage1_checkpoint))
+        reused = load_checkpoint(Path(stage1_checkpoint), required=("model", "stage1"))
         _check_stage1_compatible(
             config_from_dict(reused["config"]), config, Path(stage1_checkpoint)
         )
@@ -593,7 +608,16 @@ def train(
         )
     if accelerator.is_main_process:
         save_config(config, out_dir / "config.json")
+        if not resuming:
+            # A run killed before its first checkpoint restarts from scratch: its old records go.
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 
+    # Dropout and training's diffusion noise draw from the global RNGs: a resumed run continues the
+    # streams its checkpoint saved, a fresh one starts the stream its seed fixes.
+    if resuming:
+        set_rng_state(state["rng"], last)
+    else:
+        _seed_for(config.seed, "training")
     if state["stage"] == 1:
         _run_stage(run, 1, state, callback, progress)
         state["stage"] = 2
@@ -610,18 +634,33 @@ def _forget_epochs_after(metrics_file: Path, state: dict) -> None:
 
     A run killed between writing an epoch's record and its checkpoint repeats that epoch; without
     this its record would appear twice. A record cut short by the kill is dropped too.
+
+    Raises:
+        CheckpointError: a line is JSON but not an epoch record (the file is not this run's).
     """
     if not metrics_file.is_file():
         return
     reached = {stage: state.get(f"stage{stage}", {}).get("epoch", 0) for stage in (1, 2)}
-    records = []
-    for line in metrics_file.read_text().splitlines():
-        # A kill while a record was being written leaves a cut last line: drop it.
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(line) if line.strip() else None
-            if isinstance(record, dict):
-                records.append(record)
-    kept = [r for r in records if r.get("epoch", 0) <= reached.get(r.get("stage"), 0)]
+    kept = []
+    for number, line in enumerate(metrics_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a kill while the record was being written cuts it
+            continue
+        if (
+            not isinstance(record, dict)
+            or type(record.get("stage")) is not int
+            or record["stage"] not in (1, 2)
+            or type(record.get("epoch")) is not int
+        ):
+            raise CheckpointError(
+                f"{metrics_file}:{number}: expected an epoch record (a JSON object with stage 1 "
+                f"or 2 and an integer epoch), found {line.strip()[:80]}"
+            )
+        if record["epoch"] <= reached[record["stage"]]:
+            kept.append(record)
     metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -640,7 +679,7 @@ def _load_extractor(model: DiffusionCom, weights: dict) -> None:
 def _load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:
     try:
         module.load_state_dict(weights)
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(
             f"{path}: weights do not fit this model: {str(error).splitlines()[0]} ..."
         ) from None

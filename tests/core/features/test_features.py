@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -308,6 +310,27 @@ def test_second_call_is_a_hit_that_loads_no_model(
     ]
     sidecar = json.loads((first.cache_path / cache_module.METADATA_FILE).read_text())
     assert sidecar["settings"] == settings.to_dict() and sidecar["images_used"] == 2
+
+
+def _seed_globals(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def test_a_miss_leaves_the_global_rngs_as_they_were(tmp_path, pictures):
+    """Building EfficientNet draws random numbers before reading its weights; a miss must not
+    change what the process draws next (a model initialised after extraction, say)."""
+    graph = _graph(["heart", "lung", "liver"], [[pictures["red"]], [], []])
+    _seed_globals(5)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    _seed_globals(5)
+    features = extract_features(
+        graph, FeatureSettings(text_encoder="none"), cache_dir=tmp_path / "cache", progress=False
+    )
+    assert not features.from_cache and features.images_used == 1
+    assert torch.equal(torch.rand(3), expected[0])
+    assert (random.random(), np.random.rand()) == expected[1:]
 
 
 def _counting_loader(monkeypatch) -> list[int]:

@@ -1,17 +1,19 @@
 """The trainer end to end at smoke size: results, determinism, kill-and-resume, NaN, bad checkpoints."""
 
 import json
+import random
 
 import numpy as np
 import pytest
 import torch
 
-from core.cli import main
 from core.config import load_config
+from core.features import image as image_module
 from core.model.diffusioncom import DiffusionCom
 from core.train import trainer as trainer_module
 from core.train.checkpoint import CheckpointError
 from core.train.trainer import NonFiniteLossError, train
+from diffcom.cli import main
 from tests.smoke import SMOKE as SMOKE_RUN
 
 SMOKE = [*SMOKE_RUN, "seed=3"]
@@ -116,6 +118,73 @@ def test_seeded_runs_are_identical(tmp_path):
     assert first["valid"]["official-min-of-2"] == second["valid"]["official-min-of-2"]
 
 
+ONE_EPOCH_EACH = [
+    *SMOKE,
+    "train.stage1_epochs=1",
+    "train.stage2_epochs=1",
+    "eval.report_official=false",
+]
+# The default image encoder (EfficientNet-Lite0) is loaded even for Nations, which has no
+# images: building it draws random numbers, and only a feature-cache miss builds it.
+WITH_ENCODER_LOADING = [s for s in ONE_EPOCH_EACH if not s.startswith("features.image_encoder")]
+
+
+def _run_numbers(results: dict, run_dir) -> dict:
+    """What a seed must fix: every metric and loss, without wall-clock timings."""
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "results": {
+            split: {k: v for k, v in results[split].items() if k != "inference_ms_per_query"}
+            for split in ("valid", "test")
+        },
+        "records": [{k: v for k, v in r.items() if k != "train_seconds"} for r in records],
+    }
+
+
+def test_a_cold_feature_cache_gives_the_same_run_as_a_warm_one(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DIFFCOM_CACHE_DIR", str(cache))
+    config = load_config(overrides=WITH_ENCODER_LOADING)
+    cold = train(config, tmp_path / "cold", progress=False)
+    assert len(list(cache.rglob("features.safetensors"))) == 1  # this run computed its features
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the second run should read its features from the cache")
+
+    monkeypatch.setattr(image_module, "load_image_encoder", no_encoder)
+    warm = train(config, tmp_path / "warm", progress=False)
+    assert _run_numbers(cold, tmp_path / "cold") == _run_numbers(warm, tmp_path / "warm")
+
+
+def _drawing_first(function):
+    """``function`` preceded by random draws from every global RNG, as other code could make."""
+
+    def wrapped(*args, **kwargs):
+        torch.rand(1000), random.random(), np.random.rand()
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def test_the_seed_alone_fixes_the_run_whatever_else_drew_random_numbers(tmp_path, monkeypatch):
+    """A reused sweep worker, or any set-up step, may consume the global RNGs before a trial."""
+    config = load_config(overrides=ONE_EPOCH_EACH)
+    reference = train(config, tmp_path / "reference", progress=False)
+    _drawing_first(lambda: None)()  # another trial ran in this process
+    after_other_work = train(config, tmp_path / "after", progress=False)
+    # Draws between the start of a run and its model construction, and before its training.
+    monkeypatch.setattr(
+        trainer_module, "load_run_dataset", _drawing_first(trainer_module.load_run_dataset)
+    )
+    monkeypatch.setattr(
+        trainer_module, "_training_queries", _drawing_first(trainer_module._training_queries)
+    )
+    during_set_up = train(config, tmp_path / "during", progress=False)
+    expected = _run_numbers(reference, tmp_path / "reference")
+    assert _run_numbers(after_other_work, tmp_path / "after") == expected
+    assert _run_numbers(during_set_up, tmp_path / "during") == expected
+
+
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     uninterrupted = train(smoke_config(), tmp_path / "full", progress=False)
     # After stage 1 (two epochs) and one epoch of stage 2.
@@ -135,6 +204,19 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     # The reported training time covers the epochs before the kill too.
     epoch_seconds = sum(json.loads(x)["train_seconds"] for x in lines)
     assert resumed["timings"]["train_seconds"] >= epoch_seconds
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_a_clean_log(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    # What such a kill leaves: a record (and a cut one) but no checkpoint to resume from.
+    (out / "metrics.jsonl").write_text(
+        json.dumps({"stage": 1, "epoch": 1, "loss": 9.0}) + '\n{"stage": 1, "ep'
+    )
+    train(smoke_config(), out, progress=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert records[0]["loss"] != 9.0
 
 
 def test_a_checkpoint_without_a_newer_config_key_still_resumes(tmp_path):
@@ -210,14 +292,47 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
         train(smoke_config(), tmp_path / "nan", progress=False)
 
 
+class _NotATensor:
+    """Something ``weights_only`` loading refuses to unpickle."""
+
+
 def test_truncated_and_foreign_checkpoints_are_named(tmp_path):
+    from core.train.checkpoint import load_checkpoint, save_checkpoint
+
     train_until_interrupted(smoke_config(), tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "last.pt"
+    written = last.read_bytes()
     with pytest.raises(
         CheckpointError, match=r"last\.pt: belongs to another config; diffusion\.steps"
     ):
         train(smoke_config("diffusion.steps=7"), tmp_path / "run", progress=False)
-    last.write_bytes(last.read_bytes()[:1000])
+
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with metrics.open("a") as stream:
+        stream.write("[1, 2, 3]\n")  # valid JSON, but not an epoch record
+    with pytest.raises(
+        CheckpointError, match=r"metrics\.jsonl:2: expected an epoch record .*found \[1, 2, 3\]"
+    ):
+        train(smoke_config(), tmp_path / "run", progress=False)
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+
+    state = load_checkpoint(last)
+    del state["model"]
+    save_checkpoint(state, last)
+    with pytest.raises(CheckpointError, match=r"last\.pt: .*'model' entry should hold the model"):
+        train(smoke_config(), tmp_path / "run", progress=False)
+    torch.save([state["config"]], last)
+    with pytest.raises(CheckpointError, match=r"last\.pt: not a diffcom checkpoint: .* a list"):
+        train(smoke_config(), tmp_path / "run", progress=False)
+    # torch's own message advises loading with weights_only=False, which runs the file's code.
+    torch.save({**state, "model": _NotATensor()}, last)
+    with pytest.raises(
+        CheckpointError, match=r"last\.pt: not a checkpoint this project wrote"
+    ) as error:
+        train(smoke_config(), tmp_path / "run", progress=False)
+    assert "weights_only" not in str(error.value)
+
+    last.write_bytes(written[:1000])
     with pytest.raises(CheckpointError, match=r"last\.pt: not a readable checkpoint"):
         train(smoke_config(), tmp_path / "run", progress=False)
 
@@ -237,6 +352,7 @@ def test_train_command(tmp_path, capsys):
     assert "unknown key diffusion.stepz" in capsys.readouterr().err
 
 
+@pytest.mark.torchrun
 def test_two_process_run_on_cpu(tmp_path):
     """Two CPU processes (gloo) under torchrun: Accelerate shards batches, DDP syncs gradients."""
     import os
@@ -258,7 +374,7 @@ def test_two_process_run_on_cpu(tmp_path):
         "--master_port",
         str(port),
         "-m",
-        "core.cli",
+        "diffcom",
         "train",
         "--quiet",
         "--out",
