@@ -12,8 +12,11 @@ equal). They were chosen on valid MRR across datasets, never per dataset (BENCHM
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +38,9 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "coerce_value",
     "parse_override",
+    "read_yaml",
     "save_config",
     "stage1_relevant",
 ]
@@ -45,63 +50,124 @@ class ConfigError(ValueError):
     """A config key or value that is not valid; the message names the key and the valid choices."""
 
 
-def _choice(default: str, choices: tuple[str, ...]):
-    return field(default=default, metadata={"choices": choices})
+# Field metadata: "choices" and "range" are checked when a config is built; "check" is a function
+# of the value giving what was expected, or None when the value is valid; "stage1" marks a value
+# stage 1 depends on (see stage1_relevant); "registry" names the "module.NAME" whose names
+# "choices" must equal. Registries import torch, which this module must not, so the choices are
+# written here and tests/core/test_config.py checks every one against its registry.
 
 
-def _range(default, low=None, high=None, *, low_open=False, high_open=False):
-    return field(default=default, metadata={"range": (low, high, low_open, high_open)})
+def _value(default, *, stage1: bool = False, check=None):
+    metadata = {"stage1": stage1} if check is None else {"stage1": stage1, "check": check}
+    return field(default=default, metadata=metadata)
+
+
+def _choice(default: str, choices: tuple[str, ...], *, stage1: bool = False, registry=None):
+    metadata = {"choices": choices, "stage1": stage1}
+    if registry is not None:
+        metadata["registry"] = registry
+    return field(default=default, metadata=metadata)
+
+
+def _range(default, low=None, high=None, *, low_open=False, high_open=False, stage1=False):
+    return field(
+        default=default, metadata={"range": (low, high, low_open, high_open), "stage1": stage1}
+    )
+
+
+# Encoder names taken as they are; any other text encoder is a local model folder and an image
+# encoder may also be "clip:<folder>". core.train.trainer.feature_settings maps these onto
+# core.features (TEXT_ENCODERS / IMAGE_ENCODERS), whose "local" and "clip" take the folder.
+_TEXT_ENCODER_NAMES = ("minilm", "none")
+_IMAGE_ENCODER_NAMES = ("efficientnet-lite0", "none")
+_CLIP_PREFIX = "clip:"
+
+
+def _check_text_encoder(value: str) -> str | None:
+    if value in _TEXT_ENCODER_NAMES or value.strip():
+        return None
+    return f"expected {', '.join(_TEXT_ENCODER_NAMES)} or a local model folder"
+
+
+def _check_image_encoder(value: str) -> str | None:
+    if value in _IMAGE_ENCODER_NAMES:
+        return None
+    if value.startswith(_CLIP_PREFIX) and value[len(_CLIP_PREFIX) :].strip():
+        return None
+    return f"expected {', '.join(_IMAGE_ENCODER_NAMES)} or {_CLIP_PREFIX}<model folder>"
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset and how to read it (see ``core.data``)."""
 
-    dataset: str = "umls"  # a built-in name, synthetic[:preset], or an MKGformer-layout folder
-    candidates: str = _choice("entities", ("entities", "entity2text"))
-    drop_unknown: bool = False
-    image_root: str | None = None
+    # A built-in name, synthetic[:preset], or an MKGformer-layout folder.
+    dataset: str = _value("umls", stage1=True)
+    candidates: str = _choice(
+        "entities",
+        ("entities", "entity2text"),
+        stage1=True,
+        registry="core.data.mkgformer.CANDIDATE_SETS",
+    )
+    drop_unknown: bool = _value(False, stage1=True)
+    image_root: str | None = _value(None, stage1=True)
     # "anonymous" replaces every entity's text by an opaque id (e0042): structure must carry it.
-    entity_text: str = _choice("dataset", ("dataset", "anonymous"))
+    entity_text: str = _choice("dataset", ("dataset", "anonymous"), stage1=True)
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
     """Frozen text and image encoders whose features are computed once and cached."""
 
-    text_encoder: str = "minilm"  # "minilm", "none", or a local model folder
-    image_encoder: str = "efficientnet-lite0"  # "efficientnet-lite0", "none", or "clip:<folder>"
-    text_max_length: int = _range(64, 1, 512)
-    image_size: int = _range(224, 16, 1024)
-    max_images_per_entity: int = _range(4, 1, 64)
+    text_encoder: str = _value("minilm", stage1=True, check=_check_text_encoder)
+    image_encoder: str = _value("efficientnet-lite0", stage1=True, check=_check_image_encoder)
+    text_max_length: int = _range(64, 1, 512, stage1=True)
+    # FeatureSettings' own minimum: EfficientNet-Lite0 downsamples by 32, smaller inputs have no
+    # feature map (tests/core/test_config.py builds FeatureSettings at both bounds).
+    image_size: int = _range(224, 32, 1024, stage1=True)
+    max_images_per_entity: int = _range(4, 1, 64, stage1=True)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Structure-MKGformer, the feature extractor that scores every candidate (x_0)."""
 
-    hidden_dim: int = _range(128, 8, 8192)
-    num_layers: int = _range(2, 1, 48)
-    num_heads: int = _range(4, 1, 64)
-    fusion_layers: int = _range(1, 0, 48)  # last layers where visual tokens join the text tokens
-    dropout: float = _range(0.1, 0.0, 0.9)
-    use_text: bool = True
-    use_image: bool = True
+    hidden_dim: int = _range(128, 8, 8192, stage1=True)
+    num_layers: int = _range(2, 1, 48, stage1=True)
+    num_heads: int = _range(4, 1, 64, stage1=True)
+    # The last layers, where visual tokens join the text tokens.
+    fusion_layers: int = _range(1, 0, 48, stage1=True)
+    dropout: float = _range(0.1, 0.0, 0.9, stage1=True)
+    use_text: bool = _value(True, stage1=True)
+    use_image: bool = _value(True, stage1=True)
 
 
 @dataclass(frozen=True)
 class StructureConfig:
     """The MGAT structure encoder over a training-only subgraph, and the adaptive λ fusion."""
 
-    encoder: str = _choice("mgat", ("mgat", "none"))
-    conv: str = _choice("gatv2", ("gat", "gatv2"))
-    hops: int = _range(1, 1, 1)  # 1-hop subgraphs only for now
-    max_nodes: int = _range(16, 2, 4096)
-    neighbour_selection: str = _choice("relation", ("relation", "random"))
-    heads: int = _range(2, 1, 16)
-    layers: int = _range(2, 1, 8)
-    fusion: str = _choice("learned-scalar", ("learned-scalar", "learned-vector", "fixed"))
-    lambda_fusion: float = _range(0.5, 0.0, 1.0)  # the fixed λ, or the learned gate's start value
+    encoder: str = _choice("mgat", ("mgat", "none"), stage1=True)
+    conv: str = _choice(
+        "gatv2", ("gat", "gatv2"), stage1=True, registry="core.model.structure.CONVOLUTIONS"
+    )
+    hops: int = _range(1, 1, 1, stage1=True)  # 1-hop subgraphs only for now
+    max_nodes: int = _range(16, 2, 4096, stage1=True)
+    neighbour_selection: str = _choice(
+        "relation",
+        ("relation", "random"),
+        stage1=True,
+        registry="core.model.structure.NEIGHBOUR_SELECTIONS",
+    )
+    heads: int = _range(2, 1, 16, stage1=True)
+    layers: int = _range(2, 1, 8, stage1=True)
+    fusion: str = _choice(
+        "learned-scalar",
+        ("learned-scalar", "learned-vector", "fixed"),
+        stage1=True,
+        registry="core.model.structure.FUSION_MODES",
+    )
+    # The fixed λ, or the learned gate's start value.
+    lambda_fusion: float = _range(0.5, 0.0, 1.0, stage1=True)
 
 
 @dataclass(frozen=True)
@@ -110,14 +176,20 @@ class DiffusionConfig:
 
     enabled: bool = True  # False: stage 1 only (the "−diffusion" ablation)
     steps: int = _range(5, 1, 1000)
-    schedule: str = _choice("linear", ("linear", "cosine"))
+    schedule: str = _choice(
+        "linear", ("linear", "cosine"), registry="core.model.diffusion.BETA_SCHEDULES"
+    )
     beta_start: float = _range(1e-4, 0.0, 1.0, low_open=True, high_open=True)
     beta_end: float = _range(0.02, 0.0, 1.0, low_open=True, high_open=True)
-    target: str = _choice("x0", ("x0", "epsilon"))
-    reverse: str = _choice("ddpm", ("ddpm", "residual"))
+    target: str = _choice("x0", ("x0", "epsilon"), registry="core.model.diffusion.TARGETS")
+    reverse: str = _choice(
+        "ddpm", ("ddpm", "residual"), registry="core.model.diffusion.REVERSE_PROCESSES"
+    )
     diffuse: str = _choice("full", ("full", "top-k"))
     top_k: int = _range(1024, 1, 1_000_000)
-    top_k_order: str = _choice("score", ("score", "id"))
+    top_k_order: str = _choice(
+        "score", ("score", "id"), registry="core.model.diffusion.TOP_K_ORDERS"
+    )
     # Outside the top-k: below every kept candidate, or the extractor's own score (released code,
     # where a dropped entity may then outrank denoised ones).
     top_k_fill: str = _choice("below-kept", ("below-kept", "extractor"))
@@ -133,10 +205,10 @@ class DiffusionConfig:
 class LossConfig:
     """Stage 1: BCE. Stage 2: w_kl·KL + w_bce·BCE, extractor frozen (paper) or fine-tuned (code)."""
 
-    label_smoothing: float = _range(0.1, 0.0, 0.5)
+    label_smoothing: float = _range(0.1, 0.0, 0.5, stage1=True)
     # Stage 1's loss over all candidates: per-entity BCE (the released code) or softmax cross
     # entropy against the normalised multi-hot answers (MKGformer's masked-entity prediction).
-    stage1: str = _choice("bce", ("bce", "cross-entropy"))
+    stage1: str = _choice("bce", ("bce", "cross-entropy"), stage1=True)
     w_kl: float = _range(1.0, 0.0, 1e6)  # the released code uses 1e-4 on raw logits
     # KL(softmax x_0 ‖ softmax x̂_0) summed over the N diffused entities ("sum", so its weight
     # against the per-entity mean BCE grows with N) or averaged over them ("mean": w_kl then means
@@ -154,17 +226,18 @@ class LossConfig:
 class TrainConfig:
     """Optimisation for both stages; early stopping watches valid MRR under the clean protocol."""
 
-    stage1_epochs: int = _range(200, 0, 100_000)
+    stage1_epochs: int = _range(200, 0, 100_000, stage1=True)
     stage2_epochs: int = _range(10, 0, 100_000)
-    batch_size: int = _range(128, 1, 1_000_000)
-    lr_stage1: float = _range(5e-3, 0.0, 10.0, low_open=True)
+    batch_size: int = _range(128, 1, 1_000_000, stage1=True)  # both stages
+    lr_stage1: float = _range(5e-3, 0.0, 10.0, low_open=True, stage1=True)
     lr_stage2: float = _range(1e-3, 0.0, 10.0, low_open=True)
-    weight_decay: float = _range(0.01, 0.0, 10.0)
-    warmup_fraction: float = _range(0.1, 0.0, 1.0)
-    patience: int = _range(20, 0, 100_000)  # epochs without valid MRR gain; 0 disables
-    mixed_precision: str = _choice("no", ("no", "bf16", "fp16"))
-    eval_every: int = _range(1, 1, 100_000)
-    max_grad_norm: float = _range(1.0, 0.0, 1e6)
+    weight_decay: float = _range(0.01, 0.0, 10.0, stage1=True)
+    warmup_fraction: float = _range(0.1, 0.0, 1.0, stage1=True)
+    # Epochs without valid MRR gain; 0 disables.
+    patience: int = _range(20, 0, 100_000, stage1=True)
+    mixed_precision: str = _choice("no", ("no", "bf16", "fp16"), stage1=True)
+    eval_every: int = _range(1, 1, 100_000, stage1=True)
+    max_grad_norm: float = _range(1.0, 0.0, 1e6, stage1=True)
     # Stage-2 model selection: "include-stage1" also keeps the extractor alone (evaluated before
     # the first stage-2 epoch, the identity a zero-initialised denoiser gives) as a candidate, so
     # the final model is never worse on valid than its stage 1; "stage2-only" keeps stage 2's best
@@ -180,12 +253,20 @@ class EvalConfig:
     """Evaluation protocols: ``clean`` (no label use, the only one for model selection) and
     ``official-min-of-S`` (minimum gold rank over S stochastic passes; label-using, reported only)."""
 
-    batch_size: int = _range(256, 1, 1_000_000)
+    # Stage 1 picks its best epoch on valid ranks computed in batches of this size, and batched
+    # float maths need not give bitwise equal scores at another size.
+    batch_size: int = _range(256, 1, 1_000_000, stage1=True)
     clean_inference: str = _choice("zero-noise", ("zero-noise", "mean-of-samples"))
     clean_samples: int = _range(1, 1, 1000)
     official_samples: int = _range(20, 1, 1000)
     report_official: bool = True
-    tie: str = _choice("realistic", ("realistic", "optimistic", "pessimistic"))
+    # Stage 1's early stopping and best epoch compare valid MRR under this tie policy.
+    tie: str = _choice(
+        "realistic",
+        ("realistic", "optimistic", "pessimistic"),
+        stage1=True,
+        registry="core.evaluation.ranking.TIE_POLICIES",
+    )
 
 
 @dataclass(frozen=True)
@@ -200,7 +281,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = _range(0, 0, 2**31 - 1)
+    seed: int = _range(0, 0, 2**31 - 1, stage1=True)
 
     def __post_init__(self) -> None:
         if self.model.hidden_dim % self.model.num_heads:
@@ -240,13 +321,17 @@ def _coerce(value, annotation, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):  # a quoted number, e.g. "1e-4"
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            # NaN passes every range check (each comparison is False); infinity is no setting.
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value
@@ -254,7 +339,7 @@ def _coerce(value, annotation, key: str):
         return value
     hint = ""
     if annotation is str and isinstance(value, bool):
-        hint = " (YAML reads yes/no/on/off as booleans: quote the value)"
+        hint = " (YAML reads yes/no/on/off/true/false as booleans: quote the value)"
     raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}{hint}")
 
 
@@ -270,6 +355,9 @@ def _check_field(spec: dataclasses.Field, value, key: str) -> None:
         ):
             interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise ConfigError(f"{key}: {value!r} is outside {interval}")
+    check = spec.metadata.get("check")
+    if check is not None and value is not None and (expected := check(value)) is not None:
+        raise ConfigError(f"{key}: {value!r} is not valid; {expected}")
 
 
 def _build(cls, data: dict, prefix: str):
@@ -306,6 +394,105 @@ def config_to_dict(config: ExperimentConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+def coerce_value(key: str, value):
+    """``value`` as the dotted config key ``key`` holds it, read as a config file's value is.
+
+    Ints become floats where floats are expected, and so does number text (``"1e-4"``); NaN,
+    infinity and values of the wrong type are refused. Choices and ranges are checked when the
+    config is built.
+
+    Raises:
+        ConfigError: naming ``key``.
+    """
+    cls = ExperimentConfig
+    *sections, name = key.split(".")
+    for section in sections:
+        cls = typing.get_type_hints(cls).get(section) if dataclasses.is_dataclass(cls) else None
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    if name not in hints or dataclasses.is_dataclass(hints[name]):
+        raise ConfigError(f"{key} is not a config value")
+    return _coerce(value, hints[name], key)
+
+
+# ------------------------------------------------------------------------------------------- YAML
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does.
+
+    YAML 1.1, which PyYAML follows, reads ``1e-4``, ``5e3`` and ``1.0e4`` (a mantissa without a
+    dot, or an exponent without a sign) as text; a config or study file means the number.
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def _refuse_repeated_keys(node: yaml.Node, location: str, source: Path, visited: set) -> None:
+    """PyYAML keeps the last of a mapping's repeated keys silently: refuse them instead."""
+    if id(node) in visited:  # an alias of a node already checked
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            scalar = isinstance(key_node, yaml.ScalarNode)
+            key = key_node.value if scalar else "?"
+            child = f"{location}.{key}" if location else key
+            line = key_node.start_mark.line + 1
+            if scalar and key in first_lines:
+                raise ConfigError(
+                    f"{source}:{line}: {child}: repeated key (first on line {first_lines[key]})"
+                )
+            first_lines[key] = line
+            _refuse_repeated_keys(value_node, child, source, visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_repeated_keys(item, f"{location}[{index}]", source, visited)
+
+
+def read_yaml(path: str | Path, what: str = "config"):
+    """Read a YAML file of this project (a config or a study): the one policy for both.
+
+    Safe tags only; ``1e-4`` is a number (:class:`_YamlLoader`); a key repeated in a mapping is
+    an error, not the silent last-one-wins of PyYAML.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message when it cannot be read.
+
+    Returns:
+        The document (``None`` for an empty file).
+
+    Raises:
+        ConfigError: ``FILE: cannot read ...``, ``FILE:LINE: not valid YAML (...)`` or
+            ``FILE:LINE: dotted.key: repeated key (first on line N)``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read {what} ({error.strerror})") from None
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_repeated_keys(node, "", path, set())
+        return loader.construct_document(node)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or error
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
+    finally:
+        loader.dispose()
+
+
 def _override_value(raw: str):
     """Read an override value as YAML 1.2's core schema would.
 
@@ -326,7 +513,7 @@ def _override_value(raw: str):
             pass
     if text[:1] in "[{\"'":
         try:
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: safe tags only
         except yaml.YAMLError as error:
             raise ConfigError(f"value {raw!r} is not valid YAML ({error})") from None
     return text
@@ -357,25 +544,14 @@ def _set_dotted(tree: dict, path: list[str], value, text: str) -> None:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> ExperimentConfig:
-    """Read a YAML config (``yaml.safe_load``), apply ``KEY=VALUE`` overrides, validate.
+    """Read a YAML config (:func:`read_yaml`), apply ``KEY=VALUE`` overrides, validate.
 
-    Errors name the file, and for YAML syntax errors the line.
+    Errors name the file, and for YAML errors (syntax, a repeated key) the line.
     """
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as error:
-            raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(
-                f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})"
-            ) from None
+        loaded = read_yaml(path, "config")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
                 f"{path}: expected a mapping of sections, got {type(loaded).__name__}"
@@ -395,33 +571,29 @@ def save_config(config: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
 
 
-# Everything stage 1 reads: the data, the features, the extractor and its structure encoder, the
-# stage-1 optimisation (early stopping and clipping included), the label smoothing and the seed.
-_STAGE1_SECTIONS = ("data", "features", "model", "structure")
-_STAGE1_TRAIN_KEYS = (
-    "stage1_epochs",
-    "batch_size",
-    "lr_stage1",
-    "weight_decay",
-    "warmup_fraction",
-    "eval_every",
-    "patience",
-    "max_grad_norm",
-    "mixed_precision",
-)
-
-
 def stage1_relevant(config: ExperimentConfig) -> dict:
     """The config values a stage-1 run depends on, as a nested dict.
 
-    Two configs with equal values here train the same stage 1: a stage-2-only run may start from
-    the other's stage-1 checkpoint (the trainer checks it) and sweeps share one stage-1 run between
-    them (``sweeps.stage1`` keys its store by a hash of this).
+    These are the fields declared with ``stage1=True`` (the data, the features, the extractor and
+    its structure encoder, the stage-1 optimisation with its early stopping and best-epoch choice,
+    the stage-1 loss and the seed), in sections as in :func:`config_to_dict`. Two configs with equal
+    values here train the same stage 1: a stage-2-only run may start from the other's stage-1
+    checkpoint (the trainer checks it) and sweeps share one stage-1 run between them
+    (``sweeps.stage1`` keys its store by a hash of this). tests/core/train/test_stage1_relevance.py
+    trains stage 1 under another value of every other key and checks the weights stay equal.
     """
     tree = config_to_dict(config)
-    return {
-        **{section: tree[section] for section in _STAGE1_SECTIONS},
-        "train": {key: tree["train"][key] for key in _STAGE1_TRAIN_KEYS},
-        "loss": {key: tree["loss"][key] for key in ("label_smoothing", "stage1")},
-        "seed": tree["seed"],
-    }
+    relevant: dict = {}
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if dataclasses.is_dataclass(value):
+            keys = {
+                inner.name: tree[spec.name][inner.name]
+                for inner in dataclasses.fields(value)
+                if inner.metadata.get("stage1")
+            }
+            if keys:
+                relevant[spec.name] = keys
+        elif spec.metadata.get("stage1"):
+            relevant[spec.name] = tree[spec.name]
+    return relevant

@@ -11,6 +11,7 @@ one of three kinds of study over the typed experiment config of :mod:`core.confi
     overrides:                      # dotted config keys set in every trial
       data.dataset: synthetic:small
     seeds: [0, 1, 2]                # every cell (or drawn point) trains once per seed
+                                    # optional: [0] without it (launch prints a note)
     resources: {cpus: 1, gpus: 0, workers: 1}
     metric: valid.clean.mrr         # valid split, clean protocol only
     mode: max
@@ -54,11 +55,16 @@ Distributions (``low`` and ``high`` are both inclusive, unlike Ray's ``randint``
 * ``uniform``, ``loguniform`` (``low > 0``), ``randint`` (integers): ``low < high``; optional
   ``q > 0`` quantises to multiples of ``q``, so ``low`` and ``high`` must be multiples of it.
 
-Note that YAML 1.1 (PyYAML) reads ``1e-4`` as text: write ``1.0e-4``.
+A study file is read as a config file is (:func:`core.config.read_yaml`): ``1e-4`` is a number,
+and a key repeated in a mapping is an error naming both lines. Each value a study gives a config
+key is read as that key reads it (:func:`core.config.coerce_value`), so ``1e-4``, ``1.0e-4`` and
+``"1e-4"`` are the same float in a study's overrides, variants, axes and search space as in a
+config file or a ``--set``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -74,15 +80,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
-
 from core.config import (
     ConfigError,
     ExperimentConfig,
+    coerce_value,
     config_from_dict,
     config_to_dict,
     load_config,
     parse_override,
+    read_yaml,
 )
 
 __all__ = [
@@ -326,7 +332,7 @@ class Trial:
 
 
 def load_study(path: str | Path, overrides: Iterable[str] = ()) -> Study:
-    """Read a study file (``yaml.safe_load``) and check it completely.
+    """Read a study file (:func:`core.config.read_yaml`) and check it completely.
 
     Args:
         path: the study YAML.
@@ -619,24 +625,6 @@ def _check_config_key(key) -> None:
     )
 
 
-def _normalise(key: str, value):
-    """Catch YAML 1.1 surprises for ``key`` and turn ints into floats where floats are expected."""
-    expected = _value_type(key)
-    if expected in (int, float) and isinstance(value, str) and _float_text(value) is not None:
-        raise ConfigError(
-            f"{key}: {value!r} is text, not a number (YAML 1.1 also reads 1e-4 as text); "
-            f"write {_float_text(value)}"
-        )
-    if expected is str and isinstance(value, bool):
-        raise ConfigError(
-            f"{key}: got {value!r}: YAML reads unquoted yes/no/on/off/true/false as booleans; "
-            "quote the text"
-        )
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
 def _float_text(text: str) -> str | None:
     """``"1e-4"`` → ``"1.0e-4"`` (what PyYAML reads as a number), or None if it is no number."""
     try:
@@ -680,11 +668,9 @@ def _render_yaml(value) -> str:
             return ".inf" if value > 0 else "-.inf"
         return _float_text(repr(value))
     if isinstance(value, str):
-        try:
-            if value and yaml.safe_load(value) == value:
+        with contextlib.suppress(ConfigError):
+            if value and parse_override(f"key={value}")[1] == value:
                 return value
-        except yaml.YAMLError:
-            pass
         return json.dumps(value)
     return json.dumps(value)
 
@@ -735,46 +721,14 @@ class _Reader:
 
     def read(self) -> dict:
         try:
-            text = self.path.read_text()
-        except OSError as error:
-            raise StudyError(f"{self.path}: cannot read study ({error.strerror})") from None
-        try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-            if root is not None:
-                self._check_duplicates(root, "", set())
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            problem = getattr(error, "problem", None) or error
-            raise StudyError(f"{self.path}{where}: not valid YAML ({problem})") from None
+            data = read_yaml(self.path, "study")
+        except ConfigError as error:
+            raise StudyError(str(error)) from None
         if data is None:
             raise self.error("", "the study is empty; it needs at least kind")
         if not isinstance(data, dict):
             raise self.error("", f"expected a mapping of study keys, got {type(data).__name__}")
         return data
-
-    def _check_duplicates(self, node, location: str, visited: set) -> None:
-        """PyYAML keeps the last of repeated mapping keys silently; refuse them instead."""
-        if id(node) in visited:
-            return
-        visited.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            first_lines: dict[str, int] = {}
-            for key_node, value_node in node.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
-                child = f"{location}.{key}" if location else key
-                line = key_node.start_mark.line + 1
-                if key in first_lines and isinstance(key_node, yaml.ScalarNode):
-                    raise StudyError(
-                        f"{self.path}:{line}: {child}: repeated key "
-                        f"(first on line {first_lines[key]})"
-                    )
-                first_lines[key] = line
-                self._check_duplicates(value_node, child, visited)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                self._check_duplicates(item, f"{location}[{index}]", visited)
 
     def check_keys(self, data: dict, kind: str) -> None:
         valid = (*self._COMMON, *self._BY_KIND[kind])
@@ -816,7 +770,7 @@ class _Reader:
         for key, value in mapping.items():
             try:
                 _check_config_key(key)
-                pairs.append((key, _normalise(key, value)))
+                pairs.append((key, coerce_value(key, value)))
             except ConfigError as error:
                 raise self.error(f"{location}.{key}", str(error)) from None
         return tuple(pairs)
@@ -839,7 +793,7 @@ class _Reader:
             key = ".".join(path)
             try:
                 _check_config_key(key)
-                value = _normalise(key, value)
+                value = coerce_value(key, value)
             except ConfigError as error:
                 raise self.error(location, str(error).removeprefix(f"{key}: ")) from None
             if key in varied:
@@ -949,7 +903,7 @@ class _Reader:
         values = []
         for index, item in enumerate(value):
             try:
-                item = _normalise(key, item)
+                item = coerce_value(key, item)
             except ConfigError as error:
                 raise self.error(f"{location}[{index}]", str(error)) from None
             if item in values:
@@ -1157,16 +1111,17 @@ class _Reader:
                 if param == "q":
                     continue
                 raise self.error(f"{location}.{param}", f"missing; {name} needs low and high")
-            if isinstance(item, str) and _float_text(item) is not None:
+            if integer:
+                if not _is_int(item):
+                    raise self.error(f"{location}.{param}", f"expected an integer, got {item!r}")
+                bounds[param] = item
+                continue
+            try:  # as the float key reads it: number text such as "1e-4" is the number
+                bounds[param] = coerce_value(key, item)
+            except ConfigError:
                 raise self.error(
-                    f"{location}.{param}",
-                    f"{item!r} is text, not a number (YAML 1.1 also reads 1e-4 as text); "
-                    f"write {_float_text(item)}",
-                )
-            if not (_is_int(item) if integer else _is_number(item)) or not math.isfinite(item):
-                kind = "an integer" if integer else "a number"
-                raise self.error(f"{location}.{param}", f"expected {kind}, got {item!r}")
-            bounds[param] = item if integer else float(item)
+                    f"{location}.{param}", f"expected a finite number, got {item!r}"
+                ) from None
         low, high, q = bounds["low"], bounds["high"], bounds.get("q")
         if not low < high:
             raise self.error(location, f"empty range: low ({low}) must be below high ({high})")

@@ -1,4 +1,10 @@
+import dataclasses
+import importlib
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -8,8 +14,12 @@ from core.config import (
     config_from_dict,
     config_to_dict,
     load_config,
+    read_yaml,
     save_config,
+    stage1_relevant,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_round_trip_through_json(tmp_path):
@@ -111,3 +121,148 @@ def test_the_shipped_recipe_file_is_the_config_defaults():
     assert {s: set(v) if isinstance(v, dict) else v for s, v in written.items()} == {
         s: set(v) if isinstance(v, dict) else v for s, v in defaults.items()
     }
+
+
+# ------------------------------------------------------------------------- one source of truth
+
+
+def _fields_with(name: str):
+    """``(dotted key, field)`` of every config value whose metadata holds ``name``."""
+    for section in dataclasses.fields(ExperimentConfig):
+        inner = (
+            dataclasses.fields(section.default_factory())
+            if section.default_factory is not dataclasses.MISSING
+            else ()
+        )
+        for spec in inner or (section,):
+            key = f"{section.name}.{spec.name}" if inner else section.name
+            if name in spec.metadata:
+                yield key, spec
+
+
+def test_choices_equal_the_registries_they_select_from():
+    """core.config writes each choice tuple out (registries import torch); they cannot drift."""
+    checked = []
+    for key, spec in _fields_with("registry"):
+        module, _, name = spec.metadata["registry"].rpartition(".")
+        registry = getattr(importlib.import_module(module), name)
+        assert set(spec.metadata["choices"]) == set(registry), key
+        checked.append(key)
+    assert {"structure.conv", "diffusion.schedule", "eval.tie", "data.candidates"} <= set(checked)
+
+
+def test_encoder_values_reach_every_registered_encoder():
+    from core.features.image import IMAGE_ENCODERS
+    from core.features.text import TEXT_ENCODERS
+    from core.train.trainer import feature_settings
+
+    texts = {
+        feature_settings(load_config(overrides=[f"features.text_encoder={value}"])).text_encoder
+        for value in ("minilm", "none", "/models/bert")
+    }
+    images = {
+        feature_settings(load_config(overrides=[f"features.image_encoder={value}"])).image_encoder
+        for value in ("efficientnet-lite0", "none", "clip:/models/clip")
+    }
+    assert texts == set(TEXT_ENCODERS) and images == set(IMAGE_ENCODERS)
+
+
+def test_config_module_stays_light():
+    """Configs load on a sweep's head node and in analysis helpers without importing torch."""
+    code = "import sys, core.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_every_accepted_feature_value_is_a_valid_feature_setting():
+    """A value the config accepts must not fail later, once the dataset has loaded."""
+    from core.train.trainer import feature_settings
+
+    for key, spec in _fields_with("range"):
+        if not key.startswith("features."):
+            continue
+        low, high, _, _ = spec.metadata["range"]
+        for bound in (low, high):
+            feature_settings(load_config(overrides=[f"{key}={bound}"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("features.image_size=31", r"features\.image_size: 31 is outside \[32, 1024\]"),
+        (
+            "features.image_encoder=clip",
+            r"features\.image_encoder: 'clip' is not valid; expected efficientnet-lite0, none "
+            r"or clip:<model folder>",
+        ),
+        ("features.image_encoder=clip: ", r"features\.image_encoder: 'clip:' is not valid"),
+        (
+            'features.text_encoder=" "',
+            r"features\.text_encoder: ' ' is not valid; expected minilm, none or a local model",
+        ),
+    ],
+)
+def test_feature_limits_fail_at_config_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+# ---------------------------------------------------------------------------------- bad inputs
+
+
+def test_repeated_keys_in_a_config_file_name_the_file_line_and_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    # PyYAML keeps the second train block, so batch_size 0 would never be checked.
+    path.write_text("train:\n  batch_size: 0\nseed: 1\ntrain:\n  lr_stage1: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:4: train: repeated key \(first on line 1\)"):
+        load_config(path)
+    path.write_text("diffusion:\n  steps: 10\n  schedule: linear\n  steps: 20\n")
+    with pytest.raises(
+        ConfigError, match=r"run\.yaml:4: diffusion\.steps: repeated key \(first on line 2\)"
+    ):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.lr_stage1=nan", "train.lr_stage1=inf", "loss.w_kl=-inf", "diffusion.beta_start=NaN"],
+)
+def test_non_finite_numbers_are_refused_with_the_key(override):
+    key = override.partition("=")[0]
+    message = rf"{re.escape(key)}: expected a finite number, got"
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_non_finite_numbers_in_a_file_are_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    for text in ("train:\n  lr_stage1: .nan\n", 'train:\n  lr_stage1: "nan"\n'):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=r"run\.yaml: train\.lr_stage1: expected a finite"):
+            load_config(path)
+
+
+def test_exponent_numbers_read_as_numbers_in_files_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {lr_stage1: 1e-4, lr_stage2: 5E-3}\nloss: {w_kl: 1.0e-4, w_bce: 2e1}\n")
+    config = load_config(path, ["diffusion.beta_end=2e-2"])
+    assert (config.train.lr_stage1, config.train.lr_stage2) == (1e-4, 5e-3)
+    assert (config.loss.w_kl, config.loss.w_bce, config.diffusion.beta_end) == (1e-4, 20.0, 0.02)
+    assert read_yaml(path)["train"]["lr_stage1"] == 1e-4  # a float before any coercion
+    # Text stays text: a dataset folder that merely starts with digits is not a number.
+    path.write_text("data:\n  dataset: 1e-4x\n")
+    assert load_config(path).data.dataset == "1e-4x"
+
+
+def test_stage1_relevance_is_declared_per_field():
+    default = ExperimentConfig()
+    relevant = stage1_relevant(default)
+    assert relevant["eval"] == {"tie": "realistic", "batch_size": 256}
+    assert "diffusion" not in relevant and "lr_stage2" not in relevant["train"]
+    declared = {key for key, spec in _fields_with("stage1") if spec.metadata["stage1"]}
+    flat = {
+        f"{section}.{key}" if isinstance(values, dict) else section
+        for section, values in relevant.items()
+        for key in (values if isinstance(values, dict) else (None,))
+    }
+    assert flat == declared
+    assert stage1_relevant(load_config(overrides=["eval.tie=optimistic"])) != relevant

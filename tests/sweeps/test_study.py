@@ -33,6 +33,7 @@ EXPECTED_STUDIES = {
     "sensitivity-steps",
     "sensitivity-width",
     "stage2-designs",
+    "stage2-designs-short",
 }
 
 
@@ -288,6 +289,77 @@ def test_override_strings_survive_yaml_surprises(tmp_path):
     assert trial_config(study, trial).train.lr_stage2 == 1e-7
 
 
+def test_numbers_in_a_study_read_as_in_a_config_file(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as text; studies and configs both mean the number."""
+    base = tmp_path / "base.yaml"
+    base.write_text("train:\n  lr_stage1: 1e-4\n  lr_stage2: 5e-3\n")
+    study_file = write_study(
+        tmp_path,
+        """\
+        kind: ablation
+        base_config: base.yaml
+        overrides:
+          loss.w_kl: 1e-4
+          loss.w_bce: "5e-3"
+        variants:
+          full: {}
+          small-lr: {train.lr_stage2: 1e-4}
+          dotted-lr: {train.lr_stage2: 1.0e-3}
+        """,
+    )
+    study = load_study(study_file)
+    assert dict(study.overrides) == {"loss.w_kl": 1e-4, "loss.w_bce": 5e-3}
+    assert [dict(v.overrides).get("train.lr_stage2") for v in study.variants] == [
+        None,
+        1e-4,
+        1e-3,
+    ]
+    configs = {trial.cell: trial_config(study, trial) for trial in expand_trials(study)}
+    assert configs["full"].train.lr_stage1 == 1e-4 and configs["full"].train.lr_stage2 == 5e-3
+    assert configs["small-lr"].train.lr_stage2 == 1e-4
+    assert configs["full"].loss.w_kl == 1e-4 and configs["full"].loss.w_bce == 5e-3
+    # The same values in a config file and through --set build the same config.
+    config_file = tmp_path / "same.yaml"
+    config_file.write_text(
+        "train: {lr_stage1: 1.0e-4, lr_stage2: 1e-4}\nloss: {w_kl: 1e-4, w_bce: 5e-3}\n"
+    )
+    for trial in expand_trials(study):
+        if trial.cell == "small-lr":
+            assert load_config(config_file) == trial_config(study, trial)
+            assert load_config(base, trial.override_strings()) == trial_config(study, trial)
+
+    searched = write_study(
+        tmp_path,
+        """\
+        kind: search
+        search:
+          algorithm: optuna-tpe
+          num_samples: 2
+          space:
+            train.lr_stage1: {type: loguniform, low: 1e-4, high: 5e-3}
+            train.lr_stage2: {type: loguniform, low: 1.0e-4, high: "5e-3"}
+            loss.w_kl: {type: choice, values: [1e-4, 1.0e-3, 5e-3]}
+        """,
+    )
+    space = dict(load_study(searched).search.space)
+    assert space["train.lr_stage1"] == LogUniform(low=1e-4, high=5e-3)
+    assert space["train.lr_stage2"] == LogUniform(low=1e-4, high=5e-3)
+    assert space["loss.w_kl"] == Choice(values=(1e-4, 1e-3, 5e-3))
+
+
+def test_a_repeated_key_in_the_base_config_is_refused(tmp_path):
+    # PyYAML keeps the second train block: batch_size 0 would never be checked.
+    base = tmp_path / "base.yaml"
+    base.write_text("train:\n  batch_size: 0\nseed: 1\ntrain:\n  lr_stage1: 1.0e-3\n")
+    path = write_study(tmp_path, "base_config: base.yaml\n" + ABLATION)
+    with pytest.raises(
+        StudyError,
+        match=rf"^{re.escape(str(path))}: base_config: {re.escape(str(base))}:4: train: "
+        r"repeated key \(first on line 1\)",
+    ):
+        load_study(path)
+
+
 # ------------------------------------------------------------------------------------- errors
 
 ABLATION = "kind: ablation\nvariants:\n  full: {}\n"
@@ -345,12 +417,13 @@ SEARCH = "kind: search\nsearch:\n  algorithm: optuna-tpe\n  num_samples: 4\n  sp
             r"variants\.x: diffusion\.reverse=residual .* needs diffusion\.target=epsilon",
         ),
         (
-            ABLATION + "  x:\n    train.lr_stage1: 1e-4\n",
-            r"variants\.x\.train\.lr_stage1: '1e-4' is text, not a number .* write 1\.0e-4",
+            ABLATION + "  x:\n    train.lr_stage1: .nan\n",
+            r"variants\.x\.train\.lr_stage1: expected a finite number, got nan",
         ),
         (
             ABLATION + "  x:\n    train.mixed_precision: no\n",
-            r"variants\.x\.train\.mixed_precision: got False: YAML reads unquoted yes/no",
+            r"variants\.x\.train\.mixed_precision: expected str, got False \(YAML reads "
+            r"yes/no/on/off/true/false as booleans",
         ),
         (
             "kind: ablation\noverrides: {structure.max_nodes: 1}\nvariants: {full: {}}\n",
@@ -408,8 +481,12 @@ SEARCH = "kind: search\nsearch:\n  algorithm: optuna-tpe\n  num_samples: 4\n  sp
             r"search\.space\.diffusion\.steps\.low: expected an integer, got 1\.5",
         ),
         (
-            SEARCH + "    train.lr_stage1: {type: loguniform, low: 1e-4, high: 1.0e-2}\n",
-            r"search\.space\.train\.lr_stage1\.low: '1e-4' is text.* write 1\.0e-4",
+            SEARCH + "    train.lr_stage1: {type: loguniform, low: .inf, high: 1.0e-2}\n",
+            r"search\.space\.train\.lr_stage1\.low: expected a finite number, got inf",
+        ),
+        (
+            SEARCH + "    train.lr_stage1: {type: loguniform, low: small, high: 1.0e-2}\n",
+            r"search\.space\.train\.lr_stage1\.low: expected a finite number, got 'small'",
         ),
         (
             SEARCH + "    diffusion.steps: {type: randint, low: 5, high: 98, q: 5}\n",
@@ -633,7 +710,7 @@ def test_launch_overrides_replace_and_add_study_overrides(tmp_path):
             ["model.hidden_dim=wide"],
             r"--set model\.hidden_dim=wide: expected int, got 'wide'",
         ),
-        (LAUNCHED, ["data.dataset=true"], r"--set data\.dataset=true: got True"),
+        (LAUNCHED, ["data.dataset=true"], r"--set data\.dataset=true: expected str, got True"),
         (LAUNCHED, ["diffusion=3"], r"--set diffusion=3: diffusion is a section, not a key"),
         (LAUNCHED, ["seed=3"], r"--set seed=3: seed is set for each trial from the study's seeds"),
         (LAUNCHED, ["data.dataset"], r"--set data\.dataset: expected KEY=VALUE"),
