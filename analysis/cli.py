@@ -1,9 +1,17 @@
-"""``diffcom report EXP [EXP ...] --out DIR``."""
+"""``diffcom report EXP [EXP ...] --out DIR``.
+
+Exit status: 0 when the report shows at least one run's numbers (a damaged or unfinished run is a
+warning, listed in the report); 1 when it was written but no run has a result or an evaluated
+epoch (its Problems section says why); 2, writing nothing, for a bad argument: an experiment that
+is not found, none that can be read, an ``--out`` that is a file or a non-empty folder no
+earlier report wrote (without ``--force``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 __all__ = ["add_report_command"]
@@ -12,33 +20,54 @@ __all__ = ["add_report_command"]
 def _storage(value: str | None) -> Path:
     # Same default as `diffcom sweep` (sweeps.experiment.default_storage); repeated here because
     # analysis never imports the packages that train.
-    if value:
+    from analysis.load import AnalysisError  # pandas loads only when a report is made
+
+    if value is not None:
+        if not value.removeprefix("file://").strip():
+            raise AnalysisError(
+                "empty: give the folder that holds the experiments, or leave --storage out",
+                f"--storage {value!r}",
+            )
         return Path(value.removeprefix("file://")).expanduser().resolve()
     configured = os.environ.get("DIFFCOM_STORAGE")
     return Path(configured).expanduser() if configured else Path.home() / "diffcom-experiments"
 
 
 def _resolve(experiment: str, storage: str | None) -> Path:
+    from analysis.load import AnalysisError
+
     path = Path(experiment)
     if (path / "experiment.json").is_file():
         return path.resolve()
     under = _storage(storage) / experiment
     if "/" not in experiment and (under / "experiment.json").is_file():
         return under
-    raise ValueError(
-        f"{experiment}: neither an experiment folder (with experiment.json) nor an experiment "
-        f"name in {_storage(storage)}"
+    raise AnalysisError(
+        f"neither an experiment folder (with experiment.json) nor an experiment name in "
+        f"{_storage(storage)}",
+        experiment,
     )
 
 
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import build_report
 
+    if args.storage is not None:
+        _storage(args.storage)  # an empty --storage is refused even when no name needs it
     folders = [_resolve(e, args.storage) for e in args.experiments]
-    report = build_report(folders, args.out, png=not args.no_png)
+    report = build_report(folders, args.out, png=not args.no_png, force=args.force)
+    for path, reason in report.problems:
+        print(f"warning: {path}: {reason}", file=sys.stderr)
     for note in report.notes:
         print(f"note: {note}")
     print(f"report: {report.html.resolve()} ({len(report.files)} files, {report.seconds:.1f} s)")
+    if report.usable_runs == 0:
+        print(
+            "diffcom: error: no run has a result or an evaluated epoch; the report lists only "
+            "problems (see its Problems section and the warnings above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -49,10 +78,22 @@ def add_report_command(nouns) -> None:
         help="write the ablation, sensitivity and protocol-audit report of experiments",
         description="Read experiment folders (or names under --storage) and write report.html "
         "(self-contained, offline), the tables as .md/.tex/.csv and PNG figures when a Chromium "
-        "is available, into --out.",
+        "is available, into --out. Damaged, unfinished and empty runs or folders are listed "
+        "in the report and printed as warnings; the exit status is 1 when no run has a result "
+        "or an evaluated epoch, 2 (nothing written) for a bad argument.",
     )
     report.add_argument("experiments", nargs="+", metavar="EXP", help="experiment folder or name")
-    report.add_argument("--out", required=True, help="output folder")
+    report.add_argument(
+        "--out",
+        required=True,
+        help="output folder: new, empty, or an earlier report's (whose files are replaced)",
+    )
+    report.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out that no report wrote (files of the same names are "
+        "replaced, the others kept)",
+    )
     report.add_argument(
         "--storage", help="where named experiments live (default: as for diffcom sweep)"
     )

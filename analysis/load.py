@@ -11,7 +11,10 @@ Every row carries what makes it interpretable: the experiment, kind and cell (ab
 sensitivity axis and value, or search point), the seed, the run's config flattened into
 ``config.<section>.<key>`` columns, its best and last epochs (both explicit: the best epoch, by
 valid MRR under the clean protocol, is what ``results.json`` reports), timings and provenance.
-A folder that cannot be read is listed in :attr:`Loaded.problems` and skipped, never fatal.
+A folder or file that cannot be read is listed in :attr:`Loaded.problems` and skipped, never
+fatal: JSON files must hold an object (:func:`read_json_object`), and a key of the wrong type is
+ignored and listed. A finished run whose ``results.json`` cannot be read keeps a row with state
+``damaged``.
 
 Each experiment's metadata also gets what its copied ``study.yaml`` says of an ablation:
 ``variant_order`` (the variants in file order) and ``reference`` (the variant every other
@@ -38,7 +41,15 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-__all__ = ["CURVE_COLUMNS", "MEASURES", "Loaded", "load_experiments", "protocol_kind"]
+__all__ = [
+    "CURVE_COLUMNS",
+    "MEASURES",
+    "AnalysisError",
+    "Loaded",
+    "load_experiments",
+    "protocol_kind",
+    "read_json_object",
+]
 
 MEASURES = ("mr", "mrr", "hits@1", "hits@3", "hits@10")
 
@@ -66,6 +77,105 @@ _RECORD_KEYS = ("loss", "lr", "train_seconds", "kl", "bce", "lambda")
 
 # Where sweeps.stage1 trains the stage-1 runs trials share (repeated: analysis never imports it).
 _STAGE1_DIR = "stage1"
+
+
+class AnalysisError(ValueError):
+    """A file or folder a report cannot use; the message names it and says why.
+
+    Attributes:
+        reason: what is wrong.
+        path: the file or folder (or option) it is about, or ``None``.
+    """
+
+    def __init__(self, reason: str, path: str | Path | None = None) -> None:
+        super().__init__(f"{path}: {reason}" if path is not None else reason)
+        self.reason = reason
+        self.path = None if path is None else str(path)
+
+
+def read_json_object(path: str | Path) -> dict:
+    """Read a JSON file that must hold an object (every file an experiment folder holds does).
+
+    The counterpart of ``sweeps.experiment.read_json_object``, repeated because analysis never
+    imports the packages that train.
+
+    Raises:
+        AnalysisError: naming the file, when it is missing, unreadable, not JSON, or JSON of
+            another shape (a list, a string, a number...).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise AnalysisError("missing", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        raise AnalysisError(f"unreadable: {error}", path) from None
+    if not isinstance(data, dict):
+        raise AnalysisError(
+            f"unreadable: expected a JSON object {{...}}, found {_kind(data)}", path
+        )
+    return data
+
+
+def _kind(value) -> str:
+    """``a list``, ``the string 'finished'``, ``the number 42``... for messages."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    return f"a {type(value).__name__}"
+
+
+# The keys readers use, by file, with the type each must have; a key of another type is dropped
+# (as if absent) and listed in the problems, so one bad value cannot stop a report.
+_TEXT = (str, "text")
+_NUMBER = ((int, float), "a number")
+_LIST = (list, "a list")
+_OBJECT = (dict, "an object")
+_EXPERIMENT_KEYS = {
+    "name": _TEXT,
+    "kind": _TEXT,
+    "metric": _TEXT,
+    "mode": _TEXT,
+    "created": _TEXT,
+    "seeds": _LIST,
+    "parents": _LIST,
+    "code": _OBJECT,
+    "packages": _OBJECT,
+    "cluster_resources": _OBJECT,
+}
+_STATUS_KEYS = {
+    "state": _TEXT,
+    "error": _TEXT,
+    "attempts": _LIST,
+    "wall_seconds": _NUMBER,
+    "stage1": _OBJECT,
+}
+_TRIAL_KEYS = {"config": _OBJECT, "code": _OBJECT, "dataset": _TEXT, "dataset_hash": _TEXT}
+_RESULTS_KEYS = {"timings": _OBJECT, "best_epochs": _OBJECT, "dataset_hash": _TEXT}
+
+
+def _typed(data: dict, keys: dict, path: Path, loaded: Loaded) -> dict:
+    """``data`` without the keys of ``keys`` whose value has the wrong type (each listed)."""
+    wrong = [
+        key
+        for key, (kind, _) in keys.items()
+        if data.get(key) is not None
+        and (not isinstance(data[key], kind) or isinstance(data[key], bool))
+    ]
+    for key in wrong:
+        loaded.problems.append(
+            (str(path), f"{key}: expected {keys[key][1]}, found {_kind(data[key])}; ignored")
+        )
+    return {key: value for key, value in data.items() if key not in wrong}
+
+
+def _number(value):
+    """``value`` when it is a number, else ``None`` (a measure written as text counts as absent)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 @dataclass
@@ -101,7 +211,7 @@ def load_experiments(paths: list[str | Path]) -> Loaded:
     curve_rows: list[dict] = []
     shared: dict[Path, list[dict]] = {}  # shared stage-1 metrics, read once however many trials
     for path in map(Path, paths):
-        metadata = _read(path / "experiment.json", loaded)
+        metadata = _read(path / "experiment.json", loaded, _EXPERIMENT_KEYS)
         if metadata is None:
             continue
         name = metadata.get("name", path.name)
@@ -145,14 +255,14 @@ _BASE_COLUMNS = [
 ]
 
 
-def _read(path: Path, loaded: Loaded):
+def _read(path: Path, loaded: Loaded, keys: dict | None = None) -> dict | None:
+    """The JSON object in ``path`` (``keys`` checked), or ``None`` with the problem listed."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        loaded.problems.append((str(path), "missing"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
-        loaded.problems.append((str(path), f"unreadable: {error}"))
-    return None
+        data = read_json_object(path)
+    except AnalysisError as error:
+        loaded.problems.append((error.path, error.reason))
+        return None
+    return _typed(data, keys, path, loaded) if keys else data
 
 
 def _ablation_design(
@@ -262,13 +372,22 @@ def _epochs(records: list[dict]) -> dict:
         return {}
     last = records[-1]
     final_stage = last.get("stage")
-    evaluated = [r for r in records if r.get("stage") == final_stage and "valid.clean.mrr" in r]
+    evaluated = [
+        r
+        for r in records
+        if r.get("stage") == final_stage and _number(r.get("valid.clean.mrr")) is not None
+    ]
     best = max(evaluated, key=lambda r: r["valid.clean.mrr"], default=None)
     return {
         "last_stage": final_stage,
         "last_epoch": last.get("epoch"),
         "valid_mrr_last_epoch": next(
-            (r["valid.clean.mrr"] for r in reversed(records) if "valid.clean.mrr" in r), None
+            (
+                r["valid.clean.mrr"]
+                for r in reversed(records)
+                if _number(r.get("valid.clean.mrr")) is not None
+            ),
+            None,
         ),
         "best_epoch": best["epoch"] if best else None,
         "valid_mrr_best_epoch": best["valid.clean.mrr"] if best else None,
@@ -289,7 +408,7 @@ def _shared_stage1(
     if not key:
         return []
     candidates = [experiment / _STAGE1_DIR / str(key) / "run" / "metrics.jsonl"]
-    if stage1.get("checkpoint"):
+    if isinstance(stage1.get("checkpoint"), str):
         candidates.append(Path(stage1["checkpoint"]).parent.parent / "metrics.jsonl")
     for candidate in candidates:
         if candidate.is_file():
@@ -341,14 +460,16 @@ def _run_rows(
 ) -> tuple[list[dict], list[dict]]:
     """The run's rows of the tidy frame and of the learning curves."""
     run = run_dir.relative_to(experiment / "runs").as_posix()
-    status = _read(run_dir / "status.json", loaded)
+    status = _read(run_dir / "status.json", loaded, _STATUS_KEYS)
     if status is None:
         return [], []
     config_tree = (
         _read(run_dir / "config.json", loaded) if (run_dir / "config.json").exists() else None
     )
     provenance = (
-        _read(run_dir / "trial.json", loaded) if (run_dir / "trial.json").exists() else {}
+        _read(run_dir / "trial.json", loaded, _TRIAL_KEYS)
+        if (run_dir / "trial.json").exists()
+        else {}
     ) or {}
     config = _flatten(config_tree or provenance.get("config") or {}, "config.")
     cell, axis, axis_value = _cell(metadata.get("kind", ""), run, config)
@@ -388,31 +509,11 @@ def _run_rows(
     )
     results = None
     if common["state"] == "finished":
-        results = _read(run_dir / "results.json", loaded)
+        results = _read(run_dir / "results.json", loaded, _RESULTS_KEYS)
         if results is None:
             common["state"] = "damaged"
     if results is None:
-        if best_record is None:
-            return [
-                {
-                    **common,
-                    "finished": False,
-                    "split": "valid",
-                    "protocol": "clean",
-                    "protocol_kind": "clean",
-                }
-            ], curve
-        measures = {m: best_record.get(f"valid.clean.{m}") for m in MEASURES}
-        return [
-            {
-                **common,
-                "finished": False,
-                "split": "valid",
-                "protocol": "clean",
-                "protocol_kind": "clean",
-                **measures,
-            }
-        ], curve
+        return [_unfinished_row(common, best_record)], curve
     rows = []
     common["train_seconds"] = results.get("timings", {}).get("train_seconds")
     common["dataset_hash"] = common["dataset_hash"] or results.get("dataset_hash")
@@ -420,7 +521,7 @@ def _run_rows(
     # The trainer's own record of the epoch it selected; a run whose stage 1 came from a shared
     # stage-1 run has no epochs of its own in metrics.jsonl.
     selected = (results.get("best_epochs") or {}).get(f"stage{common['final_stage']}")
-    if selected is not None:
+    if isinstance(selected, int) and not isinstance(selected, bool):
         common["best_epoch"] = selected
     for split in ("valid", "test"):
         section = results.get(split)
@@ -441,7 +542,25 @@ def _run_rows(
                     "ranks_file": str(run_dir / f"ranks_{split}.npz")
                     if (run_dir / f"ranks_{split}.npz").is_file() and protocol == "clean"
                     else None,
-                    **{m: values.get(m) for m in MEASURES},
+                    **{m: _number(values.get(m)) for m in MEASURES},
                 }
             )
+    if not rows:  # a results.json with no split in it holds no result at all
+        common["state"] = "damaged"
+        return [_unfinished_row(common, best_record)], curve
     return rows, curve
+
+
+def _unfinished_row(common: dict, best_record: dict | None) -> dict:
+    """The one row of a run without results: its best valid epoch so far, if any."""
+    measures = {
+        m: _number(best_record.get(f"valid.clean.{m}")) if best_record else None for m in MEASURES
+    }
+    return {
+        **common,
+        "finished": False,
+        "split": "valid",
+        "protocol": "clean",
+        "protocol_kind": "clean",
+        **measures,
+    }

@@ -11,11 +11,18 @@ Reads only files (``experiment.json``, ``runs/**``); writes into ``out``::
     tables/runs.csv              the tidy frame itself
     tables/curves.csv            every run's epochs (the learning curves)
     figures/*.png                when a Chromium is available (kaleido); skipped with a note otherwise
+    report-manifest.json         what wrote the folder and every file above, with the problems
+
+``out`` must be a new or empty folder, or one an earlier report wrote (its
+``report-manifest.json`` says so; the files it lists are replaced, so no table of the earlier
+report is left behind). Any other non-empty folder, or a file, is refused unless ``force``: then
+the report's files are written into it and everything else there is kept.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import logging
 import os
 import re
@@ -38,7 +45,7 @@ from analysis.figures import (
     pareto_figure,
     sensitivity_figure,
 )
-from analysis.load import Loaded, load_experiments
+from analysis.load import AnalysisError, Loaded, load_experiments
 from analysis.tables import (
     ablation_table,
     format_table,
@@ -48,7 +55,11 @@ from analysis.tables import (
     write_table,
 )
 
-__all__ = ["Report", "build_report", "find_chromium"]
+__all__ = ["MANIFEST", "Report", "build_report", "find_chromium"]
+
+#: The file that marks a folder as written by ``diffcom report`` (and lists what it wrote).
+MANIFEST = "report-manifest.json"
+_WRITER = "diffcom report"
 
 PROTOCOL_NOTE = (
     "All tables use the <b>clean</b> protocol on the <b>test</b> split unless they say otherwise: "
@@ -76,11 +87,24 @@ CURVES_NOTE = (
 
 @dataclass
 class Report:
-    """What :func:`build_report` wrote and what it had to leave out."""
+    """What :func:`build_report` wrote and what it had to leave out.
+
+    Attributes:
+        html: ``report.html``.
+        files: every file written, ``report.html`` first.
+        notes: what was left out of the report itself (PNG figures, importance...).
+        problems: ``(path, reason)`` of every folder, file or line skipped while reading (the
+            report's Problems section lists them too).
+        usable_runs: runs with a result or at least one evaluated epoch; ``0`` means the report
+            has nothing to show but its problems.
+        seconds: how long it took.
+    """
 
     html: Path
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    usable_runs: int = 0
     seconds: float = 0.0
 
 
@@ -97,14 +121,38 @@ def find_chromium() -> str | None:
 
 
 def build_report(
-    experiments: list[str | Path], out: str | Path, *, png: bool = True, title: str | None = None
+    experiments: list[str | Path],
+    out: str | Path,
+    *,
+    png: bool = True,
+    title: str | None = None,
+    force: bool = False,
 ) -> Report:
-    """Load experiments, write tables, figures and ``report.html`` into ``out``."""
+    """Load experiments, write tables, figures and ``report.html`` into ``out``.
+
+    Damaged or unfinished runs and folders are listed in the report (and in
+    :attr:`Report.problems`), not fatal; check :attr:`Report.usable_runs` for whether anything
+    else is left.
+
+    Raises:
+        AnalysisError: before anything is written, when ``out`` is a file, or a non-empty folder
+            no earlier report wrote (unless ``force``), or when no experiment could be read.
+    """
     started = time.perf_counter()
     out = Path(out)
-    (out / "tables").mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_report_files(out, force)
     loaded = load_experiments(experiments)
-    report = Report(html=out / "report.html")
+    if not loaded.experiments:
+        reasons = "; ".join(f"{path}: {reason}" for path, reason in loaded.problems)
+        raise AnalysisError(f"no experiment could be read ({reasons}); nothing written")
+    for stale in earlier:
+        stale.unlink(missing_ok=True)
+    try:
+        (out / "tables").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AnalysisError(f"cannot create the report folder: {error}", f"--out {out}") from None
+    report = Report(html=out / "report.html", problems=list(loaded.problems))
+    report.usable_runs = _usable_runs(loaded.frame)
     frame = loaded.frame
     frame.to_csv(out / "tables" / "runs.csv", index=False)
     report.files.append(out / "tables" / "runs.csv")
@@ -191,8 +239,77 @@ def build_report(
     html_text = _page(title or "DiffusionCom report", sections, figures)
     report.html.write_text(html_text)
     report.files.insert(0, report.html)
+    _write_manifest(out, experiments, report)
     report.seconds = time.perf_counter() - started
     return report
+
+
+# ------------------------------------------------------------------------------ output folder
+
+
+def _earlier_report_files(out: Path, force: bool) -> list[Path]:
+    """The files an earlier report in ``out`` wrote (to replace); refuse any other occupant.
+
+    A folder counts as an earlier report when its :data:`MANIFEST` says ``diffcom report`` wrote
+    it; only files it lists, inside ``out``, are returned.
+    """
+    if out.exists() and not out.is_dir():
+        raise AnalysisError("a file, not a folder; give a folder for the report", f"--out {out}")
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    manifest = _read_manifest(out)
+    if manifest is None:
+        if force:
+            return []
+        raise AnalysisError(
+            f"the folder is not empty and no earlier report wrote it (no {MANIFEST}); give a "
+            "new or empty folder, or --force to write into it (files of the same names are "
+            "replaced, the others kept)",
+            f"--out {out}",
+        )
+    root = out.resolve()
+    files = []
+    for name in manifest.get("files", []):
+        path = (out / str(name)).resolve()
+        if path.is_relative_to(root) and path != root and path.is_file():
+            files.append(path)
+    return files
+
+
+def _read_manifest(out: Path) -> dict | None:
+    """The :data:`MANIFEST` of an earlier report in ``out``, or ``None`` when there is none."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not (isinstance(manifest, dict) and manifest.get("written_by") == _WRITER):
+        return None
+    if not (out / "report.html").is_file() or not isinstance(manifest.get("files"), list):
+        return None
+    return manifest
+
+
+def _write_manifest(out: Path, experiments: list[str | Path], report: Report) -> None:
+    manifest = out / MANIFEST
+    report.files.append(manifest)
+    content = {
+        "written_by": _WRITER,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "experiments": [str(Path(e).resolve()) for e in experiments],
+        "files": [path.relative_to(out).as_posix() for path in report.files],
+        "usable_runs": report.usable_runs,
+        "problems": [{"path": path, "reason": reason} for path, reason in report.problems],
+    }
+    manifest.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _usable_runs(frame: pd.DataFrame) -> int:
+    """Runs with a number to show: a result, or an evaluated epoch so far."""
+    if frame.empty or "mrr" not in frame:
+        return 0
+    return int(
+        frame.loc[pd.to_numeric(frame["mrr"], errors="coerce").notna(), "run_path"].nunique()
+    )
 
 
 # ----------------------------------------------------------------------------------- ablation
@@ -354,7 +471,7 @@ def _overview(loaded: Loaded) -> str:
             ("packages", ", ".join(f"{k} {v}" for k, v in packages.items() if v)),
             ("hardware", hardware or "-"),
             ("total compute", _hours(compute) + " of trial wall time"),
-            ("extends", ", ".join(metadata.get("parents", [])) or "-"),
+            ("extends", ", ".join(map(str, metadata.get("parents", []))) or "-"),
         ]
         body = "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows

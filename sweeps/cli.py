@@ -14,8 +14,8 @@ __all__ = ["add_sweep_commands"]
 def _storage_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
-        help="experiment storage: a path (or file:// URI) every node sees "
-        "(default: $DIFFCOM_STORAGE or ~/diffcom-experiments)",
+        help="experiment storage: a folder path (or file:// URI) every node sees, created if "
+        "missing; not empty, not a file (default: $DIFFCOM_STORAGE or ~/diffcom-experiments)",
     )
 
 
@@ -27,9 +27,44 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_new_name(name: str | None, option: str) -> None:
+    """Refuse an empty name (the adapter would take the default for it) and a bad one."""
+    from sweeps.experiment import ExperimentError, check_name
+
+    if name is None:
+        return
+    if not name.strip():
+        raise ExperimentError(f"{option} is empty: give a name, or leave {option} out")
+    check_name(name)
+
+
+def _note_default_seeds(study: str) -> None:
+    """Say so when a study sets no ``seeds:`` and every cell trains once, with seed 0.
+
+    The default stays (it keeps small studies short); this makes it visible before Ray starts.
+    An unreadable file is left to :func:`sweeps.study.load_study`, which names the problem.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(study).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return
+    if isinstance(data, dict) and "seeds" not in data:
+        print(
+            f"note: {study} sets no seeds: every cell trains once, with seed 0 "
+            "(add e.g. `seeds: [0, 1, 2]` for more)",
+            file=sys.stderr,
+        )
+
+
 def _launch(args: argparse.Namespace) -> int:
+    from sweeps.experiment import resolve_storage
     from sweeps.ray_adapter import launch
 
+    _check_new_name(args.name, "--name")
+    resolve_storage(args.storage)  # an empty or file --storage, refused before the study loads
+    _note_default_seeds(args.study)
     folder = launch(
         args.study,
         overrides=tuple(args.overrides),
@@ -41,12 +76,25 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
+    from sweeps.experiment import resolve_storage
+
+    resolve_storage(args.storage)  # refused before Ray Tune is even imported
     from sweeps.ray_adapter import resume
 
     return _finish(resume(args.name, storage=args.storage, address=args.address))
 
 
 def _extend(args: argparse.Namespace) -> int:
+    from sweeps.experiment import ExperimentError, resolve_storage
+
+    _check_new_name(args.new_name, "--new-name")
+    resolve_storage(args.storage)
+    if args.seeds:
+        negative = [seed for seed in args.seeds if seed < 0]
+        repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
+        if negative or repeated:
+            problem = f"negative {negative}" if negative else f"repeated {repeated}"
+            raise ExperimentError(f"--seeds: {problem}; give distinct seeds >= 0")
     from sweeps.ray_adapter import extend
 
     folder = extend(
@@ -78,17 +126,21 @@ def _state_counts(statuses) -> dict[str, int]:
 def _status(args: argparse.Namespace) -> int:
     from sweeps.experiment import (
         PLAN_FILE,
+        ExperimentError,
         experiment_dir,
         read_experiment,
-        read_json,
+        read_json_object,
         read_statuses,
         resolve_storage,
     )
 
     folder = experiment_dir(resolve_storage(args.storage), args.name, must_exist=True)
     metadata = read_experiment(folder)
-    plan = read_json(folder / PLAN_FILE)
-    statuses = read_statuses(folder, metadata["metric"], list(plan.get("trials", {})))
+    plan = read_json_object(folder / PLAN_FILE)
+    trials = plan.get("trials", {})
+    if not isinstance(trials, dict):
+        raise ExperimentError(f"{folder / PLAN_FILE}: trials: expected an object of trial names")
+    statuses = read_statuses(folder, metadata["metric"], list(trials))
     if args.json:
         print(json.dumps([vars(s) for s in statuses], indent=2))
         return 0
@@ -106,7 +158,9 @@ def _status(args: argparse.Namespace) -> int:
         epoch = f"{status.epochs[0]}:{status.epochs[1]}" if status.epochs else "-"
         value = f"{status.metric:.4f}" if status.metric is not None else "-"
         test = f"{status.test['mrr']:.4f}" if status.test else "-"
-        error = (status.error or "").splitlines()[0][:80] if status.error else ""
+        # The row names the run: a file of it is named by its name alone, so the reason fits.
+        error = (status.error or "").replace(f"{folder / 'runs' / status.name}/", "")
+        error = error.splitlines()[0][:80] if error else ""
         if status.state == "running" and status.heartbeat:
             error = f"last heartbeat {status.heartbeat}"
         print(
@@ -148,7 +202,9 @@ def add_sweep_commands(nouns) -> None:
         "into the study's overrides, checked like them; a key the study varies is refused. "
         "Recorded in the experiment; extend applies it again",
     )
-    launch.add_argument("--name", help="experiment name (default: the study's name); must be new")
+    launch.add_argument(
+        "--name", help="experiment name (default: the study's name); must be new, not empty"
+    )
     _storage_argument(launch)
     _address_argument(launch)
     launch.set_defaults(handler=_launch)

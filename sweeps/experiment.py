@@ -44,6 +44,7 @@ __all__ = [
     "package_versions",
     "read_experiment",
     "read_json",
+    "read_json_object",
     "read_statuses",
     "resolve_storage",
     "write_json",
@@ -85,7 +86,7 @@ def resolve_storage(storage: str | Path | None) -> Path:
             be a path every node mounts (NFS, or a bucket mounted with a FUSE driver).
     """
     if storage is None:
-        return default_storage().resolve()
+        return _storage_folder(default_storage().resolve(), "storage")
     text = str(storage)
     if text.startswith("file://"):
         text = text[len("file://") :]
@@ -95,7 +96,20 @@ def resolve_storage(storage: str | Path | None) -> Path:
             f"--storage {text}: {scheme}:// storage is not supported; mount it on every node "
             "(NFS, or a FUSE mount of the bucket) and pass the mounted path"
         )
-    return Path(text).expanduser().resolve()
+    if not text.strip():
+        # An empty path would be the current directory: experiments there are easily lost.
+        raise ExperimentError(
+            f"--storage {storage!r} is empty: give a folder, or leave --storage out for "
+            f"the default ({default_storage()})"
+        )
+    return _storage_folder(Path(text).expanduser().resolve(), f"--storage {storage}")
+
+
+def _storage_folder(path: Path, given: str) -> Path:
+    """``path``, refused when it exists but is not a folder (caught before Ray starts)."""
+    if path.exists() and not path.is_dir():
+        raise ExperimentError(f"{given}: {path} is a file, not a folder; give a storage folder")
+    return path
 
 
 def check_name(name: str) -> str:
@@ -114,12 +128,20 @@ def experiment_dir(storage: Path, name: str, *, must_exist: bool) -> Path:
     if must_exist and not (path / EXPERIMENT_FILE).is_file():
         known = sorted(p.parent.name for p in storage.glob(f"*/{EXPERIMENT_FILE}"))
         listing = f"; experiments there: {', '.join(known)}" if known else ""
-        raise ExperimentError(f"no experiment {name!r} in {storage}{listing}")
-    if not must_exist and path.exists():
+        found = f" ({path} exists but has no {EXPERIMENT_FILE})" if path.exists() else ""
+        raise ExperimentError(f"no experiment {name!r} in {storage}{found}{listing}")
+    if not must_exist and (path / EXPERIMENT_FILE).is_file():
         raise ExperimentError(
             f"experiment {name!r} already exists in {storage}: continue it with "
             f"`diffcom sweep resume {name}`, add trials with `diffcom sweep extend {name}`, "
             "or launch under another --name"
+        )
+    if not must_exist and path.exists():
+        # Not an experiment (no experiment.json), so resume and extend cannot use it either.
+        what = "a folder" if path.is_dir() else "a file"
+        raise ExperimentError(
+            f"{path} already exists and is {what}, not an experiment (no {EXPERIMENT_FILE}): "
+            "choose another name, or remove it if nothing in it is needed"
         )
     return path
 
@@ -134,6 +156,32 @@ def read_json(path: Path) -> Any:
         raise ExperimentError(f"{path}: not valid JSON ({error})") from None
 
 
+def read_json_object(path: Path) -> dict:
+    """Read a JSON file that must hold an object (every file this package writes does).
+
+    Raises:
+        ExperimentError: naming the file when it is missing, not JSON, or JSON of another shape
+            (a list, a string, a number...), so no reader fails later on a wrong type.
+    """
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ExperimentError(f"{path}: expected a JSON object {{...}}, found {_json_kind(data)}")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    """``a list``, ``the string 'finished'``, ``the number 42``... for error messages."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    return f"a {type(value).__name__}"
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a reader never sees half a file, a crash never leaves one)."""
     path = Path(path)
@@ -143,12 +191,52 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(temporary, path)
 
 
-def read_experiment(path: Path) -> dict:
-    """The ``experiment.json`` of an experiment folder."""
-    data = read_json(Path(path) / EXPERIMENT_FILE)
-    for key in ("name", "kind", "metric", "mode"):
+# What the readers of experiment.json (status, resume, extend) rely on: the keys every one has,
+# and the type of each key they use when it is there.
+_EXPERIMENT_REQUIRED = ("name", "kind", "metric", "mode")
+_EXPERIMENT_TYPES = {
+    "name": (str, "text"),
+    "kind": (str, "text"),
+    "metric": (str, "text such as valid.clean.mrr"),
+    "mode": (str, "max or min"),
+    "study_file": (str, "a path"),
+    "study_sha256": (str, "text"),
+    "seeds": (list, "a list of seeds"),
+    "parents": (list, "a list of experiment folders"),
+    "launch_overrides": (list, "a list of KEY=VALUE"),
+    "resources": (dict, "an object"),
+}
+
+
+def read_experiment(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """The ``experiment.json`` of an experiment folder, its keys checked for what readers use.
+
+    ``required`` names keys a caller needs beyond those every reader needs (``resume`` needs
+    ``resources``; ``extend`` the study file, its hash and the seeds).
+
+    Raises:
+        ExperimentError: naming the file and the key, for a file that is not a JSON object, a
+            missing required key or a key of the wrong type.
+    """
+    file = Path(path) / EXPERIMENT_FILE
+    data = read_json_object(file)
+    for key in (*_EXPERIMENT_REQUIRED, *required):
         if key not in data:
-            raise ExperimentError(f"{Path(path) / EXPERIMENT_FILE}: key {key!r} is missing")
+            raise ExperimentError(f"{file}: key {key!r} is missing")
+    for key, (kind, expected) in _EXPERIMENT_TYPES.items():
+        if key in data and not isinstance(data[key], kind):
+            raise ExperimentError(
+                f"{file}: {key}: expected {expected}, found {_json_kind(data[key])}"
+            )
+    if data["metric"].count(".") < 2:
+        raise ExperimentError(
+            f"{file}: metric: expected SPLIT.PROTOCOL.MEASURE (e.g. valid.clean.mrr), "
+            f"found {data['metric']!r}"
+        )
+    if data["mode"] not in ("max", "min"):
+        raise ExperimentError(f"{file}: mode: expected max or min, found {data['mode']!r}")
+    if not all(isinstance(parent, str) for parent in data.get("parents", [])):
+        raise ExperimentError(f"{file}: parents: expected a list of experiment folders")
     return data
 
 
@@ -233,8 +321,9 @@ def _process_alive(pid: int) -> bool:
 def read_statuses(path: Path, metric: str, planned: list[str] = ()) -> list[TrialStatus]:
     """The state of every run under ``path/runs`` plus planned runs not started yet.
 
-    A damaged ``status.json`` or ``results.json`` makes that run ``failed`` with the reason; it
-    never stops the listing.
+    A damaged ``status.json`` or ``results.json`` (not JSON, or JSON of the wrong shape) makes
+    that run ``failed`` with the reason, naming the file; it never stops the listing. Lines of
+    ``metrics.jsonl`` that are not epoch records (cut by a kill) are skipped.
     """
     runs_root = Path(path) / "runs"
     found: dict[str, TrialStatus] = {}
@@ -242,7 +331,7 @@ def read_statuses(path: Path, metric: str, planned: list[str] = ()) -> list[Tria
         run = status_file.parent
         name = run.relative_to(runs_root).as_posix()
         try:
-            status = read_json(status_file)
+            status = _checked_status(status_file)
         except ExperimentError as error:
             found[name] = TrialStatus(name, "failed", error=str(error))
             continue
@@ -257,25 +346,30 @@ def read_statuses(path: Path, metric: str, planned: list[str] = ()) -> list[Tria
         epochs, value, test = None, None, None
         metrics_file = run / "metrics.jsonl"
         if metrics_file.is_file():
-            for line in metrics_file.read_text().splitlines():
+            for line in metrics_file.read_text(errors="replace").splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if not isinstance(record, dict):
+                    continue
                 epochs = (record.get("stage"), record.get("epoch"))
-                value = record.get(metric, value)
+                if _is_number(record.get(metric)):
+                    value = record[metric]
         results_file = run / "results.json"
         if state == "finished" and results_file.is_file():
             try:
-                results = read_json(results_file)
+                results = read_json_object(results_file)
                 split, protocol, measure = metric.split(".", 2)
-                value = results[split][protocol][measure]
+                value = _measure(results, results_file, split, protocol, measure)
                 test = {
-                    "mrr": results["test"]["clean"]["mrr"],
-                    "hits@1": results["test"]["clean"]["hits@1"],
+                    "mrr": _measure(results, results_file, "test", "clean", "mrr"),
+                    "hits@1": _measure(results, results_file, "test", "clean", "hits@1"),
                 }
-            except (ExperimentError, KeyError, ValueError) as error:
+            except ExperimentError as error:
                 state, status["error"] = "failed", f"unreadable results: {error}"
+        attempts = status.get("attempts", [])
+        last_attempt = attempts[-1] if attempts and isinstance(attempts[-1], dict) else {}
         found[name] = TrialStatus(
             name,
             state,
@@ -284,10 +378,48 @@ def read_statuses(path: Path, metric: str, planned: list[str] = ()) -> list[Tria
             metric=value,
             test=test,
             error=status.get("error"),
-            attempts=len(status.get("attempts", [])),
-            heartbeat=status.get("heartbeat")
-            or (status.get("attempts") or [{}])[-1].get("started"),
+            attempts=len(attempts),
+            heartbeat=status.get("heartbeat") or last_attempt.get("started"),
         )
     for name in planned:
         found.setdefault(name, TrialStatus(name, "pending"))
     return [found[name] for name in sorted(found)]
+
+
+# The keys of status.json the listing shows, and their types when present.
+_STATUS_TYPES = {
+    "state": (str, "text"),
+    "error": (str, "text"),
+    "heartbeat": (str, "a time"),
+    "attempts": (list, "a list of attempts"),
+}
+
+
+def _checked_status(status_file: Path) -> dict:
+    """A run's ``status.json``, its keys checked for what the listing uses."""
+    status = read_json_object(status_file)
+    for key, (kind, expected) in _STATUS_TYPES.items():
+        if status.get(key) is not None and not isinstance(status[key], kind):
+            raise ExperimentError(
+                f"{status_file}: {key}: expected {expected}, found {_json_kind(status[key])}"
+            )
+    return status
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _measure(results: dict, results_file: Path, split: str, protocol: str, measure: str) -> float:
+    """``results[split][protocol][measure]``, a number, or an error naming what is missing."""
+    found: Any = results
+    for part in (split, protocol, measure):
+        if not isinstance(found, dict) or part not in found:
+            raise ExperimentError(f"{results_file}: no {split}.{protocol}.{measure}")
+        found = found[part]
+    if not _is_number(found):
+        raise ExperimentError(
+            f"{results_file}: {split}.{protocol}.{measure}: expected a number, "
+            f"found {_json_kind(found)}"
+        )
+    return found

@@ -38,6 +38,7 @@ from sweeps.experiment import (
     package_versions,
     read_experiment,
     read_json,
+    read_json_object,
     resolve_storage,
     write_json,
 )
@@ -173,7 +174,7 @@ def resume(
     from ray import tune
 
     folder = experiment_dir(resolve_storage(storage), name, must_exist=True)
-    metadata = read_experiment(folder)
+    metadata = read_experiment(folder, required=("resources",))
     if not tune.Tuner.can_restore(str(folder)):
         raise ExperimentError(
             f"{folder}: Ray Tune never saved its state here (the launch stopped before the first "
@@ -210,7 +211,7 @@ def extend(
     """
     storage_root = resolve_storage(storage)
     old = experiment_dir(storage_root, name, must_exist=True)
-    metadata = read_experiment(old)
+    metadata = read_experiment(old, required=("study_file", "study_sha256", "seeds", "resources"))
     study_file = Path(metadata["study_file"])
     if not study_file.is_file():
         raise ExperimentError(f"{old}: its study file {study_file} is gone; extend needs it")
@@ -603,13 +604,13 @@ def _finished_points(folder: Path, metadata: dict) -> list[tuple[dict, float]]:
         values, point = [], None
         for run in sorted(trial.glob("seed-*")):
             try:
-                status = read_json(run / "status.json")
+                status = read_json_object(run / "status.json")
                 if status.get("state") != "finished":
                     values = []
                     break
-                point = read_json(run / "point.json")
+                point = read_json_object(run / "point.json")
                 values.append(read_json(run / "results.json")[split][protocol][measure])
-            except (ExperimentError, KeyError):
+            except (ExperimentError, KeyError, TypeError):  # TypeError: a file of another shape
                 values = []
                 break
         if values and point is not None and len(values) == len(metadata["seeds"]):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import ExperimentConfig, stage1_relevant
-from sweeps.experiment import now, read_json, write_json
+from sweeps.experiment import now, read_json_object, write_json
 
 __all__ = [
     "STAGE1_DIR",
@@ -173,7 +173,7 @@ class Stage1Store:
         done = root / key / "done.json"
         if not done.is_file():
             return None
-        found = read_json(done)
+        found = read_json_object(done)
         # The store may have been moved or mounted elsewhere since: trust the layout.
         found["checkpoint"] = str(root / key / "run" / "checkpoints" / "last.pt")
         return found if Path(found["checkpoint"]).is_file() else None

@@ -23,7 +23,7 @@ from sweeps.experiment import (
     code_revision,
     now,
     package_versions,
-    read_json,
+    read_json_object,
     write_json,
 )
 from sweeps.stage1 import STAGE1_DIR, Stage1Store
@@ -92,7 +92,7 @@ def run_trial(
             says why, and the trial's earlier runs stay finished.
     """
     experiment = Path(experiment)
-    metadata = read_json(experiment / "experiment.json")
+    metadata = read_json_object(experiment / "experiment.json")
     store = Stage1Store(
         experiment / STAGE1_DIR,
         tuple(Path(p) / STAGE1_DIR for p in metadata.get("parents", [])),
@@ -102,9 +102,9 @@ def run_trial(
         run_dir = experiment / "runs" / spec.name
         results_file = run_dir / "results.json"
         status_file = run_dir / "status.json"
-        status = read_json(status_file) if status_file.is_file() else {"attempts": []}
+        status = read_json_object(status_file) if status_file.is_file() else {"attempts": []}
         if status.get("state") == "finished" and results_file.is_file():
-            finished.append(read_json(results_file))
+            finished.append(read_json_object(results_file))
             continue
         if status.get("failure") == NON_FINITE:
             raise TrialFailed(f"{run_dir}: {status['error']} (not retried: it would repeat)")

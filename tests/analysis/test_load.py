@@ -8,8 +8,20 @@ import sys
 import numpy as np
 import pytest
 
-from analysis.load import CURVE_COLUMNS, MEASURES, load_experiments
-from tests.analysis.fake_runs import epochs, write_experiment, write_run, write_shared_stage1
+from analysis.load import (
+    CURVE_COLUMNS,
+    MEASURES,
+    AnalysisError,
+    load_experiments,
+    read_json_object,
+)
+from tests.analysis.fake_runs import (
+    epochs,
+    write_ablation,
+    write_experiment,
+    write_run,
+    write_shared_stage1,
+)
 
 
 def _results(run_dir):
@@ -252,3 +264,103 @@ def test_the_reference_variant_follows_the_study_file_with_the_sweeps_default(tm
         "reference 'gone' is not one of its variants (ddpm, full): no variant has a difference "
         "to show",
     ) in loaded.problems
+
+
+# --------------------------------------------------------------------- files of the wrong shape
+
+WRONG_SHAPES = [
+    ("[1, 2]", "found a list"),
+    ('"finished"', "found the string 'finished'"),
+    ("42", "found the number 42"),
+    ("null", "found null"),
+]
+
+
+@pytest.mark.parametrize(("text", "found"), WRONG_SHAPES)
+def test_read_json_object_names_the_file_and_the_shape(tmp_path, text, found):
+    (tmp_path / "x.json").write_text(text)
+    with pytest.raises(
+        AnalysisError, match=rf"x.json: unreadable: expected a JSON object.*{found}"
+    ):
+        read_json_object(tmp_path / "x.json")
+
+
+@pytest.mark.parametrize(("text", "found"), WRONG_SHAPES)
+@pytest.mark.parametrize("file", ["results.json", "status.json", "config.json"])
+def test_a_run_file_of_the_wrong_shape_is_listed_not_fatal(tmp_path, file, text, found):
+    experiment, _ = write_ablation(tmp_path, "shapes", {"full": 0, "lean": 1}, seeds=(0,))
+    damaged = experiment / "runs" / "ablation" / "lean" / "seed-0" / file
+    damaged.write_text(text)
+    loaded = load_experiments([experiment])
+    reasons = dict(loaded.problems)
+    assert reasons[str(damaged)].startswith("unreadable: expected a JSON object {...}, ")
+    assert reasons[str(damaged)].endswith(found)
+    runs = loaded.frame.drop_duplicates("run").set_index("run")["state"].to_dict()
+    expected = {
+        "results.json": {"ablation/full/seed-0": "finished", "ablation/lean/seed-0": "damaged"},
+        # No status: nothing says what the run is, so it is skipped.
+        "status.json": {"ablation/full/seed-0": "finished"},
+        # Without its config the run still has its results.
+        "config.json": {"ablation/full/seed-0": "finished", "ablation/lean/seed-0": "finished"},
+    }[file]
+    assert runs == expected
+
+
+@pytest.mark.parametrize(("text", "found"), WRONG_SHAPES)
+def test_an_experiment_json_of_the_wrong_shape_is_listed(tmp_path, text, found):
+    experiment = write_experiment(tmp_path, "bad", "ablation")
+    (experiment / "experiment.json").write_text(text)
+    loaded = load_experiments([experiment])
+    assert loaded.experiments == {} and loaded.frame.empty
+    assert dict(loaded.problems)[str(experiment / "experiment.json")].endswith(found)
+
+
+def test_keys_of_the_wrong_type_are_ignored_and_listed(tmp_path):
+    experiment, _ = write_ablation(tmp_path, "typed", {"full": 0, "lean": 1}, seeds=(0,))
+    meta = json.loads((experiment / "experiment.json").read_text())
+    (experiment / "experiment.json").write_text(json.dumps({**meta, "seeds": 3, "code": [1]}))
+    run = experiment / "runs" / "ablation" / "lean" / "seed-0"
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, "attempts": 2, "stage1": "k"}))
+    results = json.loads((run / "results.json").read_text())
+    results["timings"] = [1.0]
+    results["test"]["clean"]["mrr"] = "high"
+    results["best_epochs"] = {"stage2": "one"}
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"stage": 2, "epoch": 1, "valid.clean.mrr": "?"}) + "\n"
+    )
+
+    loaded = load_experiments([experiment])
+    problems = set(loaded.problems)
+    assert (
+        str(experiment / "experiment.json"),
+        "seeds: expected a list, found the number 3; ignored",
+    ) in problems
+    assert (
+        str(experiment / "experiment.json"),
+        "code: expected an object, found a list; ignored",
+    ) in problems
+    assert (
+        str(run / "status.json"),
+        "attempts: expected a list, found the number 2; ignored",
+    ) in problems
+    assert (
+        str(run / "results.json"),
+        "timings: expected an object, found a list; ignored",
+    ) in problems
+    lean = loaded.frame[(loaded.frame["run"] == "ablation/lean/seed-0")]
+    test = lean[(lean["split"] == "test") & (lean["protocol"] == "clean")].iloc[0]
+    assert test["state"] == "finished" and np.isnan(test["mrr"])  # text is no measure
+    assert test["hits@1"] == pytest.approx(results["test"]["clean"]["hits@1"])
+    assert np.isnan(test["best_epoch"]) and test["attempts"] == 0
+
+
+def test_a_results_json_without_any_split_is_damaged(tmp_path):
+    experiment, _ = write_ablation(tmp_path, "empty-results", {"full": 0}, seeds=(0,))
+    results = experiment / "runs" / "ablation" / "full" / "seed-0" / "results.json"
+    results.write_text("{}")
+    loaded = load_experiments([experiment])
+    (row,) = loaded.frame.to_dict("records")
+    assert row["state"] == "damaged" and not row["finished"]
+    assert (str(results), "no test section") in loaded.problems

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+from html import escape as html_escape
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ from PIL import Image
 
 from analysis.load import load_experiments
 from analysis.report import build_report, find_chromium
-from core.cli import main
+from diffcom.cli import main
 from tests.analysis.fake_runs import epochs, write_ablation, write_experiment, write_run
 
 CHROMIUM_FLAGS = [
@@ -157,8 +158,9 @@ def test_a_reference_without_finished_runs_says_so(tmp_path):
     assert 'id="figure-ablation-forest"' not in html
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(
-    find_chromium() is None, reason="no Chromium: `make test` installs it where it can"
+    find_chromium() is None, reason="no Chromium: `make test-all` installs it where it can"
 )
 def test_report_renders_in_headless_chromium(ablation_experiment, sensitivity_experiment, tmp_path):
     report = build_report([ablation_experiment, sensitivity_experiment], tmp_path / "out")
@@ -207,3 +209,132 @@ def test_report_renders_in_headless_chromium(ablation_experiment, sensitivity_ex
     pngs = sorted(p.name for p in (tmp_path / "out" / "figures").glob("*.png"))
     assert "sensitivity-diffusion.steps.png" in pngs and "pareto-k.png" in pngs
     assert "ablation-forest.png" in pngs and "curves-tiny-ablation.png" in pngs
+
+
+# ------------------------------------------------------------------------ bad inputs and --out
+
+
+def _report(capsys, *argv) -> tuple[int, str, str]:
+    status = main(["report", *map(str, argv), "--no-png"])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("text", "found"), [("[1, 2]", "found a list"), ('"finished"', "found the string 'finished'")]
+)
+def test_a_damaged_run_is_a_warning_listed_in_the_report(tmp_path, capsys, text, found):
+    designs, _ = write_ablation(tmp_path, "designs", SHIFTS, seeds=(0,))
+    damaged = designs / "runs" / "ablation" / "no-mgat" / "seed-0" / "results.json"
+    damaged.write_text(text)
+    status, out, err = _report(capsys, designs, "--out", tmp_path / "out")
+    assert status == 0 and "report: " in out  # the other variants still make a table
+    assert f"warning: {damaged}: unreadable: expected a JSON object {{...}}, {found}" in err
+    html = (tmp_path / "out" / "report.html").read_text()
+    problems = html[html.index(">Problems</h2>") :]
+    assert str(damaged) in problems and html_escape(found) in problems
+    assert "1 damaged" in html
+    table = pd.read_csv(tmp_path / "out" / "tables" / "ablation.csv")
+    assert list(table["variant"]) == ["full", "no-diffusion"]
+    manifest = json.loads((tmp_path / "out" / "report-manifest.json").read_text())
+    assert {
+        "path": str(damaged),
+        "reason": f"unreadable: expected a JSON object {{...}}, {found}",
+    } in (manifest["problems"])
+
+
+@pytest.mark.parametrize("file", ["results.json", "status.json"])
+def test_a_report_with_no_usable_run_exits_1(tmp_path, capsys, file):
+    designs, _ = write_ablation(tmp_path, "designs", {"full": 0}, seeds=(0, 1))
+    for seed in (0, 1):
+        (designs / "runs" / "ablation" / "full" / f"seed-{seed}" / file).write_text("[1, 2]")
+    status, out, err = _report(capsys, designs, "--out", tmp_path / "out")
+    assert status == 1
+    assert err.count("warning: ") == 2 and "diffcom: error: no run has a result" in err
+    assert (tmp_path / "out" / "report.html").is_file()  # it still says what went wrong
+
+
+def test_an_empty_experiment_exits_1(tmp_path, capsys):
+    empty = write_experiment(tmp_path, "empty", "search")
+    status, _, err = _report(capsys, empty, "--out", tmp_path / "out")
+    assert status == 1 and f"warning: {empty}: no runs yet (empty experiment)" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("42", "unreadable: expected a JSON object {...}, found the number 42"),
+        ("[]", "unreadable: expected a JSON object {...}, found a list"),
+        ("{", "unreadable: Expecting property name enclosed in double quotes"),
+    ],
+)
+def test_an_unreadable_experiment_json_is_an_error_naming_it(tmp_path, capsys, text, reason):
+    designs, _ = write_ablation(tmp_path, "designs", {"full": 0}, seeds=(0,))
+    (designs / "experiment.json").write_text(text)
+    status, out, err = _report(capsys, designs, "--out", tmp_path / "out")
+    assert status == 2 and out == ""
+    assert err.startswith("diffcom: error: no experiment could be read")
+    assert f"{designs / 'experiment.json'}: {reason}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_one_unreadable_experiment_among_good_ones_is_a_warning(tmp_path, capsys):
+    good, _ = write_ablation(tmp_path, "good", {"full": 0}, seeds=(0,))
+    bad, _ = write_ablation(tmp_path, "bad", {"full": 0}, seeds=(0,))
+    (bad / "experiment.json").write_text("42")
+    status, _, err = _report(capsys, good, bad, "--out", tmp_path / "out")
+    assert status == 0
+    assert f"warning: {bad / 'experiment.json'}: unreadable: expected a JSON object" in err
+
+
+def test_out_must_not_be_a_file(tmp_path, capsys):
+    designs, _ = write_ablation(tmp_path, "designs", {"full": 0}, seeds=(0,))
+    file = tmp_path / "report.txt"
+    file.write_text("mine")
+    status, _, err = _report(capsys, designs, "--out", file)
+    assert status == 2 and f"--out {file}: a file, not a folder" in err
+    assert file.read_text() == "mine"
+
+
+def test_out_refuses_a_folder_no_report_wrote_unless_forced(tmp_path, capsys):
+    designs, _ = write_ablation(tmp_path, "designs", {"full": 0}, seeds=(0,))
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "chapter.tex").write_text("mine")
+    (out / "report.html").write_text("mine too")  # a report.html alone is not a report folder
+    status, _, err = _report(capsys, designs, "--out", out)
+    assert status == 2 and "is not empty and no earlier report wrote it" in err
+    assert "--force" in err and sorted(p.name for p in out.iterdir()) == [
+        "chapter.tex",
+        "report.html",
+    ]
+    assert (out / "report.html").read_text() == "mine too"
+
+    status, _, _ = _report(capsys, designs, "--out", out, "--force")
+    assert status == 0
+    assert (out / "chapter.tex").read_text() == "mine"  # kept
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")  # replaced
+
+
+def test_a_previous_report_folder_is_rewritten_without_stale_files(tmp_path, capsys):
+    designs, _ = write_ablation(tmp_path, "designs", SHIFTS, seeds=(0,))
+    search = write_experiment(tmp_path, "tiny-search", "search")
+    write_run(search, "search/a1/seed-0", seed=0, records=epochs(2, 2))
+    out = tmp_path / "out"
+    assert _report(capsys, designs, "--out", out)[0] == 0
+    assert (out / "tables" / "ablation.csv").is_file()
+    (out / "notes.txt").write_text("mine")  # not the report's: left alone
+    assert _report(capsys, search, "--out", out)[0] == 0  # no --force needed
+    assert not (out / "tables" / "ablation.csv").exists()  # the earlier report's, gone
+    assert (out / "tables" / "search-points.csv").is_file()
+    assert (out / "notes.txt").read_text() == "mine"
+    manifest = json.loads((out / "report-manifest.json").read_text())
+    assert manifest["written_by"] == "diffcom report"
+    assert manifest["experiments"] == [str(search.resolve())]
+    assert "tables/search-points.csv" in manifest["files"]
+
+
+def test_an_empty_storage_is_refused(tmp_path, capsys):
+    designs, _ = write_ablation(tmp_path, "designs", {"full": 0}, seeds=(0,))
+    status, _, err = _report(capsys, designs, "--out", tmp_path / "out", "--storage", "")
+    assert status == 2 and "--storage '': empty" in err

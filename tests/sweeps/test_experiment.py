@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,7 +13,9 @@ from sweeps.experiment import (
     ExperimentError,
     check_name,
     experiment_dir,
+    read_experiment,
     read_json,
+    read_json_object,
     read_statuses,
     resolve_storage,
     write_json,
@@ -112,3 +115,124 @@ def test_status_listing_reads_states_and_survives_damage(tmp_path):
     assert "unreadable results" in statuses["e/seed-0"].error
     assert statuses["f/seed-0"].state == "failed" and "not valid JSON" in statuses["f/seed-0"].error
     assert statuses["g/seed-0"].state == "pending"
+
+
+# ------------------------------------------------------------------------- bad inputs on disk
+
+WRONG_SHAPES = [
+    ("[1, 2]", "a list"),
+    ('"finished"', "the string 'finished'"),
+    ("42", "the number 42"),
+    ("null", "null"),
+    ("true", "true"),
+]
+
+
+@pytest.mark.parametrize(("text", "found"), WRONG_SHAPES)
+def test_json_of_another_shape_than_an_object_is_named(tmp_path, text, found):
+    (tmp_path / "x.json").write_text(text)
+    read_json(tmp_path / "x.json")  # valid JSON: only the shape is wrong
+    with pytest.raises(
+        ExperimentError, match=rf"x.json: expected a JSON object {{...}}, found {found}"
+    ):
+        read_json_object(tmp_path / "x.json")
+
+
+GOOD_EXPERIMENT = {"name": "e", "kind": "ablation", "metric": "valid.clean.mrr", "mode": "max"}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (42, r"experiment.json: expected a JSON object \{...\}, found the number 42"),
+        ([], r"experiment.json: expected a JSON object \{...\}, found a list"),
+        ({"name": "e"}, r"experiment.json: key 'kind' is missing"),
+        ({**GOOD_EXPERIMENT, "metric": 3}, r"experiment.json: metric: expected text"),
+        ({**GOOD_EXPERIMENT, "metric": "mrr"}, r"metric: expected SPLIT.PROTOCOL.MEASURE"),
+        ({**GOOD_EXPERIMENT, "mode": "up"}, r"mode: expected max or min, found 'up'"),
+        ({**GOOD_EXPERIMENT, "seeds": 3}, r"seeds: expected a list of seeds"),
+        ({**GOOD_EXPERIMENT, "parents": [1]}, r"parents: expected a list of experiment folders"),
+        ({**GOOD_EXPERIMENT, "resources": []}, r"resources: expected an object, found a list"),
+    ],
+)
+def test_a_damaged_experiment_json_is_an_error_naming_file_and_key(tmp_path, content, message):
+    write_json(tmp_path / "experiment.json", content)
+    with pytest.raises(ExperimentError, match=message):
+        read_experiment(tmp_path)
+
+
+def test_a_good_experiment_json_is_read(tmp_path):
+    write_json(tmp_path / "experiment.json", {**GOOD_EXPERIMENT, "parents": ["/x/y"]})
+    assert read_experiment(tmp_path)["parents"] == ["/x/y"]
+
+
+@pytest.mark.parametrize(
+    ("status", "results", "message"),
+    [
+        ("[]", None, r"status.json: expected a JSON object \{...\}, found a list"),
+        ('"finished"', None, r"status.json: expected a JSON object.*found the string 'finished'"),
+        ('{"state": 3}', None, r"status.json: state: expected text, found the number 3"),
+        ('{"state": "running", "attempts": 5}', None, r"attempts: expected a list of attempts"),
+        ('{"state": "finished", "error": ["x"]}', None, r"error: expected text, found a list"),
+        ('{"state": "finished"}', "[1, 2]", r"unreadable results: .*results.json: expected a JSON"),
+        ('{"state": "finished"}', '{"valid": []}', r"results.json: no valid.clean.mrr"),
+        (
+            '{"state": "finished"}',
+            '{"valid": {"clean": {"mrr": "high"}}}',
+            r"results.json: valid.clean.mrr: expected a number, found the string 'high'",
+        ),
+    ],
+)
+def test_a_run_with_files_of_the_wrong_shape_is_failed_not_fatal(
+    tmp_path, status, results, message
+):
+    run = tmp_path / "runs" / "a" / "seed-0"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(status)
+    if results is not None:
+        (run / "results.json").write_text(results)
+    # A line of another shape (a kill mid-write can leave anything) is skipped, not fatal.
+    (run / "metrics.jsonl").write_text(
+        '[1]\n"x"\n{"stage": 1, "epoch": 2, "valid.clean.mrr": "?"}\n'
+    )
+    (listed,) = read_statuses(tmp_path, "valid.clean.mrr")
+    assert listed.state == "failed"
+    assert re.search(message, listed.error), listed.error
+    assert listed.metric is None
+
+
+@pytest.mark.parametrize("storage", ["", "  ", "file://"])
+def test_an_empty_storage_is_refused_not_taken_as_the_current_directory(storage):
+    with pytest.raises(ExperimentError, match=r"--storage .* is empty: give a folder"):
+        resolve_storage(storage)
+
+
+def test_a_storage_that_is_a_file_is_refused_naming_it(tmp_path, monkeypatch):
+    file = tmp_path / "notes.txt"
+    file.write_text("x")
+    with pytest.raises(ExperimentError, match=rf"{file} is a file, not a folder"):
+        resolve_storage(str(file))
+    with pytest.raises(ExperimentError, match=rf"{file} is a file, not a folder"):
+        resolve_storage(f"file://{file}")
+    monkeypatch.setenv("DIFFCOM_STORAGE", str(file))
+    with pytest.raises(ExperimentError, match=rf"storage: {file} is a file"):
+        resolve_storage(None)
+    assert resolve_storage(str(tmp_path / "new")) == tmp_path / "new"  # created at launch
+
+
+@pytest.mark.parametrize("occupant", ["folder", "file"])
+def test_a_taken_name_that_is_no_experiment_gets_a_hint_that_fits(tmp_path, occupant):
+    path = tmp_path / "taken"
+    if occupant == "folder":
+        path.mkdir()
+        (path / "something").write_text("x")
+    else:
+        path.write_text("x")
+    with pytest.raises(ExperimentError) as error:
+        experiment_dir(tmp_path, "taken", must_exist=False)
+    message = str(error.value)
+    assert f"{path} already exists and is a {occupant}, not an experiment" in message
+    assert "choose another name, or remove it" in message
+    assert "resume" not in message and "extend" not in message  # they cannot use it
+    with pytest.raises(ExperimentError, match=r"exists but has no experiment.json"):
+        experiment_dir(tmp_path, "taken", must_exist=True)

@@ -1,6 +1,6 @@
 """What ``launch`` and ``extend`` write and plan, with Ray's parts stubbed out (no Ray starts).
 
-The Ray runs themselves are in ``test_ray_adapter.py`` (marked slow).
+The Ray runs themselves are in ``test_ray_adapter.py`` (marked ray: the full tier).
 """
 
 import shutil
