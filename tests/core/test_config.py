@@ -34,10 +34,11 @@ def test_defaults_round_trip_through_json(tmp_path):
 def test_yaml_file_and_overrides_combine(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("data:\n  dataset: nations\ndiffusion:\n  steps: 10\n  denoiser_width: 64\n")
-    config = load_config(path, ["diffusion.steps=30", "loss.w_kl=0.5"])
+    config = load_config(path, ["diffusion.steps=30", "loss.w_kl=2"])
     assert config.data.dataset == "nations"
     assert (config.diffusion.steps, config.diffusion.denoiser_width) == (30, 64)
-    assert config.loss.w_kl == 0.5 and isinstance(config.loss.w_kl, float)
+    # An integer given for a float field is stored as the float its type annotation declares.
+    assert config.loss.w_kl == 2.0 and type(config.loss.w_kl) is float
 
 
 @pytest.mark.parametrize(

@@ -90,10 +90,47 @@ def test_stage2_loss_weights(monkeypatch):
     assert torch.isclose(
         parts["loss"], config.loss.w_kl * parts["kl"] + config.loss.w_bce * parts["bce"]
     )
-    assert parts["kl"] >= 0
     only_bce = load_config(overrides=["loss.w_kl=0"]).loss
     torch.manual_seed(1)
     assert torch.isclose(model(heads, relations, labels, only_bce)["loss"], parts["bce"])
+
+
+def test_stage2_kl_and_bce_equal_their_closed_forms_on_three_entities(monkeypatch):
+    """KL(softmax(x_0) ‖ softmax(x̂_0)) and BCE(x̂_0, labels) written out by hand for N = 3."""
+    import math
+
+    model, config = _model()
+    x0_values, x0_hat_values, label_values = (0.0, 1.0, 2.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)
+    x0, x0_hat = torch.tensor([x0_values]), torch.tensor([x0_hat_values])
+    labels = torch.tensor([label_values])
+    monkeypatch.setattr(
+        type(model), "_x0", lambda self, output: (x0, None, torch.cat([output.condition] * 2, 1))
+    )
+    monkeypatch.setattr(model.diffusion, "training_losses", lambda *a, **k: {"x0_pred": x0_hat})
+    parts = model(torch.tensor([0]), torch.tensor([0]), labels, config.loss)
+
+    def softmax(values):
+        return [math.exp(v) / sum(math.exp(w) for w in values) for v in values]
+
+    p, q = softmax(x0_values), softmax(x0_hat_values)
+    kl = sum(p_i * math.log(p_i / q_i) for p_i, q_i in zip(p, q, strict=True))
+    reverse_kl = sum(q_i * math.log(q_i / p_i) for p_i, q_i in zip(p, q, strict=True))
+    assert abs(kl - reverse_kl) > 0.05  # so the direction of the KL is checked too
+    bce = (
+        -sum(
+            y * math.log(1 / (1 + math.exp(-v))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-v)))
+            for v, y in zip(x0_hat_values, label_values, strict=True)
+        )
+        / 3
+    )
+    assert parts["kl"].item() == pytest.approx(kl, rel=1e-5)
+    assert parts["bce"].item() == pytest.approx(bce, rel=1e-5)
+    assert parts["loss"].item() == pytest.approx(
+        config.loss.w_kl * kl + config.loss.w_bce * bce, rel=1e-5
+    )
+    mean_loss = load_config(overrides=["loss.kl_reduction=mean"]).loss
+    averaged = model(torch.tensor([0]), torch.tensor([0]), labels, mean_loss)["kl"]
+    assert averaged.item() == pytest.approx(kl / 3, rel=1e-5)
 
 
 def test_kl_mean_reduction_divides_the_summed_kl_by_the_diffused_entities():
