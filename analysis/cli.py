@@ -10,16 +10,15 @@ earlier report wrote (without ``--force``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from core.store import EXPERIMENT, default_storage
 
 __all__ = ["add_report_command"]
 
 
 def _storage(value: str | None) -> Path:
-    # Same default as `diffcom sweep` (sweeps.experiment.default_storage); repeated here because
-    # analysis never imports the packages that train.
     from analysis.load import AnalysisError  # pandas loads only when a report is made
 
     if value is not None:
@@ -29,18 +28,17 @@ def _storage(value: str | None) -> Path:
                 f"--storage {value!r}",
             )
         return Path(value.removeprefix("file://")).expanduser().resolve()
-    configured = os.environ.get("DIFFCOM_STORAGE")
-    return Path(configured).expanduser() if configured else Path.home() / "diffcom-experiments"
+    return default_storage()
 
 
 def _resolve(experiment: str, storage: str | None) -> Path:
     from analysis.load import AnalysisError
 
     path = Path(experiment)
-    if (path / "experiment.json").is_file():
+    if (path / EXPERIMENT.file).is_file():
         return path.resolve()
     under = _storage(storage) / experiment
-    if "/" not in experiment and (under / "experiment.json").is_file():
+    if "/" not in experiment and (under / EXPERIMENT.file).is_file():
         return under
     raise AnalysisError(
         f"neither an experiment folder (with experiment.json) nor an experiment name in "

@@ -1,4 +1,5 @@
-"""Experiment folders → one tidy pandas frame (files only: no ``core``, no ``ray``).
+"""Experiment folders → one tidy pandas frame (files only: of ``core`` only the format,
+:mod:`core.store`; no ``ray``).
 
 One row per run × split × protocol. A finished run (``results.json``) gives rows for ``valid`` and
 ``test`` under each protocol it reports: ``clean`` (the deterministic, label-free protocol models
@@ -34,12 +35,29 @@ written) is skipped and listed in :attr:`Loaded.problems`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from core import store
+from core.store import (
+    CONFIG,
+    EXPERIMENT,
+    METRICS,
+    RESULTS,
+    RUNS_DIR,
+    STAGE1_DIR,
+    STAGE1_RUN,
+    STATUS,
+    STUDY_COPY,
+    TRIAL,
+    StoreError,
+    describe_json,
+    flatten,
+    ranks_file,
+)
 
 __all__ = [
     "CURVE_COLUMNS",
@@ -75,11 +93,8 @@ CURVE_COLUMNS = [
 # What an epoch record of core's trainer carries besides stage, epoch and validation.
 _RECORD_KEYS = ("loss", "lr", "train_seconds", "kl", "bce", "lambda")
 
-# Where sweeps.stage1 trains the stage-1 runs trials share (repeated: analysis never imports it).
-_STAGE1_DIR = "stage1"
 
-
-class AnalysisError(ValueError):
+class AnalysisError(StoreError):
     """A file or folder a report cannot use; the message names it and says why.
 
     Attributes:
@@ -88,45 +103,23 @@ class AnalysisError(ValueError):
     """
 
     def __init__(self, reason: str, path: str | Path | None = None) -> None:
-        super().__init__(f"{path}: {reason}" if path is not None else reason)
-        self.reason = reason
-        self.path = None if path is None else str(path)
+        super().__init__(reason, path)
 
 
 def read_json_object(path: str | Path) -> dict:
-    """Read a JSON file that must hold an object (every file an experiment folder holds does).
-
-    The counterpart of ``sweeps.experiment.read_json_object``, repeated because analysis never
-    imports the packages that train.
+    """Read a JSON file that must hold an object (every file an experiment folder holds does),
+    checked against the version of its kind (:func:`core.store.read_json`, the kind by its name).
 
     Raises:
-        AnalysisError: naming the file, when it is missing, unreadable, not JSON, or JSON of
-            another shape (a list, a string, a number...).
+        AnalysisError: naming the file, when it is missing, unreadable, not JSON, JSON of
+            another shape (a list, a string, a number...) or of a newer format version.
     """
     try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise AnalysisError("missing", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
-        raise AnalysisError(f"unreadable: {error}", path) from None
-    if not isinstance(data, dict):
-        raise AnalysisError(
-            f"unreadable: expected a JSON object {{...}}, found {_kind(data)}", path
-        )
-    return data
-
-
-def _kind(value) -> str:
-    """``a list``, ``the string 'finished'``, ``the number 42``... for messages."""
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return f"the string {value[:40]!r}"
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    if isinstance(value, (int, float)):
-        return f"the number {value}"
-    return f"a {type(value).__name__}"
+        return store.read_json(path, store.kind_of(path))
+    except StoreError as error:
+        if error.reason == "missing":
+            raise AnalysisError("missing", path) from None
+        raise AnalysisError(f"unreadable: {error.cause or error.reason}", path) from None
 
 
 # The keys readers use, by file, with the type each must have; a key of another type is dropped
@@ -168,7 +161,10 @@ def _typed(data: dict, keys: dict, path: Path, loaded: Loaded) -> dict:
     ]
     for key in wrong:
         loaded.problems.append(
-            (str(path), f"{key}: expected {keys[key][1]}, found {_kind(data[key])}; ignored")
+            (
+                str(path),
+                f"{key}: expected {keys[key][1]}, found {describe_json(data[key])}; ignored",
+            )
         )
     return {key: value for key, value in data.items() if key not in wrong}
 
@@ -211,7 +207,7 @@ def load_experiments(paths: list[str | Path]) -> Loaded:
     curve_rows: list[dict] = []
     shared: dict[Path, list[dict]] = {}  # shared stage-1 metrics, read once however many trials
     for path in map(Path, paths):
-        metadata = _read(path / "experiment.json", loaded, _EXPERIMENT_KEYS)
+        metadata = _read(path / EXPERIMENT.file, loaded, _EXPERIMENT_KEYS)
         if metadata is None:
             continue
         name = metadata.get("name", path.name)
@@ -220,10 +216,10 @@ def load_experiments(paths: list[str | Path]) -> Loaded:
             continue
         metadata["path"] = str(path)
         metadata["variant_order"], metadata["reference"] = _ablation_design(
-            path / "study.yaml", metadata.get("kind"), loaded
+            path / STUDY_COPY, metadata.get("kind"), loaded
         )
         loaded.experiments[name] = metadata
-        status_files = sorted((path / "runs").glob("**/status.json"))
+        status_files = sorted((path / RUNS_DIR).glob(f"**/{STATUS.file}"))
         if not status_files:
             loaded.problems.append((str(path), "no runs yet (empty experiment)"))
         experiment_rows = []
@@ -312,16 +308,6 @@ def _cell(kind: str, run: str, config: dict) -> tuple[str, str | None, object]:
     return cell, None, None
 
 
-def _flatten(tree: dict, prefix: str) -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _read_metrics(metrics_file: Path, loaded: Loaded) -> list[dict]:
     """The epoch records of a ``metrics.jsonl``, by stage then epoch; ``[]`` when there is none.
 
@@ -332,26 +318,20 @@ def _read_metrics(metrics_file: Path, loaded: Loaded) -> list[dict]:
     if not metrics_file.is_file():
         return []
     try:
-        lines = metrics_file.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        loaded.problems.append((str(metrics_file), f"unreadable: {error}"))
+        lines = store.read_jsonl(metrics_file, METRICS)
+    except StoreError as error:
+        loaded.problems.append((error.path, error.reason))
         return []
     records: dict[tuple[int, int], dict] = {}
     skipped = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            skipped.append(number)
-            continue
+    for line in lines.lines:
+        record = line.value
         if not (
             isinstance(record, dict)
             and record.get("stage") in (1, 2)
             and isinstance(record.get("epoch"), int)
         ):
-            skipped.append(number)
+            skipped.append(line.number)
             continue
         records[(record["stage"], record["epoch"])] = record
     if skipped:
@@ -359,7 +339,7 @@ def _read_metrics(metrics_file: Path, loaded: Loaded) -> list[dict]:
         loaded.problems.append(
             (
                 str(metrics_file),
-                f"line{'s' if len(skipped) > 1 else ''} {shown} of {len(lines)} not a complete "
+                f"line{'s' if len(skipped) > 1 else ''} {shown} of {lines.count} not a complete "
                 "epoch record (cut by a kill, or still being written); skipped",
             )
         )
@@ -407,9 +387,9 @@ def _shared_stage1(
     key = stage1.get("key")
     if not key:
         return []
-    candidates = [experiment / _STAGE1_DIR / str(key) / "run" / "metrics.jsonl"]
+    candidates = [experiment / STAGE1_DIR / str(key) / STAGE1_RUN / METRICS.file]
     if isinstance(stage1.get("checkpoint"), str):
-        candidates.append(Path(stage1["checkpoint"]).parent.parent / "metrics.jsonl")
+        candidates.append(Path(stage1["checkpoint"]).parent.parent / METRICS.file)
     for candidate in candidates:
         if candidate.is_file():
             if candidate not in shared:
@@ -459,21 +439,17 @@ def _run_rows(
     shared: dict[Path, list[dict]],
 ) -> tuple[list[dict], list[dict]]:
     """The run's rows of the tidy frame and of the learning curves."""
-    run = run_dir.relative_to(experiment / "runs").as_posix()
-    status = _read(run_dir / "status.json", loaded, _STATUS_KEYS)
+    run = run_dir.relative_to(experiment / RUNS_DIR).as_posix()
+    status = _read(run_dir / STATUS.file, loaded, _STATUS_KEYS)
     if status is None:
         return [], []
-    config_tree = (
-        _read(run_dir / "config.json", loaded) if (run_dir / "config.json").exists() else None
-    )
+    config_tree = _read(run_dir / CONFIG.file, loaded) if (run_dir / CONFIG.file).exists() else None
     provenance = (
-        _read(run_dir / "trial.json", loaded, _TRIAL_KEYS)
-        if (run_dir / "trial.json").exists()
-        else {}
+        _read(run_dir / TRIAL.file, loaded, _TRIAL_KEYS) if (run_dir / TRIAL.file).exists() else {}
     ) or {}
-    config = _flatten(config_tree or provenance.get("config") or {}, "config.")
+    config = flatten(config_tree or provenance.get("config") or {}, "config.")
     cell, axis, axis_value = _cell(metadata.get("kind", ""), run, config)
-    records = _read_metrics(run_dir / "metrics.jsonl", loaded)
+    records = _read_metrics(run_dir / METRICS.file, loaded)
     epochs = _epochs(records)
     best_record = epochs.pop("_best_record", None)
     stage1 = status.get("stage1") or {}
@@ -509,7 +485,7 @@ def _run_rows(
     )
     results = None
     if common["state"] == "finished":
-        results = _read(run_dir / "results.json", loaded, _RESULTS_KEYS)
+        results = _read(run_dir / RESULTS.file, loaded, _RESULTS_KEYS)
         if results is None:
             common["state"] = "damaged"
     if results is None:
@@ -526,7 +502,7 @@ def _run_rows(
     for split in ("valid", "test"):
         section = results.get(split)
         if not isinstance(section, dict):
-            loaded.problems.append((str(run_dir / "results.json"), f"no {split} section"))
+            loaded.problems.append((str(run_dir / RESULTS.file), f"no {split} section"))
             continue
         for protocol, values in section.items():
             if protocol == "clean_all" or not isinstance(values, dict):
@@ -539,8 +515,8 @@ def _run_rows(
                     "protocol": protocol,
                     "protocol_kind": protocol_kind(protocol),
                     "inference_ms_per_query": section.get("inference_ms_per_query"),
-                    "ranks_file": str(run_dir / f"ranks_{split}.npz")
-                    if (run_dir / f"ranks_{split}.npz").is_file() and protocol == "clean"
+                    "ranks_file": str(run_dir / ranks_file(split))
+                    if (run_dir / ranks_file(split)).is_file() and protocol == "clean"
                     else None,
                     **{m: _number(values.get(m)) for m in MEASURES},
                 }

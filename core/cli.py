@@ -9,6 +9,8 @@ import os
 import time
 from pathlib import Path
 
+from core import store
+
 __all__ = ["add_core_commands"]
 
 
@@ -102,7 +104,7 @@ def _data_features(args: argparse.Namespace) -> int:
 
 
 #: What a run folder holds once ``train`` wrote into it (``config.json`` is checked on its own).
-_RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "results.json")
+_RUN_ENTRIES = (store.METRICS.file, store.CHECKPOINT_DIR, store.RESULTS.file)
 #: Sections of the ``config.json`` that ``train`` writes (``core.config.save_config``).
 _RUN_CONFIG_SECTIONS = ("data", "model", "train")
 
@@ -128,7 +130,9 @@ def _check_out_folder(out: Path) -> None:
     entries = sorted(entry.name for entry in out.iterdir())
     if not entries:
         return
-    if any((out / name).exists() for name in _RUN_ENTRIES) or _is_run_config(out / "config.json"):
+    if any((out / name).exists() for name in _RUN_ENTRIES) or _is_run_config(
+        out / store.CONFIG.file
+    ):
         return
     shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
     raise FileExistsError(
@@ -174,7 +178,7 @@ def _train(args: argparse.Namespace) -> int:
             print(
                 f"  {name} (label-using, reported only): MRR {metrics['mrr']:.4f}  Hits@1 {metrics['hits@1']:.4f}"
             )
-    print(f"results: {Path(args.out).resolve() / 'results.json'}")
+    print(f"results: {Path(args.out).resolve() / store.RESULTS.file}")
     return 0
 
 

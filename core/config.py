@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import re
 import types
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from core.store import CONFIG, write_json
 
 __all__ = [
     "ConfigError",
@@ -567,8 +568,9 @@ def load_config(
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    """Write the config as indented JSON."""
-    Path(path).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    """Write the config as indented JSON, atomically (``config.json`` carries no
+    ``format_version``: the config's schema is its version, see :mod:`core.store`)."""
+    write_json(path, config_to_dict(config), CONFIG)
 
 
 def stage1_relevant(config: ExperimentConfig) -> dict:

@@ -21,7 +21,6 @@ and :mod:`analysis` work without a cluster, on a folder copied to another machin
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import re
@@ -31,6 +30,19 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from core import store
+from core.store import (
+    EXPERIMENT,
+    METRICS,
+    PLAN,
+    RESULTS,
+    RUNS_DIR,
+    STATUS,
+    StoreError,
+    default_storage,
+    describe_json,
+)
 
 __all__ = [
     "EXPERIMENT_FILE",
@@ -50,8 +62,8 @@ __all__ = [
     "write_json",
 ]
 
-EXPERIMENT_FILE = "experiment.json"
-PLAN_FILE = "plan.json"
+EXPERIMENT_FILE = EXPERIMENT.file
+PLAN_FILE = PLAN.file
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _PACKAGES = (
     "diffusioncom-sweeps",
@@ -65,14 +77,11 @@ _PACKAGES = (
 )
 
 
-class ExperimentError(ValueError):
+class ExperimentError(StoreError):
     """A bad experiment name, storage location or experiment folder; the message names it."""
 
-
-def default_storage() -> Path:
-    """``$DIFFCOM_STORAGE``, else ``~/diffcom-experiments``."""
-    configured = os.environ.get("DIFFCOM_STORAGE")
-    return Path(configured).expanduser() if configured else Path.home() / "diffcom-experiments"
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
 
 
 def resolve_storage(storage: str | Path | None) -> Path:
@@ -147,48 +156,33 @@ def experiment_dir(storage: Path, name: str, *, must_exist: bool) -> Path:
 
 
 def read_json(path: Path) -> Any:
-    """Read a JSON file; a missing or damaged file is an :class:`ExperimentError` naming it."""
+    """Read a JSON file of any shape (:func:`core.store.load_json`); a missing or damaged file is
+    an :class:`ExperimentError` naming it."""
     try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ExperimentError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ExperimentError(f"{path}: not valid JSON ({error})") from None
+        return store.load_json(path)
+    except StoreError as error:
+        raise ExperimentError(str(error)) from None
 
 
 def read_json_object(path: Path) -> dict:
-    """Read a JSON file that must hold an object (every file this package writes does).
+    """Read a JSON file that must hold an object (every file this package writes does), checked
+    against the version of its kind (:func:`core.store.read_json`, the kind by its file name).
 
     Raises:
-        ExperimentError: naming the file when it is missing, not JSON, or JSON of another shape
-            (a list, a string, a number...), so no reader fails later on a wrong type.
+        ExperimentError: naming the file when it is missing, not JSON, JSON of another shape
+            (a list, a string, a number...), or of a newer format version, so no reader fails
+            later on a wrong type.
     """
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise ExperimentError(f"{path}: expected a JSON object {{...}}, found {_json_kind(data)}")
-    return data
-
-
-def _json_kind(value: Any) -> str:
-    """``a list``, ``the string 'finished'``, ``the number 42``... for error messages."""
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return f"the string {value[:40]!r}"
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    if isinstance(value, (int, float)):
-        return f"the number {value}"
-    return f"a {type(value).__name__}"
+    try:
+        return store.read_json(path, store.kind_of(path))
+    except StoreError as error:
+        raise ExperimentError(str(error)) from None
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file, a crash never leaves one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+    """Write a JSON object atomically (:func:`core.store.write_json`), versioned by its kind (the
+    kind its file name declares; a name outside the format gets no version)."""
+    store.write_json(path, data, store.kind_of(path))
 
 
 # What the readers of experiment.json (status, resume, extend) rely on: the keys every one has,
@@ -226,7 +220,7 @@ def read_experiment(path: Path, required: tuple[str, ...] = ()) -> dict:
     for key, (kind, expected) in _EXPERIMENT_TYPES.items():
         if key in data and not isinstance(data[key], kind):
             raise ExperimentError(
-                f"{file}: {key}: expected {expected}, found {_json_kind(data[key])}"
+                f"{file}: {key}: expected {expected}, found {describe_json(data[key])}"
             )
     if data["metric"].count(".") < 2:
         raise ExperimentError(
@@ -325,9 +319,9 @@ def read_statuses(path: Path, metric: str, planned: list[str] = ()) -> list[Tria
     that run ``failed`` with the reason, naming the file; it never stops the listing. Lines of
     ``metrics.jsonl`` that are not epoch records (cut by a kill) are skipped.
     """
-    runs_root = Path(path) / "runs"
+    runs_root = Path(path) / RUNS_DIR
     found: dict[str, TrialStatus] = {}
-    for status_file in sorted(runs_root.glob("**/status.json")):
+    for status_file in sorted(runs_root.glob(f"**/{STATUS.file}")):
         run = status_file.parent
         name = run.relative_to(runs_root).as_posix()
         try:
@@ -344,19 +338,20 @@ def read_statuses(path: Path, metric: str, planned: list[str] = ()) -> list[Tria
         ):
             state = "interrupted"
         epochs, value, test = None, None, None
-        metrics_file = run / "metrics.jsonl"
-        if metrics_file.is_file():
-            for line in metrics_file.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if not isinstance(record, dict):
-                    continue
-                epochs = (record.get("stage"), record.get("epoch"))
-                if _is_number(record.get(metric)):
-                    value = record[metric]
-        results_file = run / "results.json"
+        metrics_file = run / METRICS.file
+        try:
+            records = (
+                store.read_jsonl(metrics_file, METRICS).lines if metrics_file.is_file() else []
+            )
+        except StoreError as error:
+            found[name] = TrialStatus(name, "failed", error=str(error))
+            continue
+        for line in records:
+            if isinstance(line.value, dict):
+                epochs = (line.value.get("stage"), line.value.get("epoch"))
+                if _is_number(line.value.get(metric)):
+                    value = line.value[metric]
+        results_file = run / RESULTS.file
         if state == "finished" and results_file.is_file():
             try:
                 results = read_json_object(results_file)
@@ -401,7 +396,7 @@ def _checked_status(status_file: Path) -> dict:
     for key, (kind, expected) in _STATUS_TYPES.items():
         if status.get(key) is not None and not isinstance(status[key], kind):
             raise ExperimentError(
-                f"{status_file}: {key}: expected {expected}, found {_json_kind(status[key])}"
+                f"{status_file}: {key}: expected {expected}, found {describe_json(status[key])}"
             )
     return status
 
@@ -420,6 +415,6 @@ def _measure(results: dict, results_file: Path, split: str, protocol: str, measu
     if not _is_number(found):
         raise ExperimentError(
             f"{results_file}: {split}.{protocol}.{measure}: expected a number, "
-            f"found {_json_kind(found)}"
+            f"found {describe_json(found)}"
         )
     return found

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import config_from_dict, config_to_dict
+from core.store import POINT, RESULTS, RUNS_DIR, STATUS, STUDY_COPY, atomic_write_bytes
 from sweeps.experiment import (
     EXPERIMENT_FILE,
     PLAN_FILE,
@@ -37,7 +38,6 @@ from sweeps.experiment import (
     now,
     package_versions,
     read_experiment,
-    read_json,
     read_json_object,
     resolve_storage,
     write_json,
@@ -112,7 +112,7 @@ def _launch(
     if study.launch_overrides:
         sets = " ".join(f"--set {shlex.quote(text)}" for text in study.launch_overrides)
         header += f"# launched with {sets} (merged into overrides below)\n"
-    (folder / "study.yaml").write_text(header + study.path.read_text())
+    atomic_write_bytes(folder / STUDY_COPY, (header + study.path.read_text()).encode())
     plan = _plan(study)
     write_json(folder / PLAN_FILE, plan)
     write_json(
@@ -265,7 +265,7 @@ def _prepare_trial(
     A search trial's drawn point is kept beside each run (``point.json``) for ``extend`` to
     warm-start a searcher with.
     """
-    plan = read_json(folder / PLAN_FILE)
+    plan = read_json_object(folder / PLAN_FILE)
     metric = read_experiment(folder)["metric"]
     if "trial" in config:
         name = config["trial"]
@@ -277,7 +277,7 @@ def _prepare_trial(
         for seed in plan["seeds"]
     ]
     for spec in runs:
-        target = folder / "runs" / spec.name / "point.json"
+        target = folder / RUNS_DIR / spec.name / POINT.file
         if is_main and not target.is_file():
             write_json(target, point)
     return name, runs, metric
@@ -600,16 +600,16 @@ def _finished_points(folder: Path, metadata: dict) -> list[tuple[dict, float]]:
     """``(point, mean metric over seeds)`` of every finished search trial of an experiment."""
     split, protocol, measure = metadata["metric"].split(".", 2)
     points = []
-    for trial in sorted((folder / "runs" / "search").glob("*")):
+    for trial in sorted((folder / RUNS_DIR / "search").glob("*")):
         values, point = [], None
         for run in sorted(trial.glob("seed-*")):
             try:
-                status = read_json_object(run / "status.json")
+                status = read_json_object(run / STATUS.file)
                 if status.get("state") != "finished":
                     values = []
                     break
-                point = read_json_object(run / "point.json")
-                values.append(read_json(run / "results.json")[split][protocol][measure])
+                point = read_json_object(run / POINT.file)
+                values.append(read_json_object(run / RESULTS.file)[split][protocol][measure])
             except (ExperimentError, KeyError, TypeError):  # TypeError: a file of another shape
                 values = []
                 break

@@ -28,7 +28,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import store
 from core.config import ExperimentConfig, stage1_relevant
+from core.store import DONE, EVENTS, STAGE1_DIR, STAGE1_RUN, checkpoint_path
 from sweeps.experiment import now, read_json_object, write_json
 
 __all__ = [
@@ -39,8 +41,6 @@ __all__ = [
     "stage1_key",
     "stage1_relevant",
 ]
-
-STAGE1_DIR = "stage1"
 
 
 def stage1_key(config: ExperimentConfig) -> str:
@@ -139,16 +139,16 @@ class Stage1Store:
             # Another trial may have trained it while this one waited for the lock.
             if (reused := finished_in(self.root)) is not None:
                 return reused
-            run_dir = self.root / key / "run"
+            run_dir = self.root / key / STAGE1_RUN
             if is_main:
                 self._event(key, "training", trial)
             started = time.perf_counter()
             results = train_stage1(stage1_only(config), run_dir)
             seconds = float(results.get("timings", {}).get("train_seconds", 0.0))
-            checkpoint = run_dir / "checkpoints" / "last.pt"
+            checkpoint = checkpoint_path(run_dir)
             if is_main:
                 write_json(
-                    self.root / key / "done.json",
+                    self.root / key / DONE.file,
                     {
                         "checkpoint": str(checkpoint),
                         "seconds": seconds,
@@ -164,18 +164,22 @@ class Stage1Store:
     def events(self) -> list[dict]:
         """Every ``trained``/``reused``/``training`` event of every key, oldest first."""
         events = []
-        for path in sorted(self.root.glob("*/events.jsonl")):
-            events += [json.loads(line) for line in path.read_text().splitlines() if line]
+        for path in sorted(self.root.glob(f"*/{EVENTS.file}")):
+            events += [
+                line.value
+                for line in store.read_jsonl(path, EVENTS).lines
+                if isinstance(line.value, dict)
+            ]
         return sorted(events, key=lambda event: event["precise_time"])
 
     @staticmethod
     def _finished(root: Path, key: str) -> dict | None:
-        done = root / key / "done.json"
+        done = root / key / DONE.file
         if not done.is_file():
             return None
         found = read_json_object(done)
         # The store may have been moved or mounted elsewhere since: trust the layout.
-        found["checkpoint"] = str(root / key / "run" / "checkpoints" / "last.pt")
+        found["checkpoint"] = str(checkpoint_path(root / key / STAGE1_RUN))
         return found if Path(found["checkpoint"]).is_file() else None
 
     @contextlib.contextmanager
@@ -192,8 +196,5 @@ class Stage1Store:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _event(self, key: str, event: str, trial: str, **extra) -> None:
-        path = self.root / key / "events.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {"time": now(), "precise_time": time.time(), "event": event, "trial": trial}
-        with path.open("a") as stream:
-            stream.write(json.dumps({**record, **extra}) + "\n")
+        store.append_jsonl(self.root / key / EVENTS.file, {**record, **extra})

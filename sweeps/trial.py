@@ -17,6 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import ExperimentConfig, config_to_dict
+from core.store import (
+    EXPERIMENT,
+    RESULTS,
+    RUNS_DIR,
+    STATUS,
+    TRIAL,
+    checkpoint_path,
+    flatten_results,
+)
 from core.train.checkpoint import CheckpointError, load_checkpoint
 from core.train.trainer import NonFiniteLossError, load_run_dataset, train
 from sweeps.experiment import (
@@ -49,19 +58,6 @@ class RunSpec:
     config: ExperimentConfig
 
 
-def flatten_results(results: dict) -> dict:
-    """``results.json`` metrics as flat ``split.protocol.measure`` keys (``valid.clean.mrr``)."""
-    flat = {}
-    for split in ("valid", "test"):
-        for protocol, values in results.get(split, {}).items():
-            if isinstance(values, dict) and protocol != "clean_all":
-                flat.update({f"{split}.{protocol}.{k}": v for k, v in values.items()})
-        if "inference_ms_per_query" in results.get(split, {}):
-            flat[f"{split}.inference_ms_per_query"] = results[split]["inference_ms_per_query"]
-    flat["train_seconds"] = results.get("timings", {}).get("train_seconds")
-    return flat
-
-
 def run_trial(
     experiment: Path,
     trial: str,
@@ -92,23 +88,23 @@ def run_trial(
             says why, and the trial's earlier runs stay finished.
     """
     experiment = Path(experiment)
-    metadata = read_json_object(experiment / "experiment.json")
+    metadata = read_json_object(experiment / EXPERIMENT.file)
     store = Stage1Store(
         experiment / STAGE1_DIR,
         tuple(Path(p) / STAGE1_DIR for p in metadata.get("parents", [])),
     )
     finished: list[dict] = []
     for spec in runs:
-        run_dir = experiment / "runs" / spec.name
-        results_file = run_dir / "results.json"
-        status_file = run_dir / "status.json"
+        run_dir = experiment / RUNS_DIR / spec.name
+        results_file = run_dir / RESULTS.file
+        status_file = run_dir / STATUS.file
         status = read_json_object(status_file) if status_file.is_file() else {"attempts": []}
         if status.get("state") == "finished" and results_file.is_file():
             finished.append(read_json_object(results_file))
             continue
         if status.get("failure") == NON_FINITE:
             raise TrialFailed(f"{run_dir}: {status['error']} (not retried: it would repeat)")
-        resumed_from = _progress(run_dir / "checkpoints" / "last.pt")
+        resumed_from = _progress(checkpoint_path(run_dir))
 
         status.update(
             state="running",
@@ -139,7 +135,7 @@ def run_trial(
             if is_main:
                 status["heartbeat"] = now()
                 status["last_epoch"] = [record["stage"], record["epoch"]]
-                write_json(run_dir / "status.json", status)
+                write_json(run_dir / STATUS.file, status)
             report(epoch_report(record))
 
         def on_shared_stage1_epoch(record: dict) -> None:
@@ -254,7 +250,7 @@ def _write_provenance(run_dir: Path, trial: str, spec: RunSpec, metadata: dict) 
     started = time.perf_counter()
     graph = load_run_dataset(config)
     write_json(
-        run_dir / "trial.json",
+        run_dir / TRIAL.file,
         {
             "experiment": metadata["name"],
             "trial": trial,

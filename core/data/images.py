@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
+
+from core.store import atomic_write_bytes
 
 __all__ = ["IMAGE_SUFFIXES", "ImageVerdictCache", "check_image"]
 
@@ -92,11 +92,7 @@ class ImageVerdictCache:
         if self._file is None or not self._dirty:
             return
         try:
-            self._file.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=self._file.parent, suffix=".tmp")
-            with os.fdopen(handle, "w") as stream:
-                json.dump(self._verdicts, stream)
-            os.replace(temporary, self._file)
+            atomic_write_bytes(self._file, json.dumps(self._verdicts).encode())
             self._dirty = False
         except OSError as error:
             warnings.warn(f"could not save image check cache {self._file}: {error}", stacklevel=2)

@@ -59,6 +59,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.data.files import DatasetError
+from core.store import atomic_write_bytes, is_temporary
 
 __all__ = [
     "FORMAT_VERSION",
@@ -407,9 +408,8 @@ def generate_synthetic(
         },
         "files": {"splits": ["train.tsv", "dev.tsv", "test.tsv"], "images": _IMAGES_DIR},
     }
-    temporary = out_dir / (_METADATA_FILE + ".tmp")
-    temporary.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, out_dir / _METADATA_FILE)
+    text = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(out_dir / _METADATA_FILE, text.encode("utf-8"))
     (out_dir / _PARTIAL_FILE).unlink(missing_ok=True)
     return out_dir
 
@@ -451,8 +451,9 @@ def _prepare_folder(out_dir: Path, overwrite: bool, spec: SyntheticSpec) -> None
             f"{out_dir} was not written by `diffcom data synth` (it holds no {_METADATA_FILE} "
             "from the generator); refusing to overwrite it: choose an empty or new folder"
         )
+    # ``<metadata>.tmp``: the fixed temporary name earlier generators wrote the metadata under.
     ours = {*_TEXT_FILES, _IMAGES_DIR, _METADATA_FILE, _METADATA_FILE + ".tmp", _PARTIAL_FILE}
-    foreign = [name for name in existing if name not in ours]
+    foreign = [name for name in existing if name not in ours and not is_temporary(name)]
     if foreign:
         raise FileExistsError(
             f"{out_dir} holds entries the synthetic generator did not write: {foreign[:10]}; "

@@ -1,25 +1,24 @@
 """On-disk cache of entity features: one safetensors file and a JSON sidecar per key.
 
 Layout: ``<cache_dir>/<key>/features.safetensors`` and ``<cache_dir>/<key>/features.json``. Both are
-written to a temporary name in the same folder and moved into place with :func:`os.replace`, so a
-reader never sees a half-written file, whatever other processes do at the same time. The sidecar is
+written atomically (:func:`core.store.atomic_write_bytes`: a temporary file in the same folder,
+renamed into place), so a reader never sees a half-written file, whatever other processes do at the same time. The sidecar is
 written last and records the size and SHA-256 of the tensor file: an entry whose tensor file does not
 match it (truncated, corrupted, or replaced by a concurrent writer) is reported and recomputed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import secrets
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+
+from core.store import atomic_write_bytes
 
 __all__ = [
     "CACHE_FORMAT",
@@ -81,8 +80,10 @@ def save_entry(folder: Path, tensors: dict[str, torch.Tensor], metadata: dict) -
         "bytes": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
     }
-    _write_atomically(folder / TENSOR_FILE, payload)
-    _write_atomically(folder / METADATA_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(folder / TENSOR_FILE, payload)
+    atomic_write_bytes(
+        folder / METADATA_FILE, json.dumps(record, indent=2, sort_keys=True).encode()
+    )
 
 
 def load_entry(
@@ -148,23 +149,3 @@ def _check_tensors(
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             return f"{name} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}"
     return None
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    """Write bytes to a unique temporary file next to ``path``, flush to disk, then rename.
-
-    The temporary name carries the process id and a random suffix, so concurrent writers never
-    share one; the file is created with the usual umask-governed permissions.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    try:
-        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise

@@ -8,15 +8,15 @@ temporary file that is renamed into place, so a crash mid-write leaves the previ
 from __future__ import annotations
 
 import ast
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from core.store import atomic_write
 
 __all__ = ["CheckpointError", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
@@ -100,16 +100,9 @@ def set_rng_state(state: dict, path: Path | None = None) -> None:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write ``state`` atomically to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    """Write ``state`` atomically to ``path`` (its folder is created if missing)."""
+    with atomic_write(path) as stream:
+        torch.save(state, stream)
 
 
 def load_checkpoint(path: Path, required: tuple[str, ...] = ()) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import platform
 import time
@@ -46,6 +45,20 @@ from core.features import FeatureSettings, extract_features
 from core.model.diffusioncom import DiffusionCom
 from core.model.extractor import StructureMKGformer
 from core.model.structure import SubgraphSampler
+from core.store import (
+    CHECKPOINT_DIR,
+    CONFIG,
+    METRICS,
+    RESULTS,
+    append_jsonl,
+    atomic_write,
+    checkpoint_path,
+    flatten,
+    ranks_file,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from core.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -320,15 +333,6 @@ def evaluate_official(
 # ------------------------------------------------------------------------------------------ the recipe
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"diffusion": {"steps": 5}}`` → ``{"diffusion.steps": 5}``."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        flat.update(_flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
-    return flat
-
-
 def _check_resume_config(saved: dict, config: ExperimentConfig, path: Path) -> None:
     """Resume continues the same run: any differing key is an error naming it.
 
@@ -338,7 +342,7 @@ def _check_resume_config(saved: dict, config: ExperimentConfig, path: Path) -> N
     # A key since removed or renamed fails to build: compared as written, the difference names it.
     with contextlib.suppress(ConfigError):
         saved = config_to_dict(config_from_dict(saved))
-    before, now = _flatten(saved), _flatten(config_to_dict(config))
+    before, now = flatten(saved), flatten(config_to_dict(config))
     differences = [
         f"{key}: checkpoint {before.get(key)!r} vs now {now.get(key)!r}"
         for key in sorted(before.keys() | now.keys())
@@ -465,7 +469,7 @@ def _run_stage(
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"stage {stage}, epoch {epoch + 1}, batch {batches + 1}: loss is {loss.item()}; "
-                    f"the last checkpoint in {run.out_dir / 'checkpoints'} holds the state before this epoch"
+                    f"the last checkpoint in {run.out_dir / CHECKPOINT_DIR} holds the state before this epoch"
                 )
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -518,11 +522,10 @@ def _run_stage(
         state[stage_key] = progress_state
 
         if accelerator.is_main_process:
-            with (run.out_dir / "metrics.jsonl").open("a") as stream:
-                stream.write(json.dumps(record) + "\n")
+            append_jsonl(run.out_dir / METRICS.file, record)
             state["model"] = model.state_dict()
             state["rng"] = rng_state()
-            save_checkpoint(state, run.out_dir / "checkpoints" / "last.pt")
+            save_checkpoint(state, checkpoint_path(run.out_dir))
         if callback is not None:
             callback(record)
     # Continue from the best weights of this stage (best valid MRR under the clean protocol); a
@@ -581,7 +584,7 @@ def train(
         cache_queries=_keeps_query_cache(config, graph, accelerator.is_main_process),
     )
 
-    last = out_dir / "checkpoints" / "last.pt"
+    last = checkpoint_path(out_dir)
     resuming = last.exists()
     state: dict = {"config": config_to_dict(config), "stage": 1}
     if resuming:
@@ -589,7 +592,7 @@ def train(
         _check_resume_config(state["config"], config, last)
         _load_weights(model, state["model"], last)
         if accelerator.is_main_process:
-            _forget_epochs_after(out_dir / "metrics.jsonl", state)
+            _forget_epochs_after(out_dir / METRICS.file, state)
     elif stage1_checkpoint is not None:
         reused = load_checkpoint(Path(stage1_checkpoint), required=("model", "stage1"))
         _check_stage1_compatible(
@@ -607,10 +610,10 @@ def train(
             best_stage1=weights,
         )
     if accelerator.is_main_process:
-        save_config(config, out_dir / "config.json")
+        save_config(config, out_dir / CONFIG.file)
         if not resuming:
             # A run killed before its first checkpoint restarts from scratch: its old records go.
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (out_dir / METRICS.file).unlink(missing_ok=True)
 
     # Dropout and training's diffusion noise draw from the global RNGs: a resumed run continues the
     # streams its checkpoint saved, a fresh one starts the stream its seed fixes.
@@ -625,7 +628,7 @@ def train(
         _run_stage(run, 2, state, callback, progress)
     results = _final_results(run, state, state.get("train_seconds", 0.0))
     if accelerator.is_main_process:
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json(out_dir / RESULTS.file, results, RESULTS)
     return results
 
 
@@ -642,13 +645,10 @@ def _forget_epochs_after(metrics_file: Path, state: dict) -> None:
         return
     reached = {stage: state.get(f"stage{stage}", {}).get("epoch", 0) for stage in (1, 2)}
     kept = []
-    for number, line in enumerate(metrics_file.read_text().splitlines(), start=1):
-        if not line.strip():
+    for line in read_jsonl(metrics_file, METRICS).lines:
+        if not line.complete:  # a kill while the record was being written cuts it
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a kill while the record was being written cuts it
-            continue
+        record = line.value
         if (
             not isinstance(record, dict)
             or type(record.get("stage")) is not int
@@ -656,12 +656,12 @@ def _forget_epochs_after(metrics_file: Path, state: dict) -> None:
             or type(record.get("epoch")) is not int
         ):
             raise CheckpointError(
-                f"{metrics_file}:{number}: expected an epoch record (a JSON object with stage 1 "
-                f"or 2 and an integer epoch), found {line.strip()[:80]}"
+                f"{metrics_file}:{line.number}: expected an epoch record (a JSON object with "
+                f"stage 1 or 2 and an integer epoch), found {line.text[:80]}"
             )
         if record["epoch"] <= reached[record["stage"]]:
             kept.append(record)
-    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_jsonl(metrics_file, kept)
 
 
 def _load_extractor(model: DiffusionCom, weights: dict) -> None:
@@ -689,7 +689,7 @@ def _check_stage1_compatible(
     reused: ExperimentConfig, config: ExperimentConfig, path: Path
 ) -> None:
     """Stage-1 reuse is only honest when everything stage 1 depends on is identical."""
-    before, now = _flatten(stage1_relevant(reused)), _flatten(stage1_relevant(config))
+    before, now = flatten(stage1_relevant(reused)), flatten(stage1_relevant(config))
     differing = [key for key in before if before[key] != now[key]]
     if differing:
         shown = ", ".join(f"{k} ({before[k]!r} there, {now[k]!r} here)" for k in differing[:5])
@@ -754,11 +754,12 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
         # Per-query ranks (numpy, so reports read them without torch): paired tests between
         # runs on the same split compare them query by query.
         if run.accelerator.is_main_process:
-            np.savez_compressed(
-                run.out_dir / f"ranks_{split}.npz",
-                queries=clean.queries.cpu().numpy(),
-                realistic=clean.ranks.realistic.cpu().numpy(),
-            )
+            with atomic_write(run.out_dir / ranks_file(split)) as stream:
+                np.savez_compressed(
+                    stream,
+                    queries=clean.queries.cpu().numpy(),
+                    realistic=clean.ranks.realistic.cpu().numpy(),
+                )
     model.extractor.freeze_entity_table(False)
     results["protocol_note"] = (
         "clean: one deterministic pass, no label use (model selection uses it); "

@@ -1,13 +1,16 @@
 """The tidy frame against the files it was read from; damaged, partial and empty folders."""
 
+import ast
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import analysis
 from analysis.load import (
     CURVE_COLUMNS,
     MEASURES,
@@ -107,14 +110,63 @@ def test_nothing_readable_gives_an_empty_frame_with_columns(tmp_path):
     assert loaded.frame.empty and "mrr" in loaded.frame.columns and loaded.problems
 
 
-def test_analysis_imports_neither_core_nor_ray():
+def test_analysis_imports_of_core_only_the_format_and_never_torch_or_ray():
+    # The files' format is core.store's (standard library only): anything more of core would
+    # bring torch to a machine that only reads experiment folders.
     code = (
         "import sys, analysis.report, analysis.cli; "
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('core', 'ray', 'sweeps', 'torch')]; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'sweeps', 'torch') "
+        "or (m.split('.')[0] == 'core' and m not in ('core', 'core.store'))]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        "core.store"
+        in subprocess.run(
+            [sys.executable, "-c", "import sys, analysis.load; print(sorted(sys.modules))"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )  # the check above looked at a process that did load the format
+
+
+def _imported(tree: ast.AST):
+    """(line, module) of every import; ``from core import store`` counts as ``core.store``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "core":
+                yield from ((node.lineno, f"core.{alias.name}") for alias in node.names)
+            else:
+                yield node.lineno, node.module
+
+
+def _allowed_for_analysis(module: str) -> bool:
+    top = module.split(".")[0]
+    if top == "core":
+        return module == "core.store"
+    return top not in ("ray", "sweeps", "torch")
+
+
+def test_no_analysis_source_imports_more_of_core_than_its_format():
+    sources = sorted(Path(analysis.__file__).parent.rglob("*.py"))
+    assert len(sources) > 5  # the walk found the package
+    offending = [
+        f"{path.name}:{line}: imports {module}"
+        for path in sources
+        for line, module in _imported(ast.parse(path.read_text()))
+        if not _allowed_for_analysis(module)
+    ]
+    assert offending == []
+    # The check itself: it sees what it must refuse.
+    bad = "from core import store, config\nimport torch\nfrom core.train import trainer\n"
+    assert [m for _, m in _imported(ast.parse(bad)) if not _allowed_for_analysis(m)] == [
+        "core.config",
+        "torch",
+        "core.train",
+    ]
 
 
 def test_a_run_on_a_shared_stage1_takes_its_best_epoch_from_the_trainer(ablation_experiment):

@@ -79,3 +79,21 @@ def test_the_static_check_sees_nested_imports_and_skips_main_guards():
         (2, "sweeps.study"),
         (4, "analysis.report"),
     ]
+
+
+def test_the_store_imports_the_standard_library_only():
+    # analysis imports core.store on machines without torch: the format must cost nothing more.
+    tree = ast.parse((REPO / "core" / "store.py").read_text())
+    modules = {module.split(".")[0] for _, module in _imported_modules(tree)}
+    assert modules - {"__future__"} <= set(sys.stdlib_module_names), modules
+    assert not list(_imported_modules(ast.parse((REPO / "core" / "__init__.py").read_text())))
+    code = (
+        "import sys, core.store\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'numpy', 'yaml', 'ray', 'pandas') or m.startswith('core.') and m != 'core.store')\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
