@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from core import store
 from core.config import load_config
 from core.features import image as image_module
 from core.model.diffusioncom import DiffusionCom
@@ -47,19 +48,45 @@ def test_run_writes_results_under_both_protocols(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in records] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert all("valid.clean.mrr" in r for r in records)
+    # Stage 2's best epoch is the one whose valid MRR is highest in the log.
+    stage2 = [r for r in records if r["stage"] == 2]
+    best = max(stage2, key=lambda r: r["valid.clean.mrr"])
+    assert results["best_epochs"]["stage2"] == best["epoch"]
+    assert results["valid"]["clean"] == pytest.approx(
+        {k.removeprefix("valid.clean."): v for k, v in best.items() if k.startswith("valid.clean.")}
+    )
     for split in ("valid", "test"):
         clean = results[split]["clean"]
-        assert 0 < clean["mrr"] <= 1 and 0 <= clean["hits@1"] <= clean["hits@10"] <= 1
+        # The reported metrics are those of the saved per-query ranks (realistic ties).
+        ranks = np.load(run / f"ranks_{split}.npz")["realistic"]
+        assert clean["mr"] == pytest.approx(ranks.mean())
+        assert clean["mrr"] == pytest.approx(np.mean(1 / ranks))
+        for k in (1, 3, 10):
+            assert clean[f"hits@{k}"] == pytest.approx(np.mean(ranks <= k))
         assert "official-min-of-2" in results[split]
         assert "stage1_clean" in results[split]
         assert results[split]["clean"]["mrr"] != results[split]["stage1_clean"]["mrr"]
-        # The official protocol keeps the best of its passes per query, so it can only look better
-        # than a single stochastic pass; it is not comparable to clean in general, but it is finite.
-        assert results[split]["official-min-of-2"]["mr"] >= 1
     ranks = np.load(run / "ranks_test.npz")
     assert ranks["realistic"].shape == (2 * 201,) and len(ranks["queries"]) == 2 * 201
-    assert 1 / ranks["realistic"].mean() <= results["test"]["clean"]["mrr"] + 1e-9  # Jensen
-    assert results == json.loads((run / "results.json").read_text())
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk == {"format_version": store.RESULTS.version, **results}
+
+
+def test_official_protocol_keeps_the_best_of_its_passes_per_query():
+    """min-of-2 ranks are at most the first pass's, which is the min-of-1 pass (same seed)."""
+    from core.train.trainer import build_model, evaluate_official
+
+    one_pass = smoke_config("eval.official_samples=1")
+    graph = trainer_module.load_run_dataset(one_pass)
+    torch.manual_seed(0)
+    model = build_model(one_pass, graph, progress=False)
+    # A non-zero denoiser, so that the noise of each pass reaches the scores.
+    torch.nn.init.normal_(model.denoiser.output.weight, std=0.5)
+    single = evaluate_official(model, graph, "valid", one_pass).ranks.get("realistic")
+    two = smoke_config("eval.official_samples=2")
+    best_of_two = evaluate_official(model, graph, "valid", two).ranks.get("realistic")
+    assert torch.all(best_of_two <= single)
+    assert torch.any(best_of_two < single)
 
 
 def test_stage2_selection_keeps_stage1_when_stage2_is_worse(tmp_path, monkeypatch):
@@ -83,7 +110,13 @@ def test_stage2_selection_keeps_stage1_when_stage2_is_worse(tmp_path, monkeypatc
     # stage2-only keeps stage 2's best epoch whatever it scores: the diffusion stage's own effect.
     forced = train(smoke_config(), tmp_path / "forced", progress=False)
     assert forced["final_stage"] == 2 and forced["selection"]["selected"] == "stage2"
-    assert forced["best_epochs"]["stage2"] >= 1
+    stage2_records = [
+        json.loads(line)
+        for line in (tmp_path / "forced" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["stage"] == 2
+    ]
+    best = max(stage2_records, key=lambda record: record["valid.clean.mrr"])
+    assert forced["best_epochs"]["stage2"] == best["epoch"]
     assert forced["valid"]["clean"]["mrr"] == pytest.approx(
         forced["selection"]["valid_mrr_stage2_best"]
     )
@@ -387,7 +420,6 @@ def test_two_process_run_on_cpu(tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert finished.stdout.count("test (clean protocol)") == 1  # only the main process reports
     results = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert 0 < results["test"]["clean"]["mrr"] <= 1
     assert results["environment"]["processes"] == 2
     records = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 4  # written once, by the main process
@@ -400,14 +432,19 @@ def test_two_process_run_on_cpu(tmp_path):
 
 
 def test_bf16_mixed_precision_on_cpu_and_fp16_refused(tmp_path):
+    reference = train(smoke_config(), tmp_path / "reference", progress=False)
     results = train(smoke_config("train.mixed_precision=bf16"), tmp_path / "bf16", progress=False)
-    assert 0 < results["test"]["clean"]["mrr"] <= 1
+    # bf16 autocast really ran (the numbers moved) and trained the same model to within rounding:
+    # on CPU the MRR moves by about 0.003.
+    assert results["test"]["clean_all"] != reference["test"]["clean_all"]
+    assert results["test"]["clean"]["mrr"] == pytest.approx(
+        reference["test"]["clean"]["mrr"], abs=0.02
+    )
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="fp16 needs a GPU"):
             train(smoke_config("train.mixed_precision=fp16"), tmp_path / "fp16", progress=False)
     # A plain run after a mixed-precision one in the same process is unaffected.
     again = train(smoke_config(), tmp_path / "plain", progress=False)
-    reference = train(smoke_config(), tmp_path / "reference", progress=False)
     assert again["test"]["clean_all"] == reference["test"]["clean_all"]
 
 
