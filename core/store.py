@@ -123,10 +123,12 @@ class FileKind:
 CONFIG = FileKind("config.json", None, "a run's config")
 METRICS = FileKind("metrics.jsonl", "1.0", "one record per epoch")
 RESULTS = FileKind("results.json", "1.0", "a run's final metrics")
-STATUS = FileKind("status.json", "1.0", "a sweep run's state and attempts")
+# 1.1: the stage-1 key a run waits for, its first epoch's time and epoch count (sweep watch's ETA).
+STATUS = FileKind("status.json", "1.1", "a sweep run's state and attempts")
 TRIAL = FileKind("trial.json", "1.0", "a sweep run's provenance")
 POINT = FileKind("point.json", "1.0", "a search trial's drawn point")
-EXPERIMENT = FileKind("experiment.json", "1.0", "what an experiment launched")
+# 1.1: optuna_storage, the RDB of a search's Optuna study.
+EXPERIMENT = FileKind("experiment.json", "1.1", "what an experiment launched")
 PLAN = FileKind("plan.json", "1.0", "an experiment's trial configs")
 DONE = FileKind("done.json", "1.0", "a finished shared stage-1 run")
 EVENTS = FileKind("events.jsonl", "1.0", "who trained or reused a shared stage-1 run")

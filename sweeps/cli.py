@@ -1,8 +1,9 @@
-"""``diffcom sweep launch|resume|extend|status``: studies on Ray Tune from the command line."""
+"""``diffcom sweep launch|resume|extend|status|watch``: studies on Ray Tune from the command line."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import Counter
@@ -71,6 +72,7 @@ def _launch(args: argparse.Namespace) -> int:
         name=args.name,
         storage=args.storage,
         address=args.address,
+        optuna_storage=args.optuna_storage,
     )
     return _finish(folder)
 
@@ -123,57 +125,211 @@ def _state_counts(statuses) -> dict[str, int]:
     return dict(Counter(status.state for status in statuses))
 
 
-def _status(args: argparse.Namespace) -> int:
-    from sweeps.experiment import (
-        PLAN_FILE,
-        ExperimentError,
-        experiment_dir,
-        read_experiment,
-        read_json_object,
-        read_statuses,
-        resolve_storage,
-    )
+def _read(args: argparse.Namespace) -> tuple[Path, dict, list]:
+    """The experiment folder, its ``experiment.json`` and every run's status (files only)."""
+    from sweeps.experiment import experiment_dir, read_experiment, resolve_storage
 
     folder = experiment_dir(resolve_storage(args.storage), args.name, must_exist=True)
     metadata = read_experiment(folder)
+    return folder, metadata, _statuses(folder, metadata)
+
+
+def _statuses(folder: Path, metadata: dict) -> list:
+    from sweeps.experiment import PLAN_FILE, ExperimentError, read_json_object, read_statuses
+
     plan = read_json_object(folder / PLAN_FILE)
     trials = plan.get("trials", {})
     if not isinstance(trials, dict):
         raise ExperimentError(f"{folder / PLAN_FILE}: trials: expected an object of trial names")
-    statuses = read_statuses(folder, metadata["metric"], list(trials))
+    return read_statuses(folder, metadata["metric"], list(trials), metadata["mode"])
+
+
+def _status(args: argparse.Namespace) -> int:
+    folder, metadata, statuses = _read(args)
     if args.json:
-        print(json.dumps([vars(s) for s in statuses], indent=2))
+        print(json.dumps([dataclasses.asdict(s) for s in statuses], indent=2))
         return 0
-    metric, mode = metadata["metric"], metadata["mode"]
+    metric = metadata["metric"]
     print(f"experiment {metadata['name']} ({metadata['kind']}) in {folder}")
     if metadata.get("parents"):
         print(f"extends: {', '.join(metadata['parents'])}")
     if metadata.get("launch_overrides"):
         print("launched with: " + " ".join(f"--set {t}" for t in metadata["launch_overrides"]))
+    if isinstance(metadata.get("optuna_storage"), str):
+        print(f"optuna study {metadata['name']!r}: optuna-dashboard {metadata['optuna_storage']}")
     counts = _state_counts(statuses)
     print("runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     width = max([len(s.name) for s in statuses] + [3])
-    print(f"{'run':<{width}}  {'state':<11}  {'epoch':>7}  {metric:>16}  {'test mrr':>8}  error")
+    print(f"{'run':<{width}}  {'state':<11}  {'epoch':>9}  {metric:>16}  {'test mrr':>8}  error")
     for status in statuses:
-        epoch = f"{status.epochs[0]}:{status.epochs[1]}" if status.epochs else "-"
         value = f"{status.metric:.4f}" if status.metric is not None else "-"
         test = f"{status.test['mrr']:.4f}" if status.test else "-"
         # The row names the run: a file of it is named by its name alone, so the reason fits.
         error = (status.error or "").replace(f"{folder / 'runs' / status.name}/", "")
         error = error.splitlines()[0][:80] if error else ""
-        if status.state == "running" and status.heartbeat:
+        if status.stage1 is not None:
+            error = f"{_stage1_note(status.stage1)}; last heartbeat {status.heartbeat or '-'}"
+        elif status.state == "running" and status.heartbeat:
             error = f"last heartbeat {status.heartbeat}"
         print(
-            f"{status.name:<{width}}  {status.state:<11}  {epoch:>7}  {value:>16}  {test:>8}  {error}"
+            f"{status.name:<{width}}  {_state_label(status):<11}  {_epoch_label(status):>9}  "
+            f"{value:>16}  {test:>8}  {error}"
         )
-    finished = [s for s in statuses if s.state == "finished" and s.metric is not None]
-    if finished:
-        pick = max if mode == "max" else min
-        best = pick(finished, key=lambda s: s.metric)
+    best = _best_finished(statuses, metadata["mode"])
+    if best is not None:
         print(
             f"best so far: {best.name} {metric}={best.metric:.4f} (test clean mrr {best.test['mrr']:.4f})"
         )
     return 0
+
+
+def _state_label(status) -> str:
+    """``stage1`` for a run training a shared stage 1, ``stage1-wait`` for one waiting for it."""
+    if status.stage1 is None:
+        return status.state
+    return "stage1" if status.stage1.training else "stage1-wait"
+
+
+def _epoch_label(status) -> str:
+    """``2:14`` (stage 2, epoch 14); ``s1:23/200`` for the shared stage-1 run a run waits for."""
+    if status.stage1 is not None:
+        progress = status.stage1
+        done = "-" if progress.epoch is None else progress.epoch
+        return f"s1:{done}/{progress.epochs}" if progress.epochs else f"s1:{done}"
+    return f"{status.epochs[0]}:{status.epochs[1]}" if status.epochs else "-"
+
+
+def _stage1_note(progress) -> str:
+    key = progress.key[:8]
+    if progress.training:
+        return f"training shared stage 1 {key}"
+    return f"waiting for stage 1 {key} (epoch {'-' if progress.epoch is None else progress.epoch})"
+
+
+def _best_finished(statuses, mode: str):
+    finished = [s for s in statuses if s.state == "finished" and s.metric is not None]
+    if not finished:
+        return None
+    pick = max if mode == "max" else min
+    return pick(finished, key=lambda s: s.metric)
+
+
+# ---------------------------------------------------------------------------------- sweep watch
+
+#: States of a run that has not ended: an experiment with none left has ended.
+_LIVE = ("pending", "running")
+
+
+def _duration(seconds: float | None) -> str:
+    """``45s``, ``12m``, ``3h05m``, ``2d04h``; ``-`` for ``None``."""
+    if seconds is None:
+        return "-"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, hours = seconds // 60, seconds // 3600
+    if seconds < 3600:
+        return f"{minutes}m"
+    if seconds < 86400:
+        return f"{hours}h{minutes % 60:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _unstarted_search_trials(folder: Path, metadata: dict) -> int:
+    """Search trials Tune has not started yet: they have no folder under ``runs/search/``."""
+    from core.store import RUNS_DIR
+
+    search = metadata.get("search")
+    total = search.get("num_samples") if isinstance(search, dict) else None
+    if metadata.get("kind") != "search" or not isinstance(total, int):
+        return 0
+    started = [p for p in (folder / RUNS_DIR / "search").glob("*") if p.is_dir()]
+    return max(total - len(started), 0)
+
+
+def _watch_table(folder: Path, metadata: dict, statuses: list) -> tuple[list[str], bool]:
+    """The lines ``watch`` draws and whether the experiment has ended (no run left to run)."""
+    from sweeps.experiment import eta_seconds
+
+    metric, mode = metadata["metric"], metadata["mode"]
+    unstarted = _unstarted_search_trials(folder, metadata)
+    counts = _state_counts(statuses)
+    if unstarted:
+        counts["pending"] = counts.get("pending", 0) + unstarted
+    lines = [f"experiment {metadata['name']} ({metadata['kind']}) in {folder}"]
+    lines.append("runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    if unstarted:
+        lines.append(f"({unstarted} search trial(s) not started yet)")
+    width = max([len(s.name) for s in statuses] + [3])
+    best_header = f"best {metric}"
+    lines.append(
+        f"{'run':<{width}}  {'state':<11}  {'epoch':>9}  {best_header:>{len(best_header)}}  "
+        f"{'eta':>6}  note"
+    )
+    for status in statuses:
+        best = f"{status.best:.4f}" if status.best is not None else "-"
+        eta = _duration(eta_seconds(status))
+        if status.stage1 is not None and eta != "-":
+            eta = f"s1 {eta}"  # the shared stage 1's time left; stage 2 has no rate yet
+        note = ""
+        if status.stage1 is not None:
+            note = f"{_stage1_note(status.stage1)}, heartbeat {status.heartbeat or '-'}"
+        elif status.state == "running" and status.heartbeat:
+            note = f"heartbeat {status.heartbeat}"
+        elif status.error:
+            note = status.error.replace(f"{folder / 'runs' / status.name}/", "").splitlines()[0]
+        lines.append(
+            f"{status.name:<{width}}  {_state_label(status):<11}  {_epoch_label(status):>9}  "
+            f"{best:>{len(best_header)}}  {eta:>6}  {note[:80]}"
+        )
+    best = _best_finished(statuses, mode)
+    if best is not None:
+        lines.append(f"best so far: {best.name} {metric}={best.metric:.4f} (finished)")
+    else:
+        scored = [s for s in statuses if s.best is not None]
+        if scored:
+            pick = max if mode == "max" else min
+            leader = pick(scored, key=lambda s: s.best)
+            lines.append(
+                f"best so far: {leader.name} {metric}={leader.best:.4f} (an epoch; none finished)"
+            )
+    ended = not unstarted and not counts.keys() & set(_LIVE)
+    return lines, ended
+
+
+def _watch(args: argparse.Namespace) -> int:
+    import time
+
+    from sweeps.experiment import now
+
+    if args.interval <= 0:
+        from sweeps.experiment import ExperimentError
+
+        raise ExperimentError(f"--interval {args.interval}: expected seconds > 0")
+    folder, metadata, statuses = _read(args)
+    clear = sys.stdout.isatty()
+    ended_before = False
+    try:
+        while True:
+            lines, ended = _watch_table(folder, metadata, statuses)
+            # Between a failed attempt and Tune's retry of it no run is running for a moment:
+            # the experiment has ended only when two reads in a row say so.
+            final = args.once or (ended and ended_before)
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(f"{now()}  (every {args.interval:g} s; Ctrl-C to stop)" if not final else now())
+            print("\n".join(lines), flush=True)
+            if final:
+                if ended:
+                    print("the experiment has ended", flush=True)
+                return 0
+            if not clear:
+                print(flush=True)
+            ended_before = ended
+            time.sleep(args.interval)
+            statuses = _statuses(folder, metadata)
+    except KeyboardInterrupt:
+        return 130
 
 
 def add_sweep_commands(nouns) -> None:
@@ -182,7 +338,7 @@ def add_sweep_commands(nouns) -> None:
         "sweep", help="run studies (search, ablation, sensitivity) on Ray Tune"
     )
     verbs = sweep.add_subparsers(
-        dest="verb", metavar="{launch,resume,extend,status}", required=True
+        dest="verb", metavar="{launch,resume,extend,status,watch}", required=True
     )
 
     launch = verbs.add_parser(
@@ -204,6 +360,13 @@ def add_sweep_commands(nouns) -> None:
     )
     launch.add_argument(
         "--name", help="experiment name (default: the study's name); must be new, not empty"
+    )
+    launch.add_argument(
+        "--optuna-storage",
+        metavar="URL",
+        help="an optuna-tpe search's Optuna study (named as the experiment) goes to this RDB "
+        "URL, e.g. postgresql://user@host/db (default: sqlite:///EXPERIMENT/optuna.db); "
+        "`optuna-dashboard URL` shows it live. Recorded in the experiment for resume and extend",
     )
     _storage_argument(launch)
     _address_argument(launch)
@@ -245,6 +408,22 @@ def add_sweep_commands(nouns) -> None:
     status.add_argument("--json", action="store_true", help="print the runs as JSON")
     _storage_argument(status)
     status.set_defaults(handler=_status)
+
+    watch = verbs.add_parser(
+        "watch",
+        help="a live table of an experiment's runs, until it ends (no cluster needed)",
+        description="Re-read an experiment folder every --interval seconds and redraw its runs: "
+        "state, epoch (s1:E/N for a shared stage 1 being trained or waited for), best study "
+        "metric, ETA at the run's rate so far; then the best so far. Works from any machine that "
+        "sees the storage; exits 0 once no run is pending or running, 130 on Ctrl-C.",
+    )
+    watch.add_argument("name", help="experiment name")
+    watch.add_argument(
+        "--interval", type=float, default=5.0, metavar="SECONDS", help="seconds between reads"
+    )
+    watch.add_argument("--once", action="store_true", help="draw the table once and exit")
+    _storage_argument(watch)
+    watch.set_defaults(handler=_watch)
 
 
 if __name__ == "__main__":  # pragma: no cover

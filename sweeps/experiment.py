@@ -14,12 +14,14 @@ An experiment lives in ``<storage>/<name>/``; Ray Tune keeps its own state files
 
 ``trial.json`` records the provenance of one run (config, seed, code revision, package versions,
 dataset hash, host) and ``status.json`` its state (``running``, ``finished``, ``failed``), with
-each attempt and where it resumed from. Everything here is plain JSON so ``diffcom sweep status``
+each attempt and where it resumed from, and the key of the shared stage-1 run it uses (written
+before it waits for or trains it, so the listing can show that run's progress). Everything here is plain JSON so ``diffcom sweep status``
 and :mod:`analysis` work without a cluster, on a folder copied to another machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -33,12 +35,17 @@ from typing import Any
 
 from core import store
 from core.store import (
+    CONFIG,
+    EVENTS,
     EXPERIMENT,
     METRICS,
     PLAN,
     RESULTS,
     RUNS_DIR,
+    STAGE1_DIR,
+    STAGE1_RUN,
     STATUS,
+    TRIAL,
     StoreError,
     default_storage,
     describe_json,
@@ -46,13 +53,17 @@ from core.store import (
 
 __all__ = [
     "EXPERIMENT_FILE",
+    "OPTUNA_DB",
     "PLAN_FILE",
     "ExperimentError",
+    "Stage1Progress",
     "TrialStatus",
     "check_name",
     "code_revision",
+    "eta_seconds",
     "default_storage",
     "experiment_dir",
+    "optuna_storage_url",
     "package_versions",
     "read_experiment",
     "read_json",
@@ -64,6 +75,8 @@ __all__ = [
 
 EXPERIMENT_FILE = EXPERIMENT.file
 PLAN_FILE = PLAN.file
+#: The default Optuna storage of a search: a SQLite file in the experiment folder.
+OPTUNA_DB = "optuna.db"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _PACKAGES = (
     "diffusioncom-sweeps",
@@ -119,6 +132,29 @@ def _storage_folder(path: Path, given: str) -> Path:
     if path.exists() and not path.is_dir():
         raise ExperimentError(f"{given}: {path} is a file, not a folder; give a storage folder")
     return path
+
+
+def optuna_storage_url(folder: Path, given: str | None = None) -> str:
+    """The Optuna storage (an RDB URL) of a search experiment in ``folder``.
+
+    Args:
+        folder: the experiment folder (absolute: trials change directory).
+        given: ``--optuna-storage``, or ``None`` for ``sqlite:///<folder>/optuna.db``. Only the
+            search's driver writes to it, so SQLite's single writer is enough; a database server
+            (``postgresql://...``) lets ``optuna-dashboard`` run on another machine.
+
+    Raises:
+        ExperimentError: ``given`` is empty or not a ``SCHEME://...`` URL.
+    """
+    if given is None:
+        return f"sqlite:///{Path(folder) / OPTUNA_DB}"
+    scheme, separator, rest = given.partition("://")
+    if not separator or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) or not rest.strip():
+        raise ExperimentError(
+            f"--optuna-storage {given!r}: expected a database URL such as "
+            "sqlite:////abs/path/optuna.db or postgresql://user@host/db"
+        )
+    return given
 
 
 def check_name(name: str) -> str:
@@ -199,6 +235,7 @@ _EXPERIMENT_TYPES = {
     "parents": (list, "a list of experiment folders"),
     "launch_overrides": (list, "a list of KEY=VALUE"),
     "resources": (dict, "an object"),
+    "optuna_storage": (str, "a database URL"),
 }
 
 
@@ -274,6 +311,29 @@ def now() -> str:
 
 
 @dataclass(frozen=True)
+class Stage1Progress:
+    """The shared stage-1 run (:mod:`sweeps.stage1`) a running run's trial trains or waits for.
+
+    Attributes:
+        key: its key: the run folder is ``stage1/<key>/run/``.
+        training: whether this run's trial trains it (``False``: another trial does, and this one
+            waits for its lock).
+        epoch: its last finished epoch, or ``None`` before the first.
+        epochs: the stage-1 epochs it trains, or ``None`` when the run does not say.
+        heartbeat: when it last finished an epoch (its ``metrics.jsonl`` was last written; before
+            the first epoch, when its trainer took the lock), UTC, ISO 8601; ``None`` before that.
+        seconds_per_epoch: its mean training seconds per epoch so far, or ``None``.
+    """
+
+    key: str
+    training: bool
+    epoch: int | None = None
+    epochs: int | None = None
+    heartbeat: str | None = None
+    seconds_per_epoch: float | None = None
+
+
+@dataclass(frozen=True)
 class TrialStatus:
     """One run's state as read from its folder.
 
@@ -288,7 +348,14 @@ class TrialStatus:
         test: test MRR and Hits@1 under the clean protocol once finished.
         error: the failure reason.
         attempts: how many times the run was started.
-        heartbeat: when a running run last finished an epoch (UTC, ISO 8601).
+        heartbeat: when a running run last finished an epoch (UTC, ISO 8601); while it trains or
+            waits for a shared stage 1, when that stage-1 run last did.
+        best: the best study metric of any epoch so far (``mode`` of :func:`read_statuses`), or
+            the finished run's metric.
+        planned: ``(stage-1 epochs, stage-2 epochs)`` of a running run's config, or ``None``.
+        seconds_per_epoch: a running run's wall seconds per epoch in its current attempt
+            (evaluation included; training seconds alone after its first epoch), or ``None``.
+        stage1: the shared stage-1 run a running run is training or waiting for, or ``None``.
     """
 
     name: str
@@ -300,6 +367,32 @@ class TrialStatus:
     error: str | None = None
     attempts: int = 0
     heartbeat: str | None = None
+    best: float | None = None
+    planned: tuple[int, int] | None = None
+    seconds_per_epoch: float | None = None
+    stage1: Stage1Progress | None = None
+
+
+def eta_seconds(status: TrialStatus) -> float | None:
+    """Seconds until a running run's last planned epoch, at its rate so far; ``None`` if unknown.
+
+    A run on stage 2 has ``stage2 - epoch`` epochs left, one still on its own stage 1 also the
+    rest of stage 1. A run training or waiting for a shared stage 1 gets that stage 1's time left
+    (its stage 2 has no rate yet). Early stopping can end a run sooner.
+    """
+    if status.state != "running":
+        return None
+    if status.stage1 is not None:
+        progress = status.stage1
+        if progress.epochs is None or progress.seconds_per_epoch is None:
+            return None
+        return max(progress.epochs - (progress.epoch or 0), 0) * progress.seconds_per_epoch
+    if status.planned is None or status.epochs is None or status.seconds_per_epoch is None:
+        return None
+    stage1_epochs, stage2_epochs = status.planned
+    stage, epoch = status.epochs
+    left = stage2_epochs - epoch if stage == 2 else stage1_epochs - epoch + stage2_epochs
+    return max(left, 0) * status.seconds_per_epoch
 
 
 def _process_alive(pid: int) -> bool:
@@ -312,13 +405,17 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def read_statuses(path: Path, metric: str, planned: list[str] = ()) -> list[TrialStatus]:
+def read_statuses(
+    path: Path, metric: str, planned: list[str] = (), mode: str = "max"
+) -> list[TrialStatus]:
     """The state of every run under ``path/runs`` plus planned runs not started yet.
 
     A damaged ``status.json`` or ``results.json`` (not JSON, or JSON of the wrong shape) makes
     that run ``failed`` with the reason, naming the file; it never stops the listing. Lines of
-    ``metrics.jsonl`` that are not epoch records (cut by a kill) are skipped.
+    ``metrics.jsonl`` that are not epoch records (cut by a kill) are skipped. ``mode`` (``max``
+    or ``min``) says which value of ``metric`` is the best.
     """
+    pick = max if mode == "max" else min
     runs_root = Path(path) / RUNS_DIR
     found: dict[str, TrialStatus] = {}
     for status_file in sorted(runs_root.glob(f"**/{STATUS.file}")):
@@ -346,11 +443,13 @@ def read_statuses(path: Path, metric: str, planned: list[str] = ()) -> list[Tria
         except StoreError as error:
             found[name] = TrialStatus(name, "failed", error=str(error))
             continue
-        for line in records:
-            if isinstance(line.value, dict):
-                epochs = (line.value.get("stage"), line.value.get("epoch"))
-                if _is_number(line.value.get(metric)):
-                    value = line.value[metric]
+        records = [line.value for line in records if isinstance(line.value, dict)]
+        values = []
+        for record in records:
+            epochs = (record.get("stage"), record.get("epoch"))
+            if _is_number(record.get(metric)):
+                value = record[metric]
+                values.append(value)
         results_file = run / RESULTS.file
         if state == "finished" and results_file.is_file():
             try:
@@ -361,10 +460,21 @@ def read_statuses(path: Path, metric: str, planned: list[str] = ()) -> list[Tria
                     "mrr": _measure(results, results_file, "test", "clean", "mrr"),
                     "hits@1": _measure(results, results_file, "test", "clean", "hits@1"),
                 }
+                values = [value]  # the selected weights are the run's result
             except ExperimentError as error:
                 state, status["error"] = "failed", f"unreadable results: {error}"
         attempts = status.get("attempts", [])
         last_attempt = attempts[-1] if attempts and isinstance(attempts[-1], dict) else {}
+        heartbeat = status.get("heartbeat") or last_attempt.get("started")
+        running = {}
+        if state == "running":
+            running = {
+                "planned": _planned_epochs(run),
+                "seconds_per_epoch": _seconds_per_epoch(last_attempt, heartbeat, records),
+                "stage1": _stage1_progress(Path(path), status.get("stage1")),
+            }
+            if running["stage1"] is not None and running["stage1"].heartbeat is not None:
+                heartbeat = running["stage1"].heartbeat
         found[name] = TrialStatus(
             name,
             state,
@@ -374,11 +484,102 @@ def read_statuses(path: Path, metric: str, planned: list[str] = ()) -> list[Tria
             test=test,
             error=status.get("error"),
             attempts=len(attempts),
-            heartbeat=status.get("heartbeat") or last_attempt.get("started"),
+            heartbeat=heartbeat,
+            best=pick(values) if values else None,
+            **running,
         )
     for name in planned:
         found.setdefault(name, TrialStatus(name, "pending"))
     return [found[name] for name in sorted(found)]
+
+
+def _planned_epochs(run: Path) -> tuple[int, int] | None:
+    """``(stage1_epochs, stage2_epochs)`` from the run's ``trial.json`` (written before stage 1
+    starts) or ``config.json``; ``None`` when neither says."""
+    for file, inside in ((TRIAL, ("config",)), (CONFIG, ())):
+        try:
+            found: Any = store.read_json(run / file.file, file)
+        except StoreError:
+            continue
+        for key in (*inside, "train"):
+            found = found.get(key) if isinstance(found, dict) else None
+        if isinstance(found, dict):
+            stage1, stage2 = found.get("stage1_epochs"), found.get("stage2_epochs")
+            if isinstance(stage1, int) and isinstance(stage2, int):
+                return stage1, stage2
+    return None
+
+
+def _seconds_per_epoch(attempt: dict, heartbeat: str | None, records: list[dict]) -> float | None:
+    """Wall seconds per epoch of this attempt: from its first epoch to its last heartbeat over
+    the epochs between (``status.json``: ``first_epoch``, ``epochs`` of the attempt); with one
+    epoch only, its training seconds; ``None`` before the first epoch."""
+    first, done = attempt.get("first_epoch"), attempt.get("epochs")
+    if isinstance(first, str) and heartbeat and isinstance(done, int) and done >= 2:
+        seconds = _seconds_between(first, heartbeat)
+        if seconds is not None and seconds > 0:
+            return seconds / (done - 1)
+    return _mean_train_seconds(records[-1:])
+
+
+def _mean_train_seconds(records: list[dict]) -> float | None:
+    seconds = [r["train_seconds"] for r in records if _is_number(r.get("train_seconds"))]
+    return sum(seconds) / len(seconds) if seconds else None
+
+
+def _seconds_between(start: str, end: str) -> float | None:
+    try:
+        began = datetime.datetime.fromisoformat(start)
+        ended = datetime.datetime.fromisoformat(end)
+        return (ended - began).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+def _stage1_progress(experiment: Path, recorded: Any) -> Stage1Progress | None:
+    """The shared stage-1 run a running run waits for, from ``status.json``'s ``stage1``.
+
+    :mod:`sweeps.trial` records ``{"key", "trial", "epochs"}`` before it asks for the stage-1
+    checkpoint and adds ``checkpoint`` once it has it: only a record without a checkpoint is
+    progress to show.
+    """
+    if not isinstance(recorded, dict) or "checkpoint" in recorded:
+        return None
+    key = recorded.get("key")
+    if not isinstance(key, str) or not key or "/" in key or key.startswith("."):
+        return None
+    folder = experiment / STAGE1_DIR / key
+    records = []
+    metrics_file = folder / STAGE1_RUN / METRICS.file
+    with contextlib.suppress(StoreError):
+        records = [
+            line.value
+            for line in store.read_jsonl(metrics_file, METRICS).lines
+            if isinstance(line.value, dict) and line.value.get("stage") == 1
+        ]
+    trainer = None
+    with contextlib.suppress(StoreError):
+        for line in store.read_jsonl(folder / EVENTS.file, EVENTS).lines:
+            if isinstance(line.value, dict) and line.value.get("event") == "training":
+                trainer = line.value.get("trial")
+    heartbeat = None
+    for file in (metrics_file, folder / EVENTS.file):
+        with contextlib.suppress(OSError):
+            stamp = file.stat().st_mtime
+            heartbeat = datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            )
+            break
+    epoch = records[-1].get("epoch") if records else None
+    epochs = recorded.get("epochs")
+    return Stage1Progress(
+        key,
+        training=trainer is not None and trainer == recorded.get("trial"),
+        epoch=epoch if isinstance(epoch, int) else None,
+        epochs=epochs if isinstance(epochs, int) else None,
+        heartbeat=heartbeat,
+        seconds_per_epoch=_mean_train_seconds(records),
+    )
 
 
 # The keys of status.json the listing shows, and their types when present.

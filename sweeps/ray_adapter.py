@@ -36,6 +36,7 @@ from sweeps.experiment import (
     code_revision,
     experiment_dir,
     now,
+    optuna_storage_url,
     package_versions,
     read_experiment,
     read_json_object,
@@ -74,6 +75,7 @@ def launch(
     name: str | None = None,
     storage: str | Path | None = None,
     address: str | None = None,
+    optuna_storage: str | None = None,
     verbose: int = 1,
 ) -> Path:
     """Run a study as a new experiment ``<storage>/<name>``; returns the experiment folder.
@@ -86,10 +88,33 @@ def launch(
         name: the experiment name (default: the study's name); an existing one is refused.
         storage: a path every node sees, or ``file://`` URI (default :func:`default_storage`).
         address: a running Ray cluster to join; ``None`` starts a local Ray on this machine.
+        optuna_storage: where an Optuna search keeps its Optuna study (named as the experiment):
+            an RDB URL, default ``sqlite:///<experiment>/optuna.db`` (see
+            :func:`~sweeps.experiment.optuna_storage_url`); refused for other studies.
         verbose: Tune's console verbosity (0-3).
     """
     study = load_study(study_path, overrides)  # every check before Ray starts
-    return _launch(study, name, resolve_storage(storage), address, verbose=verbose)
+    if optuna_storage is not None:
+        if not _uses_optuna(study):
+            what = f"{study.search.algorithm} search" if study.search else f"{study.kind} study"
+            article = "an" if what[0] in "aeiou" else "a"
+            raise ExperimentError(
+                f"--optuna-storage: {study.path} is not an optuna-tpe search ({article} {what}); "
+                "only such a search has an Optuna study"
+            )
+        optuna_storage_url(Path("."), optuna_storage)  # a malformed URL, refused here
+    return _launch(
+        study,
+        name,
+        resolve_storage(storage),
+        address,
+        optuna_storage=optuna_storage,
+        verbose=verbose,
+    )
+
+
+def _uses_optuna(study: Study) -> bool:
+    return study.kind == "search" and study.search.algorithm == "optuna-tpe"
 
 
 def _launch(
@@ -101,9 +126,13 @@ def _launch(
     parents: tuple[Path, ...] = (),
     history: list[tuple[dict, float]] = (),
     extension: dict | None = None,
+    optuna_storage: str | None = None,
     verbose: int = 1,
 ) -> Path:
     folder = experiment_dir(storage_root, check_name(name or study.name), must_exist=False)
+    optuna_url = optuna_storage_url(folder, optuna_storage) if _uses_optuna(study) else None
+    if optuna_storage is not None:
+        _check_new_optuna_study(optuna_url, folder.name)
     _start_ray(address)
     _check_storage_visible(storage_root)
 
@@ -136,9 +165,10 @@ def _launch(
             "code": code_revision(),
             "packages": package_versions(),
             "cluster_resources": _cluster_resources(),
+            **({"optuna_storage": optuna_url} if optuna_url else {}),
         },
     )
-    tuner = _tuner(study, folder, plan, list(history), verbose)
+    tuner = _tuner(study, folder, plan, list(history), verbose, optuna_url)
     _fit(tuner)
     return folder
 
@@ -205,7 +235,9 @@ def extend(
     """Add trials to a finished study as a new experiment linked to ``name`` (left untouched).
 
     A search gets ``samples`` more points (an Optuna searcher is warm-started with every finished
-    point of the old experiment); an ablation, sensitivity or grid study gets its cells on the new
+    point of the old experiment: every completed trial of its Optuna study when that can be read,
+    its own warm start included, else the finished runs of its folder); the new Optuna study
+    goes to the old one's storage when that was a ``--optuna-storage`` URL. An ablation, sensitivity or grid study gets its cells on the new
     ``seeds``. The overrides the old experiment was launched with (``--set``) apply again. Stage-1
     checkpoints of the old experiment are reused, read-only.
     """
@@ -226,12 +258,20 @@ def extend(
     if study.kind == "search" and study.search.algorithm != "grid":
         if not samples or samples < 1 or seeds:
             raise ExperimentError(f"{name!r} is a search: extend it with --samples N (N >= 1)")
-        history = _finished_points(old, metadata)
+        history = _completed_in_optuna(metadata)
+        warm_start_from = "optuna" if history is not None else "runs"
+        if history is None:
+            history = _finished_points(old, metadata)
         # A new searcher seed, so a random search does not draw the old points again.
         searcher_seed = study.search.seed + 1 + len(metadata.get("parents", []))
         search = dataclasses.replace(study.search, num_samples=samples, seed=searcher_seed)
         study = dataclasses.replace(study, search=search)
-        extension = {"samples": samples, "searcher_seed": searcher_seed, "warm_start": len(history)}
+        extension = {
+            "samples": samples,
+            "searcher_seed": searcher_seed,
+            "warm_start": len(history),
+            "warm_start_from": warm_start_from,
+        }
     else:
         if not seeds or samples:
             raise ExperimentError(
@@ -250,6 +290,7 @@ def extend(
         parents=(*[Path(p) for p in metadata.get("parents", [])], old),
         history=history,
         extension=extension,
+        optuna_storage=_shared_optuna_storage(old, metadata),
         verbose=verbose,
     )
 
@@ -391,7 +432,14 @@ def _trial_id() -> str:
 # -------------------------------------------------------------------------------- Tune set-up
 
 
-def _tuner(study: Study, folder: Path, plan: dict, history: list, verbose: int):
+def _tuner(
+    study: Study,
+    folder: Path,
+    plan: dict,
+    history: list,
+    verbose: int,
+    optuna_storage: str | None = None,
+):
     from ray import tune
 
     resources = study.resources
@@ -412,12 +460,16 @@ def _tuner(study: Study, folder: Path, plan: dict, history: list, verbose: int):
         search = study.search
         tune_config.num_samples = search.num_samples
         if search.algorithm == "optuna-tpe":
-            from ray.tune.search.optuna import OptunaSearch
+            from optuna.storages import RDBStorage
 
-            tune_config.search_alg = OptunaSearch(
+            tune_config.search_alg = _optuna_search_class()(
                 metric=study.metric,
                 mode=study.mode,
                 seed=search.seed,
+                # The study lives in an RDB (optuna-dashboard shows it live), named as the
+                # experiment; only this driver writes to it.
+                storage=RDBStorage(optuna_storage or optuna_storage_url(folder)),
+                study_name=folder.name,
                 points_to_evaluate=[point for point, _ in history] or None,
                 evaluated_rewards=[value for _, value in history] or None,
             )
@@ -616,3 +668,96 @@ def _finished_points(folder: Path, metadata: dict) -> list[tuple[dict, float]]:
         if values and point is not None and len(values) == len(metadata["seeds"]):
             points.append((point, sum(values) / len(values)))
     return points
+
+
+# ------------------------------------------------------------------------ Optuna's own storage
+
+
+def _finished_runs_optuna_search():
+    """Ray's ``OptunaSearch``, except that a trial completes in Optuna only when all its runs did.
+
+    Tune hands the searcher a trial's last result when it ends, and Ray's searcher tells Optuna
+    that value as a completed trial even when ASHA stopped the trial mid-way: its RDB study (and
+    a warm start read from it) would mix partial values with finished ones. Here a trial whose
+    last result is not the final report of its last run (:func:`sweeps.trial.run_trial`) is told
+    as pruned (its epochs stay as intermediate values), or failed after an error.
+    """
+    from ray.tune.search.optuna import OptunaSearch
+
+    class _FinishedRunsOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error=False):
+            finished = (
+                result is not None
+                and result.get("final") is True
+                and result.get("runs_finished") == result.get("runs")
+            )
+            super().on_trial_complete(trial_id, result if finished else None, error)
+
+    # Named as a module attribute (see __getattr__ below), so pickle can find it again.
+    _FinishedRunsOptunaSearch.__module__ = __name__
+    _FinishedRunsOptunaSearch.__qualname__ = "_FinishedRunsOptunaSearch"
+    return _FinishedRunsOptunaSearch
+
+
+def _optuna_search_class():
+    """The searcher class, built once (see :func:`_finished_runs_optuna_search`)."""
+    if "_FinishedRunsOptunaSearch" not in globals():
+        globals()["_FinishedRunsOptunaSearch"] = _finished_runs_optuna_search()
+    return globals()["_FinishedRunsOptunaSearch"]
+
+
+def __getattr__(name: str):
+    # The searcher class subclasses Ray's, so it is built when first used, not when this module
+    # is imported (the CLI imports it without Ray). Tune pickles the searcher in its experiment
+    # state; pickle finds the class here by name when `resume` restores it.
+    if name == "_FinishedRunsOptunaSearch":
+        return _optuna_search_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_new_optuna_study(url: str, name: str) -> None:
+    """Refuse a ``--optuna-storage`` that already holds a study of this name (its trials would
+    mix with the new experiment's) or that cannot be opened; before Ray starts."""
+    import optuna
+
+    try:
+        names = optuna.study.get_all_study_names(storage=url)
+    except Exception as error:  # a bad URL, a missing driver, an unreachable server
+        raise ExperimentError(
+            f"--optuna-storage {url}: cannot open it ({type(error).__name__}: {error})"
+        ) from None
+    if name in names:
+        raise ExperimentError(
+            f"--optuna-storage {url} already holds an Optuna study named {name!r}; launch under "
+            "another --name, or delete that study (optuna delete-study)"
+        )
+
+
+def _shared_optuna_storage(folder: Path, metadata: dict) -> str | None:
+    """The ``--optuna-storage`` URL an experiment was launched with, for its extension; ``None``
+    when it used the default (the extension gets its own SQLite file)."""
+    url = metadata.get("optuna_storage")
+    return url if url and url != optuna_storage_url(folder) else None
+
+
+def _completed_in_optuna(metadata: dict) -> list[tuple[dict, float]] | None:
+    """``(params, value)`` of every completed trial of an experiment's Optuna study, or ``None``
+    when it has none that can be read (launched before studies were stored, or the file is gone):
+    then the run folders tell. Nothing is written to the old storage."""
+    url = metadata.get("optuna_storage")
+    if not url:
+        return None
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        return None  # opening it would create an empty database in the old experiment
+    import optuna
+
+    try:
+        storage = optuna.storages.RDBStorage(
+            url, skip_table_creation=True, skip_compatibility_check=True
+        )
+        study = optuna.load_study(study_name=metadata["name"], storage=storage)
+        trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    except Exception as error:  # no such study, an unreachable server: the folders still tell
+        print(f"note: reading the Optuna study in {url} failed ({error}); using the run folders")
+        return None
+    return [(dict(trial.params), trial.value) for trial in trials]

@@ -35,7 +35,7 @@ from sweeps.experiment import (
     read_json_object,
     write_json,
 )
-from sweeps.stage1 import STAGE1_DIR, Stage1Store
+from sweeps.stage1 import STAGE1_DIR, Stage1Store, stage1_key
 
 __all__ = ["NON_FINITE", "RunSpec", "TrialFailed", "flatten_results", "run_trial"]
 
@@ -135,6 +135,10 @@ def run_trial(
             if is_main:
                 status["heartbeat"] = now()
                 status["last_epoch"] = [record["stage"], record["epoch"]]
+                # The attempt's epoch rate, for the ETA of `diffcom sweep watch`.
+                attempt = status["attempts"][-1]
+                attempt.setdefault("first_epoch", status["heartbeat"])
+                attempt["epochs"] = attempt.get("epochs", 0) + 1
                 write_json(run_dir / STATUS.file, status)
             report(epoch_report(record))
 
@@ -147,6 +151,15 @@ def run_trial(
         try:
             stage1 = None
             if resumed_from is None:
+                # Recorded before waiting for or training the shared stage 1, so `status` and
+                # `watch` show that stage-1 run's progress instead of a run that looks hung.
+                status["stage1"] = {
+                    "key": stage1_key(spec.config),
+                    "trial": trial,
+                    "epochs": spec.config.train.stage1_epochs,
+                }
+                if is_main:
+                    write_json(status_file, status)
                 stage1 = store.obtain(
                     spec.config,
                     lambda config, folder: train(
@@ -162,6 +175,8 @@ def run_trial(
                     "checkpoint": str(stage1.checkpoint),
                     "train_seconds": stage1.train_seconds,
                 }
+                if is_main:
+                    write_json(status_file, status)
                 print(
                     f"[{trial}] stage 1 {'trained' if stage1.trained_here else 'reused'}: "
                     f"{stage1.checkpoint} (key {stage1.key}, {stage1.train_seconds:.1f} s of training)",

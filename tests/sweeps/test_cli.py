@@ -1,5 +1,12 @@
 """``diffcom sweep`` arguments and output, without Ray (the Ray runs: ``test_ray_adapter.py``)."""
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +37,13 @@ def test_launch_passes_the_sets_to_the_adapter(tmp_path, monkeypatch):
     assert calls == [
         (
             "s.yaml",
-            {"overrides": ("a.b=1", "c.d=two"), "name": "x", "storage": None, "address": None},
+            {
+                "overrides": ("a.b=1", "c.d=two"),
+                "name": "x",
+                "storage": None,
+                "address": None,
+                "optuna_storage": None,
+            },
         )
     ]
 
@@ -210,3 +223,118 @@ def test_a_study_without_seeds_says_it_trains_seed_0(tmp_path, capsys, monkeypat
     )
     assert main(["sweep", "launch", str(study)]) == 0
     assert "seeds" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ sweep watch
+
+
+def _running(folder: Path, run: str, epochs: int) -> Path:
+    """A run marked running by this (live) process, with ``epochs`` stage-2 epochs done."""
+    path = folder / "runs" / run
+    write_json(
+        path / "status.json",
+        {"state": "running", "host": socket.gethostname(), "pid": os.getpid()},
+    )
+    (path / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"stage": 2, "epoch": e, "train_seconds": 30.0, "valid.clean.mrr": 0.1 * e})
+            + "\n"
+            for e in range(1, epochs + 1)
+        )
+    )
+    write_json(path / "trial.json", {"config": {"train": {"stage1_epochs": 2, "stage2_epochs": 6}}})
+    return path
+
+
+def test_watch_once_draws_the_table_and_exits(tmp_path, capsys):
+    folder = _experiment(tmp_path)
+    _running(folder, "ablation/full/seed-0", epochs=2)
+    argv = ["sweep", "watch", "exp", "--once", "--storage", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[2J" not in out  # not a terminal: plain tables, no screen clearing
+    assert "runs: 1 running" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("ablation/full/seed-0")]
+    # Two of six stage-2 epochs at 30 s each: four left, two minutes.
+    assert row.split()[:5] == ["ablation/full/seed-0", "running", "2:2", "0.2000", "2m"]
+    assert "best so far: ablation/full/seed-0 valid.clean.mrr=0.2000 (an epoch" in out
+    assert "has ended" not in out
+
+
+def test_watch_of_a_search_counts_trials_tune_has_not_started(tmp_path, capsys):
+    folder = _experiment(tmp_path, "search")
+    metadata = {"name": "search", "kind": "search", "metric": "valid.clean.mrr", "mode": "max"}
+    write_json(folder / "experiment.json", {**metadata, "search": {"num_samples": 3}})
+    write_json(folder / "plan.json", {"base": {}, "space": [], "seeds": [0]})
+    run = _running(folder, "search/t1/seed-0", epochs=1)
+    write_json(run / "status.json", {"state": "finished"})
+    assert main(["sweep", "watch", "search", "--once", "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "runs: 1 finished, 2 pending" in out and "2 search trial(s) not started yet" in out
+
+
+def test_watch_exits_by_itself_once_every_run_has_finished(tmp_path, capsys, monkeypatch):
+
+    folder = _experiment(tmp_path)
+    run = _running(folder, "ablation/full/seed-0", epochs=1)
+    waiting, returned = threading.Event(), []
+    sleep = time.sleep
+
+    def noting_sleep(seconds):
+        waiting.set()  # the live table is drawn: the watch now waits for its next read
+        sleep(seconds)
+
+    def watch():
+        argv = ["sweep", "watch", "exp", "--interval", "0.05", "--storage", str(tmp_path)]
+        returned.append(main(argv))
+
+    def finish():
+        waiting.wait(timeout=60)
+        write_json(run / "status.json", {"state": "finished"})
+
+    monkeypatch.setattr(time, "sleep", noting_sleep)
+    watcher = threading.Thread(target=watch, daemon=True)
+    finisher = threading.Thread(target=finish, daemon=True)
+    watcher.start()
+    finisher.start()
+    watcher.join(timeout=60)  # generous: it takes two reads, a tenth of a second
+    assert not watcher.is_alive(), "watch did not exit after every run finished"
+    assert returned == [0]
+    out = capsys.readouterr().out
+    first, last = out.split("runs: ")[1], out.split("runs: ")[-1]
+    assert first.startswith("1 running") and last.startswith("1 finished")
+    assert out.rstrip().endswith("the experiment has ended")
+
+
+def test_watch_stops_quietly_with_130_on_ctrl_c(tmp_path, capsys, monkeypatch):
+
+    folder = _experiment(tmp_path)
+    _running(folder, "ablation/full/seed-0", epochs=1)
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", interrupted)
+    assert main(["sweep", "watch", "exp", "--storage", str(tmp_path)]) == 130
+    captured = capsys.readouterr()
+    assert "runs: 1 running" in captured.out and captured.err == ""
+
+
+def test_watch_reads_files_only_and_never_imports_ray(tmp_path):
+
+    folder = _experiment(tmp_path)
+    _running(folder, "ablation/full/seed-0", epochs=1)
+    script = (
+        "import sys; from diffcom.cli import main; "
+        f"code = main(['sweep', 'watch', 'exp', '--once', '--storage', {str(tmp_path)!r}]); "
+        "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "runs: 1 running" in done.stdout and done.stdout.rstrip().endswith("no ray")

@@ -12,6 +12,7 @@ import pytest
 from sweeps.experiment import (
     ExperimentError,
     check_name,
+    eta_seconds,
     experiment_dir,
     read_experiment,
     read_json,
@@ -236,3 +237,96 @@ def test_a_taken_name_that_is_no_experiment_gets_a_hint_that_fits(tmp_path, occu
     assert "resume" not in message and "extend" not in message  # they cannot use it
     with pytest.raises(ExperimentError, match=r"exists but has no experiment.json"):
         experiment_dir(tmp_path, "taken", must_exist=True)
+
+
+# ----------------------------------------------------------- shared stage 1, progress and ETA
+
+
+def _stage1_run(experiment, key, epochs, trained_by, mtime):
+    """A shared stage-1 folder whose run has finished ``epochs`` epochs, trained by a trial."""
+    folder = experiment / "stage1" / key
+    folder.mkdir(parents=True)
+    (folder / "events.jsonl").write_text(
+        json.dumps({"event": "training", "trial": trained_by, "precise_time": 1.0}) + "\n"
+    )
+    metrics = folder / "run" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text(
+        "".join(
+            json.dumps({"stage": 1, "epoch": e, "train_seconds": 3.0}) + "\n"
+            for e in range(1, epochs + 1)
+        )
+    )
+    os.utime(metrics, (mtime, mtime))
+
+
+def test_a_run_waiting_for_a_shared_stage1_shows_that_runs_epoch_and_heartbeat(tmp_path):
+    here, key = socket.gethostname(), "0123456789abcdef"
+    running = {"state": "running", "host": here, "pid": os.getpid()}
+    started = {"attempts": [{"started": "2030-01-01T00:00:00+00:00"}]}
+    for trial in ("a/seed-0", "b/seed-0"):
+        _run(
+            tmp_path,
+            trial,
+            {**running, **started, "stage1": {"key": key, "trial": trial, "epochs": 200}},
+        )
+    # 2030-01-01T00:05:00Z: fresher than the waiting trials' own start time.
+    _stage1_run(tmp_path, key, epochs=23, trained_by="a/seed-0", mtime=1893456300)
+    # Once the trial has its stage-1 checkpoint, its own epochs are its progress again.
+    _run(
+        tmp_path,
+        "c/seed-0",
+        {**running, "stage1": {"key": key, "checkpoint": "x/last.pt"}},
+        [{"stage": 2, "epoch": 1}],
+    )
+
+    statuses = {s.name: s for s in read_statuses(tmp_path, "valid.clean.mrr")}
+    trainer, waiting = statuses["a/seed-0"], statuses["b/seed-0"]
+    assert trainer.stage1.training and not waiting.stage1.training
+    assert waiting.state == "running" and waiting.stage1.key == key
+    assert (waiting.stage1.epoch, waiting.stage1.epochs) == (23, 200)
+    assert waiting.heartbeat == waiting.stage1.heartbeat == "2030-01-01T00:05:00+00:00"
+    assert eta_seconds(waiting) == (200 - 23) * 3.0
+    assert statuses["c/seed-0"].stage1 is None and statuses["c/seed-0"].epochs == (2, 1)
+
+
+def test_the_eta_is_the_runs_epochs_left_at_its_wall_rate_so_far(tmp_path):
+    here = socket.gethostname()
+    attempt = {"started": "2030-01-01T00:00:00+00:00", "first_epoch": "2030-01-01T00:01:00+00:00"}
+    status = {"state": "running", "host": here, "pid": os.getpid()}
+    # Four stage-2 epochs, the first at 00:01:00, the fourth at 00:01:30: 10 s an epoch.
+    _run(
+        tmp_path,
+        "a/seed-0",
+        {
+            **status,
+            "heartbeat": "2030-01-01T00:01:30+00:00",
+            "attempts": [{**attempt, "epochs": 4}],
+        },
+        [{"stage": 2, "epoch": e, "valid.clean.mrr": m} for e, m in ((1, 0.2), (3, 0.5), (4, 0.4))],
+    )
+    write_json(
+        tmp_path / "runs" / "a" / "seed-0" / "trial.json",
+        {"config": {"train": {"stage1_epochs": 5, "stage2_epochs": 10}}},
+    )
+    # One epoch so far: its training seconds are the rate; still on its own stage 1.
+    _run(
+        tmp_path,
+        "b/seed-0",
+        {**status, "attempts": [{**attempt, "epochs": 1}]},
+        [{"stage": 1, "epoch": 1, "train_seconds": 2.0}],
+    )
+    (tmp_path / "runs" / "b" / "seed-0" / "config.json").write_text(
+        json.dumps({"train": {"stage1_epochs": 5, "stage2_epochs": 10}})
+    )
+    _run(tmp_path, "c/seed-0", status)  # no epoch yet, no config: unknown
+
+    statuses = {s.name: s for s in read_statuses(tmp_path, "valid.clean.mrr", mode="max")}
+    assert statuses["a/seed-0"].planned == (5, 10)
+    assert statuses["a/seed-0"].seconds_per_epoch == 10.0
+    assert eta_seconds(statuses["a/seed-0"]) == 60.0
+    assert statuses["a/seed-0"].best == 0.5 and statuses["a/seed-0"].metric == 0.4
+    assert eta_seconds(statuses["b/seed-0"]) == (4 + 10) * 2.0
+    assert eta_seconds(statuses["c/seed-0"]) is None
+    (low,) = [s for s in read_statuses(tmp_path, "valid.clean.mrr", mode="min") if s.best == 0.2]
+    assert low.name == "a/seed-0"

@@ -448,3 +448,43 @@ def test_set_at_launch_is_recorded_and_extend_applies_it_again(tmp_path):
         "launched with: --set train.stage2_epochs=1 --set eval.official_samples=1" in status.stdout
     )
     assert "runs: 1 finished" in status.stdout
+
+
+def test_a_search_keeps_its_optuna_study_in_the_experiments_sqlite_file(tmp_path):
+    import optuna
+
+    from sweeps.experiment import read_json_object
+
+    done = _diffcom("sweep", "launch", STUDIES / "smoke-search.yaml", "--storage", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    experiment = tmp_path / "smoke-search"
+    url = f"sqlite:///{experiment}/optuna.db"
+    assert read_json(experiment / "experiment.json")["optuna_storage"] == url
+    study = optuna.load_study(study_name="smoke-search", storage=url)
+    assert len(study.trials) == 3
+    completed = sorted(
+        ((t.params, t.value) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+        key=lambda pair: json.dumps(pair[0], sort_keys=True),
+    )
+    finished = sorted(
+        (
+            (
+                read_json_object(run / "point.json"),  # without its format_version
+                read_json(run / "results.json")["valid"]["clean"]["mrr"],
+            )
+            for run in experiment.glob("runs/search/*/seed-0")
+            if _state(run) == "finished"
+        ),
+        key=lambda pair: json.dumps(pair[0], sort_keys=True),
+    )
+    # One completed Optuna trial per finished point, same params and value; ASHA's stops are
+    # pruned, not completed with a partial value.
+    assert [p for p, _ in completed] == [p for p, _ in finished] and finished
+    assert [v for _, v in completed] == pytest.approx([v for _, v in finished])
+    assert all(
+        t.state == optuna.trial.TrialState.PRUNED
+        for t in study.trials
+        if t.state != optuna.trial.TrialState.COMPLETE
+    )
+    status = _diffcom("sweep", "status", "smoke-search", "--storage", tmp_path)
+    assert f"optuna-dashboard {url}" in status.stdout

@@ -6,10 +6,14 @@ The Ray runs themselves are in ``test_ray_adapter.py`` (marked ray: the full tie
 import shutil
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState
 
+from diffcom.cli import main
 from sweeps import ray_adapter
-from sweeps.experiment import read_json
+from sweeps.experiment import ExperimentError, optuna_storage_url, read_json
 from sweeps.study import StudyError
 
 STUDIES = Path(__file__).parent / "studies"
@@ -113,3 +117,101 @@ def test_bad_launch_overrides_are_refused_before_anything_is_written(tmp_path, n
     with pytest.raises(StudyError, match=r"--set diffusion\.steps=20: the study varies"):
         ray_adapter.launch(study, overrides=("diffusion.steps=20",), storage=tmp_path / "store")
     assert not (tmp_path / "store").exists() and not no_ray
+
+
+# ------------------------------------------------------------------------ Optuna's own storage
+
+
+def test_the_optuna_storage_url_defaults_to_sqlite_in_the_experiment():
+    assert optuna_storage_url(Path("/data/exp")) == "sqlite:////data/exp/optuna.db"
+    url = "postgresql://me@db.example/optuna"
+    assert optuna_storage_url(Path("/data/exp"), url) == url
+    for bad in ("", "optuna.db", "://x", "sqlite://", "1x://y"):
+        with pytest.raises(ExperimentError, match=r"--optuna-storage .*expected a database URL"):
+            optuna_storage_url(Path("/data/exp"), bad)
+
+
+def test_a_search_records_its_optuna_storage_and_status_prints_the_dashboard(
+    tmp_path, no_ray, capsys
+):
+    storage = tmp_path / "store"
+    study = _study_copy(tmp_path, "smoke-search")
+    folder = ray_adapter.launch(study, storage=storage)
+    url = f"sqlite:///{folder}/optuna.db"
+    assert read_json(folder / "experiment.json")["optuna_storage"] == url
+    assert main(["sweep", "status", "smoke-search", "--storage", str(storage)]) == 0
+    assert f"optuna-dashboard {url}" in capsys.readouterr().out
+
+    shared = f"sqlite:///{tmp_path}/shared.db"
+    named = ray_adapter.launch(study, name="second", storage=storage, optuna_storage=shared)
+    assert read_json(named / "experiment.json")["optuna_storage"] == shared
+    # An ablation has no Optuna study: no key, and --optuna-storage is refused for it.
+    ablation = ray_adapter.launch(_study_copy(tmp_path, "smoke-sensitivity"), storage=storage)
+    assert "optuna_storage" not in read_json(ablation / "experiment.json")
+    with pytest.raises(
+        ExperimentError,
+        match=r"--optuna-storage: .*smoke-ablation.yaml is not an optuna-tpe search \(an ablation",
+    ):
+        ray_adapter.launch(
+            _study_copy(tmp_path, "smoke-ablation"),
+            name="x",
+            storage=storage,
+            optuna_storage=shared,
+        )
+
+
+def test_a_storage_that_already_holds_the_study_name_is_refused(tmp_path, no_ray):
+    shared = f"sqlite:///{tmp_path}/shared.db"
+    optuna.create_study(study_name="taken", storage=shared)
+    study = _study_copy(tmp_path, "smoke-search")
+    with pytest.raises(ExperimentError, match=r"already holds an Optuna study named 'taken'"):
+        ray_adapter.launch(study, name="taken", storage=tmp_path / "store", optuna_storage=shared)
+    assert not (tmp_path / "store" / "taken").exists()
+
+
+def test_extend_warm_starts_from_the_completed_trials_of_the_optuna_study(
+    tmp_path, no_ray, monkeypatch
+):
+    histories = []
+    monkeypatch.setattr(
+        ray_adapter, "_tuner", lambda study, folder, plan, history, *rest: histories.append(history)
+    )
+    storage = tmp_path / "store"
+    old = ray_adapter.launch(_study_copy(tmp_path, "smoke-search"), storage=storage)
+    url = read_json(old / "experiment.json")["optuna_storage"]
+    # What the searcher wrote: two completed trials and one ASHA stopped (pruned).
+    searched = optuna.create_study(study_name="smoke-search", storage=url, direction="maximize")
+    space = {
+        "diffusion.steps": IntDistribution(5, 20, step=5),
+        "loss.w_kl": FloatDistribution(0.1, 10.0, log=True),
+    }
+    for steps, w_kl, state, value in (
+        (10, 0.5, TrialState.COMPLETE, 0.3),
+        (5, 2.0, TrialState.PRUNED, None),
+        (20, 1.0, TrialState.COMPLETE, 0.4),
+    ):
+        searched.add_trial(
+            optuna.trial.create_trial(
+                params={"diffusion.steps": steps, "loss.w_kl": w_kl},
+                distributions=space,
+                state=state,
+                value=value,
+            )
+        )
+    before = {p: p.stat().st_mtime_ns for p in old.rglob("*") if p.is_file()}
+
+    new = ray_adapter.extend("smoke-search", samples=1, storage=storage)
+    extension = read_json(new / "experiment.json")["extension"]
+    assert extension["warm_start"] == 2 and extension["warm_start_from"] == "optuna"
+    assert histories[-1] == [
+        ({"diffusion.steps": 10, "loss.w_kl": 0.5}, 0.3),
+        ({"diffusion.steps": 20, "loss.w_kl": 1.0}, 0.4),
+    ]
+    assert read_json(new / "experiment.json")["optuna_storage"] == f"sqlite:///{new}/optuna.db"
+    assert {p: p.stat().st_mtime_ns for p in old.rglob("*") if p.is_file()} == before
+
+    # Without its database (a folder copied without it) the finished runs tell, as before.
+    (old / "optuna.db").unlink()
+    again = ray_adapter.extend("smoke-search", samples=1, storage=storage)
+    assert read_json(again / "experiment.json")["extension"]["warm_start_from"] == "runs"
+    assert not (old / "optuna.db").exists()  # looking for it did not create an empty one

@@ -6,8 +6,8 @@ import pytest
 
 from core.config import load_config
 from sweeps import trial as trial_module
-from sweeps.experiment import read_json, write_json
-from sweeps.stage1 import Stage1Store
+from sweeps.experiment import read_json, read_statuses, write_json
+from sweeps.stage1 import Stage1Store, stage1_key
 from sweeps.trial import NON_FINITE, RunSpec, TrialFailed, flatten_results, run_trial
 from tests.smoke import SMOKE
 
@@ -139,3 +139,22 @@ def test_flatten_results_names_split_protocol_and_measure():
         "train_seconds": 3.0,
     }
     assert json.dumps(flatten_results(results))
+
+
+def test_the_shared_stage1_key_is_recorded_before_stage1_trains(experiment, monkeypatch):
+    seen = []
+
+    def stage1_then_stop(config, folder, **options):
+        # Inside the shared stage 1: the trial's status must already point at this run.
+        (folder / "metrics.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text('{"stage": 1, "epoch": 1, "train_seconds": 1.0}\n')
+        seen.extend(read_statuses(experiment, "valid.clean.mrr"))
+        raise RuntimeError("stopped here")
+
+    monkeypatch.setattr(trial_module, "train", stage1_then_stop)
+    spec = RunSpec("ablation/full/seed-0", load_config(overrides=SMOKE))
+    with pytest.raises(TrialFailed, match="stopped here"):
+        run_trial(experiment, "ablation/full/seed-0", [spec], lambda metrics: None)
+    (status,) = seen
+    assert status.stage1.key == stage1_key(spec.config) and status.stage1.training
+    assert (status.stage1.epoch, status.stage1.epochs) == (1, spec.config.train.stage1_epochs)
