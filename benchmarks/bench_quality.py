@@ -621,25 +621,28 @@ def write_results(args, seeds, datasets, configs, models, records, began) -> Non
 
 
 def merge_results(paths: list[Path]) -> tuple[dict, dict, list[str]]:
-    """Records, configs and dataset order of several ``results.json`` (e.g. two processes that
-    each ran some datasets); a dataset in two files is an error."""
+    """Records, configs and dataset order of several ``results.json`` (e.g. processes that each ran
+    some datasets or seeds); the same dataset and seed in two files is an error."""
     records: dict = {}
     configs: dict = {}
     datasets: list[str] = []
     for path in paths:
         payload = json.loads(Path(path).read_text())
         for dataset in payload["datasets"]:
-            if dataset not in payload["records"] or not payload["records"][dataset]:
+            runs = payload["records"].get(dataset) or {}
+            if not runs:
                 continue
-            if dataset in records:
-                raise SystemExit(f"{path}: dataset {dataset} is also in an earlier results file")
-            records[dataset] = payload["records"][dataset]
-            for run in records[dataset].values():  # the rule of this code, not of the run's
-                for ours in run["ours"].values():
+            if dataset not in records:
+                records[dataset] = {}
+                datasets.append(dataset)
+            for seed, run in runs.items():
+                if seed in records[dataset]:
+                    raise SystemExit(f"{path}: {dataset} seed {seed} is also in an earlier file")
+                for ours in run["ours"].values():  # the rule of this code, not of the run's
                     if "epochs_log" in ours:
                         ours["stability"] = stability(ours["epochs_log"])
-            configs[dataset] = payload["our_configs"].get(dataset, {})
-            datasets.append(dataset)
+                records[dataset][seed] = run
+            configs.setdefault(dataset, payload["our_configs"].get(dataset, {}))
     return records, configs, datasets
 
 
