@@ -66,6 +66,7 @@ __all__ = [
     "optuna_storage_url",
     "package_versions",
     "read_experiment",
+    "runs_alive_on_this_host",
     "read_json",
     "read_json_object",
     "read_statuses",
@@ -403,6 +404,32 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def runs_alive_on_this_host(path: Path) -> list[tuple[str, int]]:
+    """``(run, pid)`` of every run under ``path/runs`` whose ``status.json`` says it is running in
+    a process of this host that still exists.
+
+    A driver killed outright can leave its Ray workers training (they run in their own process
+    groups); resuming then would train those runs twice into the same folders.
+    """
+    runs_root = Path(path) / RUNS_DIR
+    alive = []
+    for status_file in sorted(runs_root.glob(f"**/{STATUS.file}")):
+        try:
+            status = _checked_status(status_file)
+        except ExperimentError:
+            continue  # damaged: the listing reports it; it is no live process either way
+        pid = status.get("pid")
+        if (
+            status.get("state", "running") == "running"
+            and status.get("host") == socket.gethostname()
+            and isinstance(pid, int)
+            and pid != os.getpid()
+            and _process_alive(pid)
+        ):
+            alive.append((status_file.parent.relative_to(runs_root).as_posix(), pid))
+    return alive
 
 
 def read_statuses(

@@ -41,6 +41,7 @@ from sweeps.experiment import (
     read_experiment,
     read_json_object,
     resolve_storage,
+    runs_alive_on_this_host,
     write_json,
 )
 from sweeps.stage1 import interleave_by_stage1
@@ -201,10 +202,20 @@ def resume(
     Tune's console verbosity comes back with the rest of the saved run settings. Trials read their
     configs from the experiment's ``plan.json``, so launch overrides (``--set``) hold as launched.
     """
-    from ray import tune
-
     folder = experiment_dir(resolve_storage(storage), name, must_exist=True)
     metadata = read_experiment(folder, required=("resources",))
+    alive = runs_alive_on_this_host(folder)
+    if alive:
+        shown = ", ".join(f"{run} (pid {pid})" for run, pid in alive[:3])
+        more = f" and {len(alive) - 3} more" if len(alive) > 3 else ""
+        raise ExperimentError(
+            f"{folder}: still being trained by processes of this host: {shown}{more} (workers "
+            "of a driver that was killed keep running); resuming now would train them twice in "
+            "the same folders: wait for them to end, or stop them (kill PID), then resume"
+        )
+
+    from ray import tune
+
     if not tune.Tuner.can_restore(str(folder)):
         raise ExperimentError(
             f"{folder}: Ray Tune never saved its state here (the launch stopped before the first "

@@ -3,6 +3,7 @@
 The Ray runs themselves are in ``test_ray_adapter.py`` (marked ray: the full tier).
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -215,3 +216,28 @@ def test_extend_warm_starts_from_the_completed_trials_of_the_optuna_study(
     again = ray_adapter.extend("smoke-search", samples=1, storage=storage)
     assert read_json(again / "experiment.json")["extension"]["warm_start_from"] == "runs"
     assert not (old / "optuna.db").exists()  # looking for it did not create an empty one
+
+
+def test_resume_refuses_while_a_killed_drivers_worker_still_trains_a_run(tmp_path, no_ray):
+    """A worker outliving its killed driver still writes its run: resuming would train it twice."""
+    import socket
+    import subprocess
+    import sys
+
+    study = _study_copy(tmp_path, "smoke-sensitivity")
+    folder = ray_adapter.launch(study, overrides=SETS, storage=tmp_path / "store")
+    run = folder / "runs" / "cell" / "seed-0"
+    run.mkdir(parents=True)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        status = {"state": "running", "host": socket.gethostname(), "pid": worker.pid}
+        (run / "status.json").write_text(json.dumps(status))
+        with pytest.raises(ExperimentError, match=rf"cell/seed-0 \(pid {worker.pid}\)"):
+            ray_adapter.resume(folder.name, storage=tmp_path / "store")
+    finally:
+        worker.kill()
+        worker.wait()
+    # Once that process is gone the run is merely interrupted, and resume goes on to Ray Tune's
+    # saved state (which this stubbed launch never wrote).
+    with pytest.raises(ExperimentError, match="never saved its state"):
+        ray_adapter.resume(folder.name, storage=tmp_path / "store")
