@@ -33,6 +33,18 @@ TINY = [
     "train.batch_size=512",  # Nations has 909 training queries: two steps
     "eval.batch_size=1024",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Bitwise equality needs one reduction order: with several intra-op threads, CPU kernels may
+    sum in another order from run to run (module scope: the reference run must use it too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Keys whose only other values break a rule across keys: what to set with them.
 _ALTERNATIVES = {
     "diffusion.reverse": ["diffusion.reverse=residual", "diffusion.target=epsilon"],
