@@ -1,7 +1,6 @@
 """analysis package: tables, figures and reports from experiment folders on disk.
 
-It reads files only (of ``core`` it imports the format, :mod:`core.store`, and nothing else; never
-``ray`` or torch), so it works on an experiment folder copied to another machine.
+It reads files only (through the format, :mod:`runstore`; never ``core``, ``ray`` or torch), so it works on an experiment folder copied to another machine.
 
 * :mod:`analysis.load` turns experiment folders into one tidy pandas frame, and every run's
   ``metrics.jsonl`` into a per-epoch frame of learning curves.

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.store import EXPERIMENT, default_storage
+from runstore import EXPERIMENT, default_storage
 
 __all__ = ["add_report_command"]
 

@@ -1,5 +1,5 @@
-"""Experiment folders → one tidy pandas frame (files only: of ``core`` only the format,
-:mod:`core.store`; no ``ray``).
+"""Experiment folders → one tidy pandas frame (files only, through the format
+:mod:`runstore`; no ``core``, no ``ray``).
 
 One row per run × split × protocol. A finished run (``results.json``) gives rows for ``valid`` and
 ``test`` under each protocol it reports: ``clean`` (the deterministic, label-free protocol models
@@ -41,8 +41,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from core import store
-from core.store import (
+import runstore as store
+from runstore import (
     CONFIG,
     EXPERIMENT,
     METRICS,
@@ -108,7 +108,7 @@ class AnalysisError(StoreError):
 
 def read_json_object(path: str | Path) -> dict:
     """Read a JSON file that must hold an object (every file an experiment folder holds does),
-    checked against the version of its kind (:func:`core.store.read_json`, the kind by its name).
+    checked against the version of its kind (:func:`runstore.read_json`, the kind by its name).
 
     Raises:
         AnalysisError: naming the file, when it is missing, unreadable, not JSON, JSON of

@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from core import store
+import runstore as store
 
 __all__ = ["add_core_commands"]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from core.store import CONFIG, write_json
+from runstore import CONFIG, write_json
 
 __all__ = [
     "ConfigError",
@@ -569,7 +569,7 @@ def load_config(
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
     """Write the config as indented JSON, atomically (``config.json`` carries no
-    ``format_version``: the config's schema is its version, see :mod:`core.store`)."""
+    ``format_version``: the config's schema is its version, see :mod:`runstore`)."""
     write_json(path, config_to_dict(config), CONFIG)
 
 

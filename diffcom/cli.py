@@ -23,7 +23,7 @@ __all__ = ["build_parser", "main"]
 #: load torch just to name the trainer's errors.
 _PROJECT_ERRORS = (
     ("core.config", "ConfigError"),
-    ("core.store", "StoreError"),
+    ("runstore", "StoreError"),
     ("core.data.files", "DatasetError"),
     ("core.train.checkpoint", "CheckpointError"),
     ("core.train.trainer", "NonFiniteLossError"),

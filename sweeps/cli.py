@@ -237,7 +237,7 @@ def _duration(seconds: float | None) -> str:
 
 def _unstarted_search_trials(folder: Path, metadata: dict) -> int:
     """Search trials Tune has not started yet: they have no folder under ``runs/search/``."""
-    from core.store import RUNS_DIR
+    from runstore import RUNS_DIR
 
     search = metadata.get("search")
     total = search.get("num_samples") if isinstance(search, dict) else None

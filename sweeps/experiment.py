@@ -33,8 +33,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from core import store
-from core.store import (
+import runstore as store
+from runstore import (
     CONFIG,
     EVENTS,
     EXPERIMENT,
@@ -193,7 +193,7 @@ def experiment_dir(storage: Path, name: str, *, must_exist: bool) -> Path:
 
 
 def read_json(path: Path) -> Any:
-    """Read a JSON file of any shape (:func:`core.store.load_json`); a missing or damaged file is
+    """Read a JSON file of any shape (:func:`runstore.load_json`); a missing or damaged file is
     an :class:`ExperimentError` naming it."""
     try:
         return store.load_json(path)
@@ -203,7 +203,7 @@ def read_json(path: Path) -> Any:
 
 def read_json_object(path: Path) -> dict:
     """Read a JSON file that must hold an object (every file this package writes does), checked
-    against the version of its kind (:func:`core.store.read_json`, the kind by its file name).
+    against the version of its kind (:func:`runstore.read_json`, the kind by its file name).
 
     Raises:
         ExperimentError: naming the file when it is missing, not JSON, JSON of another shape
@@ -217,7 +217,7 @@ def read_json_object(path: Path) -> dict:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write a JSON object atomically (:func:`core.store.write_json`), versioned by its kind (the
+    """Write a JSON object atomically (:func:`runstore.write_json`), versioned by its kind (the
     kind its file name declares; a name outside the format gets no version)."""
     store.write_json(path, data, store.kind_of(path))
 

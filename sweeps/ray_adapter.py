@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import config_from_dict, config_to_dict
-from core.store import POINT, RESULTS, RUNS_DIR, STATUS, STUDY_COPY, atomic_write_bytes
+from runstore import POINT, RESULTS, RUNS_DIR, STATUS, STUDY_COPY, atomic_write_bytes
 from sweeps.experiment import (
     EXPERIMENT_FILE,
     PLAN_FILE,

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import store
+import runstore as store
 from core.config import ExperimentConfig, stage1_relevant
-from core.store import DONE, EVENTS, STAGE1_DIR, STAGE1_RUN, checkpoint_path
+from runstore import DONE, EVENTS, STAGE1_DIR, STAGE1_RUN, checkpoint_path
 from sweeps.experiment import now, read_json_object, write_json
 
 __all__ = [

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import ExperimentConfig, config_to_dict
-from core.store import (
+from core.train.checkpoint import CheckpointError, load_checkpoint
+from core.train.trainer import NonFiniteLossError, load_run_dataset, train
+from runstore import (
     EXPERIMENT,
     RESULTS,
     RUNS_DIR,
@@ -26,8 +28,6 @@ from core.store import (
     checkpoint_path,
     flatten_results,
 )
-from core.train.checkpoint import CheckpointError, load_checkpoint
-from core.train.trainer import NonFiniteLossError, load_run_dataset, train
 from sweeps.experiment import (
     code_revision,
     now,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from core.store import atomic_write_bytes
+from runstore import atomic_write_bytes
 
 __all__ = ["IMAGE_SUFFIXES", "ImageVerdictCache", "check_image"]
 

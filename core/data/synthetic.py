@@ -59,7 +59,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.data.files import DatasetError
-from core.store import atomic_write_bytes, is_temporary
+from runstore import atomic_write_bytes, is_temporary
 
 __all__ = [
     "FORMAT_VERSION",

@@ -1,7 +1,7 @@
 """On-disk cache of entity features: one safetensors file and a JSON sidecar per key.
 
 Layout: ``<cache_dir>/<key>/features.safetensors`` and ``<cache_dir>/<key>/features.json``. Both are
-written atomically (:func:`core.store.atomic_write_bytes`: a temporary file in the same folder,
+written atomically (:func:`runstore.atomic_write_bytes`: a temporary file in the same folder,
 renamed into place), so a reader never sees a half-written file, whatever other processes do at the same time. The sidecar is
 written last and records the size and SHA-256 of the tensor file: an entry whose tensor file does not
 match it (truncated, corrupted, or replaced by a concurrent writer) is reported and recomputed.
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from core.store import atomic_write_bytes
+from runstore import atomic_write_bytes
 
 __all__ = [
     "CACHE_FORMAT",

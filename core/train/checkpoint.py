@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.store import atomic_write
+from runstore import atomic_write
 
 __all__ = ["CheckpointError", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 

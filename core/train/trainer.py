@@ -45,7 +45,14 @@ from core.features import FeatureSettings, extract_features
 from core.model.diffusioncom import DiffusionCom
 from core.model.extractor import StructureMKGformer
 from core.model.structure import SubgraphSampler
-from core.store import (
+from core.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from runstore import (
     CHECKPOINT_DIR,
     CONFIG,
     METRICS,
@@ -58,13 +65,6 @@ from core.store import (
     read_jsonl,
     write_json,
     write_jsonl,
-)
-from core.train.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
 )
 
 __all__ = ["NonFiniteLossError", "TrainingRun", "load_run_dataset", "stage1_loss", "train"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from core import store
+import runstore as store
 from core.config import load_config
 from core.features import image as image_module
 from core.model.diffusioncom import DiffusionCom

@@ -2,7 +2,8 @@
 
 Everything the trainer, the trial runner, the sweeps and the analysis write to or read from a run or
 experiment folder goes through this module, which imports the standard library only (no torch,
-numpy, yaml or Ray): :mod:`analysis` imports it and nothing else from :mod:`core`.
+numpy, yaml or Ray; no project package): it is the bottom layer, under :mod:`core`, and the one
+project module :mod:`analysis` imports.
 
 A run folder (``diffcom train --out``, or ``<experiment>/runs/<trial>/``)::
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core import store
-from core.store import StoreError
+import runstore as store
+from runstore import StoreError
 
 # One realistic object per JSON kind (as the trainer, the trial runner and the sweeps write them).
 JSON_SAMPLES = {
