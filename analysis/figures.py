@@ -1,5 +1,6 @@
 """Plotly figures: sensitivity curves, the K latency trade-off, search importance and coordinates,
-learning curves, and the ablation's forest plot."""
+learning curves, the ablation's forest plot, and test MRR against training time for an ablation's
+variants and classical baselines (:func:`cost_figure`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 __all__ = [
+    "cost_figure",
     "forest_figure",
     "importance_figure",
     "learning_curves_figure",
@@ -425,5 +427,91 @@ def forest_figure(table: pd.DataFrame, reference: str | None = None) -> go.Figur
         title=f"Ablation: difference against {reference} with 95% intervals",
         template="plotly_white",
         height=160 + 45 * len(variants),
+    )
+    return figure
+
+
+# ------------------------------------------------------------------------ MRR against time
+
+_VARIANT_STYLE = {"symbol": "circle", "color": "#1f77b4"}
+_BASELINE_STYLE = {"symbol": "diamond", "color": "#d62728"}
+
+
+def cost_figure(points: pd.DataFrame, title: str | None = None) -> go.Figure | None:
+    """Test MRR against training time, one point per ablation cell, mean over its seeds.
+
+    Args:
+        points: :func:`analysis.tables.cost_points`' frame (``cell``, ``model``, ``baseline``,
+            ``reference``, ``seeds``, ``mrr_mean``/``_std``, ``seconds_mean``/``_std``).
+        title: the figure's title.
+
+    DiffusionCom's variants (blue circles; the reference a larger one) and classical baselines
+    (red diamonds) are two traces; error bars are one std over seeds on both axes (none with one
+    seed). The x axis (seconds of training, a run's own plus the shared stage 1 it used) is
+    logarithmic: budgets span orders of magnitude. Each point is labelled and its hover says the
+    cell, model, seeds and both numbers. None when there is no point to draw.
+    """
+    if points.empty:
+        return None
+    points = points[pd.to_numeric(points["seconds_mean"], errors="coerce") > 0]
+    if points.empty:
+        return None  # a log axis has no place for zero seconds
+    figure = go.Figure()
+    for is_baseline, name, style in (
+        (False, "DiffusionCom variants", _VARIANT_STYLE),
+        (True, "classical baselines", _BASELINE_STYLE),
+    ):
+        rows = points[points["baseline"].eq(is_baseline)]
+        if rows.empty:
+            continue
+        sizes = [16 if ref else 11 for ref in rows["reference"]]
+        hover = [
+            f"<b>{cell}</b>{' (reference)' if ref else ''}<br>{model}, {seeds} "
+            f"seed{'s' if seeds != 1 else ''}<br>test MRR {mrr:.4f}"
+            + (f" ± {mrr_std:.4f}" if not math.isnan(mrr_std) else "")
+            + f"<br>{sec:.1f} s"
+            + (f" ± {sec_std:.1f}" if not math.isnan(sec_std) else "")
+            + " of training"
+            for cell, ref, model, seeds, mrr, mrr_std, sec, sec_std in zip(
+                rows["cell"],
+                rows["reference"],
+                rows["model"],
+                rows["seeds"],
+                rows["mrr_mean"].astype(float),
+                rows["mrr_std"].astype(float),
+                rows["seconds_mean"].astype(float),
+                rows["seconds_std"].astype(float),
+                strict=True,
+            )
+        ]
+        figure.add_trace(
+            go.Scatter(
+                x=rows["seconds_mean"].astype(float).tolist(),
+                y=rows["mrr_mean"].astype(float).tolist(),
+                error_x={
+                    "type": "data",
+                    "array": rows["seconds_std"].astype(float).fillna(0).tolist(),
+                    "visible": True,
+                },
+                error_y={
+                    "type": "data",
+                    "array": rows["mrr_std"].astype(float).fillna(0).tolist(),
+                    "visible": True,
+                },
+                mode="markers+text",
+                text=[str(cell) for cell in rows["cell"]],
+                textposition="top center",
+                marker={**style, "size": sizes, "line": {"width": 1, "color": "#333"}},
+                name=name,
+                hovertext=hover,
+                hoverinfo="text",
+            )
+        )
+    figure.update_xaxes(type="log", title_text="training time, s (log; mean over seeds ± std)")
+    figure.update_yaxes(title_text="test MRR (clean protocol; mean over seeds ± std)")
+    figure.update_layout(
+        title=title or "Test MRR against training time (one point per cell)",
+        template="plotly_white",
+        height=480,
     )
     return figure

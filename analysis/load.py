@@ -24,6 +24,18 @@ variant, else the first; the rule of :mod:`sweeps.study`). An ablation without a
 file takes ``full`` if some run is of it, else the first of its cells alphabetically. Other kinds
 get ``None``.
 
+Every row also says which model made it: ``model`` is ``DiffusionCom`` or a classical baseline's
+name (``pykeen:TuckER`` ...) and ``baseline`` is true for the latter: a run is a baseline when its
+config's ``baseline.model`` exists and is not ``none`` (experiments written before baselines
+existed have no such key and read as DiffusionCom). The cost of a run: ``train_seconds`` and
+``cpu_seconds`` (``results.json``'s ``timings``), ``stage1_seconds`` (the shared stage 1 it used,
+``status.json``'s ``stage1.train_seconds``) and ``total_train_seconds``, their sum (the x of the
+report's MRR-against-time figure; a baseline trains no stage 1, so it is its ``train_seconds``).
+A baseline run's budget: ``baseline_budget_seconds`` (``None`` without a time budget),
+``baseline_clock``, ``baseline_epochs`` (the most epochs it may train), ``baseline_epochs_run``,
+``baseline_stopped_by`` and ``baseline_matched_to`` (the reference run whose time it was given);
+``None`` on DiffusionCom rows.
+
 The same pass reads every run's ``metrics.jsonl`` into :attr:`Loaded.curves`, the learning
 curves: one row per run × recorded epoch (columns :data:`CURVE_COLUMNS`). ``epoch`` counts within
 its stage; ``global_epoch`` counts across both, stage 2 continuing after stage 1's last epoch. A
@@ -61,6 +73,7 @@ from runstore import (
 
 __all__ = [
     "CURVE_COLUMNS",
+    "DIFFUSIONCOM",
     "MEASURES",
     "AnalysisError",
     "Loaded",
@@ -146,9 +159,18 @@ _STATUS_KEYS = {
     "attempts": _LIST,
     "wall_seconds": _NUMBER,
     "stage1": _OBJECT,
+    "baseline": _OBJECT,
 }
 _TRIAL_KEYS = {"config": _OBJECT, "code": _OBJECT, "dataset": _TEXT, "dataset_hash": _TEXT}
-_RESULTS_KEYS = {"timings": _OBJECT, "best_epochs": _OBJECT, "dataset_hash": _TEXT}
+_RESULTS_KEYS = {
+    "timings": _OBJECT,
+    "best_epochs": _OBJECT,
+    "dataset_hash": _TEXT,
+    "baseline": _OBJECT,
+}
+
+#: ``model`` of a DiffusionCom run (``baseline.model`` missing or ``none``).
+DIFFUSIONCOM = "DiffusionCom"
 
 
 def _typed(data: dict, keys: dict, path: Path, loaded: Loaded) -> dict:
@@ -453,6 +475,7 @@ def _run_rows(
     epochs = _epochs(records)
     best_record = epochs.pop("_best_record", None)
     stage1 = status.get("stage1") or {}
+    model = _model(config, run_dir, loaded)
     common = {
         "experiment": metadata.get("name", experiment.name),
         "kind": metadata.get("kind"),
@@ -465,12 +488,15 @@ def _run_rows(
         "error": status.get("error"),
         "attempts": len(status.get("attempts", [])),
         "wall_seconds": status.get("wall_seconds"),
+        "model": model,
+        "baseline": model != DIFFUSIONCOM,
         "stage1_reused": stage1.get("reused"),
-        "stage1_seconds": stage1.get("train_seconds"),
+        "stage1_seconds": _number(stage1.get("train_seconds")),
         "dataset": provenance.get("dataset", config.get("config.data.dataset")),
         "dataset_hash": provenance.get("dataset_hash"),
         "code_revision": (provenance.get("code") or {}).get("revision"),
         "run_path": str(run_dir),
+        **_budget_columns(model, config, status, None),
         **epochs,
         **config,
     }
@@ -491,7 +517,17 @@ def _run_rows(
     if results is None:
         return [_unfinished_row(common, best_record)], curve
     rows = []
-    common["train_seconds"] = results.get("timings", {}).get("train_seconds")
+    timings = results.get("timings", {})
+    common["train_seconds"] = _number(timings.get("train_seconds"))
+    common["cpu_seconds"] = _number(timings.get("cpu_seconds"))
+    # A baseline trains no stage 1: a stage1 entry in its status would not be time it spent.
+    stage1_seconds = None if common["baseline"] else common["stage1_seconds"]
+    common["total_train_seconds"] = (
+        None
+        if common["train_seconds"] is None
+        else common["train_seconds"] + (stage1_seconds or 0.0)
+    )
+    common.update(_budget_columns(model, config, status, results))
     common["dataset_hash"] = common["dataset_hash"] or results.get("dataset_hash")
     common["final_stage"] = results.get("final_stage")
     # The trainer's own record of the epoch it selected; a run whose stage 1 came from a shared
@@ -525,6 +561,62 @@ def _run_rows(
         common["state"] = "damaged"
         return [_unfinished_row(common, best_record)], curve
     return rows, curve
+
+
+def _model(config: dict, run_dir: Path, loaded: Loaded) -> str:
+    """:data:`DIFFUSIONCOM`, or the baseline model the run's ``baseline.model`` names.
+
+    A config without the key (written before baselines existed) or with ``none`` is DiffusionCom;
+    a value that is not text is listed in ``loaded.problems`` and read as DiffusionCom.
+    """
+    name = config.get("config.baseline.model")
+    if name is None or name == "none":
+        return DIFFUSIONCOM
+    if not isinstance(name, str):
+        loaded.problems.append(
+            (
+                str(run_dir / CONFIG.file),
+                f"baseline.model: expected text, found {describe_json(name)}; read as "
+                f"{DIFFUSIONCOM}",
+            )
+        )
+        return DIFFUSIONCOM
+    return name
+
+
+def _budget_columns(model: str, config: dict, status: dict, results: dict | None) -> dict:
+    """A baseline run's budget and how it ended (``baseline_*`` columns; ``None`` for DiffusionCom).
+
+    ``results.json``'s ``baseline`` (what ran) comes first, then ``status.json``'s, then the
+    config's; a budget of ``0`` seconds (the config's "no budget") is ``None``.
+    """
+    names = (
+        "budget_seconds",
+        "clock",
+        "epochs",
+        "epochs_run",
+        "best_epoch",
+        "stopped_by",
+        "matched_to",
+    )
+    if model == DIFFUSIONCOM:
+        return {f"baseline_{name}": None for name in names}
+    sources = [
+        (results or {}).get("baseline") or {},
+        status.get("baseline") or {},
+        {key.removeprefix("config.baseline."): value for key, value in config.items()},
+    ]
+    found = {}
+    for name in names:
+        value = next((source[name] for source in sources if source.get(name) is not None), None)
+        if name in ("budget_seconds", "epochs", "epochs_run", "best_epoch"):
+            value = _number(value)
+        elif value is not None and not isinstance(value, str):
+            value = None
+        found[f"baseline_{name}"] = value
+    if not found["baseline_budget_seconds"]:
+        found["baseline_budget_seconds"] = None
+    return found
 
 
 def _unfinished_row(common: dict, best_record: dict | None) -> dict:

@@ -5,6 +5,9 @@ Reads only files (``experiment.json``, ``runs/**``); writes into ``out``::
     report.html                  everything below, plotly.js inlined (opens offline)
     tables/ablation.{md,tex,csv} Δ against the reference variant; when the experiments name
                                  different ones, tables/ablation-vs-<variant>.* (one per reference)
+    tables/baselines.{md,tex,csv} only for ablations with classical baselines: each baseline
+                                 cell's model, settings, budget and results beside the reference
+                                 variant's (tables/baselines-vs-<variant>.* as for the ablation)
     tables/sensitivity.{md,tex,csv}
     tables/protocol-audit.{md,tex,csv}
     tables/search-points.csv
@@ -12,6 +15,11 @@ Reads only files (``experiment.json``, ``runs/**``); writes into ``out``::
     tables/curves.csv            every run's epochs (the learning curves)
     figures/*.png                when a Chromium is available (kaleido); skipped with a note otherwise
     report-manifest.json         what wrote the folder and every file above, with the problems
+
+The Baselines section (after the Ablation, only when some ablation run is a classical baseline,
+so a report without any is what it was before baselines existed) holds that table and a figure of
+test MRR against training time, one point per variant and baseline; the baselines' Δ against the
+reference, with the ablation's paired test, are rows of the ablation table, marked as baselines.
 
 ``out`` must be a new or empty folder, or one an earlier report wrote (its
 ``report-manifest.json`` says so; the files it lists are replaced, so no table of the earlier
@@ -38,6 +46,7 @@ import plotly.offline
 
 from analysis.figures import (
     LATENCY_AXIS,
+    cost_figure,
     forest_figure,
     importance_figure,
     learning_curves_figure,
@@ -47,7 +56,10 @@ from analysis.figures import (
 )
 from analysis.load import AnalysisError, Loaded, load_experiments
 from analysis.tables import (
+    BEST,
     ablation_table,
+    baselines_table,
+    cost_points,
     format_table,
     protocol_audit,
     search_points,
@@ -165,6 +177,9 @@ def build_report(
     ablation = _ablation_section(loaded, out, report, figures)
     if ablation:
         sections.append(ablation)
+    baselines = _baselines_section(loaded, out, report, figures)
+    if baselines:
+        sections.append(baselines)
     sensitivity = sensitivity_table(frame)
     if not sensitivity.empty:
         formatted = format_table(sensitivity, "sensitivity")
@@ -380,6 +395,11 @@ def _ablation_section(
             f"Δ against <b>{html.escape(reference)}</b>, the reference variant of "
             f"{html.escape(experiments)}; paired tests: {html.escape('; '.join(tests) or 'none')}."
         )
+        if "baseline" in table:
+            text += (
+                " Cells marked <i>(baseline)</i> are classical baselines (see Baselines), "
+                "compared with the same paired test."
+            )
         if reference not in set(table["variant"]):
             text += (
                 f" The reference {html.escape(reference)} has no finished run yet, so no Δ is "
@@ -393,6 +413,63 @@ def _ablation_section(
             figures.append((stem.replace("ablation", "ablation-forest", 1), forest))
             parts.append(_figure_placeholder(len(figures) - 1))
     return _section("Ablation", "".join(parts))
+
+
+# ---------------------------------------------------------------------------------- baselines
+
+BASELINES_NOTE = (
+    "Classical KGC baselines (PyKEEN models trained on the same id triples and splits, ranked by "
+    "this project's evaluator under the clean protocol) beside the reference variant. Mean ± "
+    "sample std over seeds; " + BEST + " marks the best mean of its column. <i>Settings</i> are "
+    "the <code>baseline.*</code> values that differ from the defaults; <i>Budget</i> is the mean "
+    "time budget over seeds and the clock it counts (<i>matched</i>: each run got the time the "
+    "reference run of its seed took), or the most epochs when there is no time budget. "
+    "<i>Train s</i> is training time: a run's own plus the shared stage 1 it used. Each "
+    "baseline's Δ against the reference, with its paired test, is in the Ablation table."
+)
+
+
+def _baselines_section(
+    loaded: Loaded, out: Path, report: Report, figures: list[tuple[str, go.Figure]]
+) -> str:
+    """Per ablation reference with baseline runs: the baselines table and the MRR-against-time
+    figure ("" when no ablation has a finished baseline run)."""
+    frame = loaded.frame
+    found = []
+    for reference, names in _ablation_groups(loaded).items():
+        runs = frame[frame["experiment"].isin(names)]
+        table = baselines_table(runs, reference=reference)
+        if not table.empty:
+            order = [v for n in names for v in loaded.experiments[n].get("variant_order", [])]
+            found.append((reference, names, table, cost_points(runs, reference, order)))
+    if not found:
+        return ""
+    several = len(found) > 1
+    parts = [_paragraph(BASELINES_NOTE)]
+    stems: set[str] = set()
+    for reference, names, table, points in found:
+        stem = f"baselines-vs-{_slug(reference)}" if several else "baselines"
+        if stem in stems:
+            stem = f"{stem}-{len(stems)}"
+        stems.add(stem)
+        formatted = format_table(table, "baselines")
+        report.files += write_table(
+            table,
+            formatted,
+            out / "tables" / stem,
+            f"Baselines (test, clean protocol; beside {reference}; {BEST} best in its column)",
+        )
+        if several:
+            parts.append(f"<h3>Beside {html.escape(reference)}</h3>")
+        text = f"Beside <b>{html.escape(reference)}</b>, the reference variant of "
+        parts += [_paragraph(text + html.escape(", ".join(names)) + "."), _table_html(formatted)]
+        figure = cost_figure(
+            points, title=f"Test MRR against training time ({', '.join(names)}; mean over seeds)"
+        )
+        if figure is not None:
+            figures.append((stem.replace("baselines", "mrr-vs-time", 1), figure))
+            parts.append(_figure_placeholder(len(figures) - 1))
+    return _section("Baselines", "".join(parts))
 
 
 # --------------------------------------------------------------------------------------- html

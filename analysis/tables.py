@@ -1,8 +1,16 @@
-"""The paper's tables from the tidy frame: ablation, sensitivity, protocol audit, search points.
+"""The paper's tables from the tidy frame: ablation, baselines, sensitivity, protocol audit, search
+points, and the cost points of the MRR-against-training-time figure.
 
 Every table is a pandas frame of plain numbers (written as CSV) plus a formatted rendering
 (Markdown and LaTeX) where each cell reads ``mean ± std``. Only finished runs of the test split
-enter the ablation and sensitivity tables; the protocol is always named.
+enter the ablation, baselines and sensitivity tables; the protocol is always named.
+
+Classical baselines (runs whose ``baseline`` column is true, :mod:`analysis.load`) are ablation
+cells like any variant: the ablation table lists them after the variants, with their Δ against the
+reference and the same paired, seed-aware test, and, only when it has any, ``model`` and
+``baseline`` columns that mark them. :func:`baselines_table` puts each baseline cell's model,
+settings, budget and results beside the reference variant's; its formatted form marks the best
+mean of each measure column with ``★``.
 """
 
 from __future__ import annotations
@@ -13,12 +21,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.load import MEASURES
+from analysis.load import DIFFUSIONCOM, MEASURES
 from analysis.stats import Comparison, mark, paired_t_test, summarize, two_level_bootstrap
 
 __all__ = [
+    "BASELINE_DEFAULTS",
+    "BEST",
     "ablation_reference",
     "ablation_table",
+    "baselines_table",
+    "cost_points",
     "format_table",
     "protocol_audit",
     "search_points",
@@ -115,6 +127,31 @@ def _compare(group: pd.DataFrame, reference: pd.DataFrame, measure: str, cache: 
     )
 
 
+def _has_baselines(frame: pd.DataFrame) -> bool:
+    return "baseline" in frame and bool(frame["baseline"].eq(True).any())
+
+
+def _baseline_cells(frame: pd.DataFrame) -> set[str]:
+    """Cells whose runs are classical baselines."""
+    if not _has_baselines(frame):
+        return set()
+    return set(frame.loc[frame["baseline"].eq(True), "cell"])
+
+
+def _cell_order(finished: pd.DataFrame, reference: str, order: list[str]) -> list[str]:
+    """The reference, the variants in ``order``, the other variants by name, then the baselines
+    by name (they are not in the study's variants)."""
+    present = set(finished["cell"])
+    baselines = _baseline_cells(finished)
+    variants = present - baselines
+    cells = [c for c in dict.fromkeys(order) if c in variants]
+    cells += sorted(variants - set(cells)) + sorted(baselines)
+    if reference in cells:
+        cells.remove(reference)
+        cells.insert(0, reference)
+    return cells
+
+
 def ablation_table(
     frame: pd.DataFrame, reference: str = "full", order: list[str] = ()
 ) -> pd.DataFrame:
@@ -126,7 +163,7 @@ def ablation_table(
             :attr:`analysis.load.Loaded.experiments`' ``reference``). A reference without
             finished runs leaves every difference NaN.
         order: the study file's variant order; variants follow it, then any others
-            alphabetically.
+            alphabetically, then the baseline cells alphabetically.
 
     Columns: ``variant``, ``experiment``, ``reference`` (the same in every row, so the CSV says
     what the differences are against), ``seeds``; per measure, mean, std and 95% CI bounds over
@@ -135,25 +172,28 @@ def ablation_table(
     ``delta_<m>_ci_high``), the paired test that gave them (``test_<m>``: a two-level bootstrap
     over seeds and queries when per-query ranks are stored, else a paired t over seeds), its
     p-value (``p_<m>``) and mark (``mark_<m>``). The reference's own row has NaN there.
+    When some cell is a classical baseline, ``model`` (``DiffusionCom`` or the baseline's) and
+    ``baseline`` follow ``variant``; a table without baselines has neither (it is the table it
+    was before baselines existed).
     """
     finished = _finished(frame[frame["kind"] == "ablation"]) if not frame.empty else frame
     if finished.empty:
         return pd.DataFrame()
-    present = set(finished["cell"])
-    cells = [c for c in dict.fromkeys(order) if c in present] + sorted(present - set(order))
-    if reference in cells:
-        cells.remove(reference)
-        cells.insert(0, reference)
+    cells = _cell_order(finished, reference, list(order))
+    baselines = _baseline_cells(finished)
     reference_rows = finished[finished["cell"] == reference]
     ranks: dict = {}  # ranks files read so far: each is read once per table
     rows = []
     for cell in cells:
         group = finished[finished["cell"] == cell]
-        row = {
-            "variant": cell,
-            "experiment": ", ".join(sorted(set(group["experiment"]))),
-            "reference": reference,
-        }
+        row = {"variant": cell}
+        if baselines:
+            row["model"] = _model_name(group)
+            row["baseline"] = cell in baselines
+        row.update(
+            experiment=", ".join(sorted(set(group["experiment"]))),
+            reference=reference,
+        )
         row.update(_summary_columns(group))
         for measure in ("mrr", "hits@1"):
             if cell == reference or reference_rows.empty:
@@ -178,6 +218,175 @@ def ablation_table(
                 }
             )
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _model_name(group: pd.DataFrame) -> str:
+    """The model of a cell's runs (``a, b`` should its seeds disagree)."""
+    if "model" not in group:
+        return DIFFUSIONCOM
+    return ", ".join(sorted({str(m) for m in group["model"].dropna()})) or DIFFUSIONCOM
+
+
+#: ``baseline.*`` defaults of the contract, for settings when no reference run records its own
+#: (analysis never imports core, whose config holds them).
+BASELINE_DEFAULTS = {
+    "embedding_dim": 200,
+    "lr": 0.01,
+    "batch_size": 256,
+    "epochs": 1000,
+    "patience": 0,
+}
+
+# Shown in the budget column, not among the settings.
+_BUDGET_KEYS = ("model", "budget_seconds", "clock")
+
+
+def _mean(group: pd.DataFrame, column: str) -> float:
+    if column not in group:
+        return math.nan
+    return summarize(pd.to_numeric(group[column], errors="coerce").tolist()).mean
+
+
+def _std(group: pd.DataFrame, column: str) -> float:
+    if column not in group:
+        return math.nan
+    return summarize(pd.to_numeric(group[column], errors="coerce").tolist()).std
+
+
+def _baseline_config(group: pd.DataFrame) -> dict:
+    """``{key: value}`` of the first run's ``config.baseline.*`` columns that hold a value."""
+    prefix = "config.baseline."
+    first = group.iloc[0]
+    return {
+        column.removeprefix(prefix): first[column]
+        for column in group.columns
+        if column.startswith(prefix) and not _missing(first[column])
+    }
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _settings(group: pd.DataFrame, defaults: dict, budget_in_epochs: bool) -> str:
+    """``key=value`` of the ``baseline.*`` settings that differ from ``defaults`` (``-`` if none).
+
+    The model, the time budget and its clock have their own columns; so does ``epochs`` when it
+    is the budget.
+    """
+    differing = []
+    for key, value in sorted(_baseline_config(group).items()):
+        if key in _BUDGET_KEYS or (key == "epochs" and budget_in_epochs):
+            continue
+        if key not in defaults or defaults[key] != value:
+            differing.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(differing) or "-"
+
+
+def baselines_table(frame: pd.DataFrame, reference: str = "full") -> pd.DataFrame:
+    """One row per classical-baseline cell of the ablation runs, the reference variant's first.
+
+    Args:
+        frame: the tidy frame; only its ablation runs enter (test and valid split, clean
+            protocol, finished).
+        reference: the variant the baselines are set beside (the ablation's reference); the
+            baselines follow it alphabetically.
+
+    Columns: ``cell``, ``model``, ``baseline``, ``experiment``, ``reference``, ``settings`` (the
+    ``baseline.*`` values that differ from the reference runs' own, else from
+    :data:`BASELINE_DEFAULTS`; ``-`` when none), ``budget_seconds`` (mean over seeds of the time
+    budget each run was given; NaN without one), ``clock``, ``budget_epochs`` (``baseline.epochs``
+    when the budget is epochs), ``matched`` (whether its budget was matched to a reference run),
+    ``epochs_run`` (mean), ``seeds``; per test measure (MRR, Hits@1, Hits@3, Hits@10) mean and
+    std over seeds; ``valid_mrr_mean``/``_std``; ``train_seconds_mean``/``_std`` (the runs'
+    ``total_train_seconds``). Empty when no finished run is a baseline.
+    """
+    if frame.empty or "kind" not in frame:
+        return pd.DataFrame()
+    ablation = frame[frame["kind"] == "ablation"]
+    test, valid = _finished(ablation), _finished(ablation, split="valid")
+    if test.empty or not _has_baselines(test):
+        return pd.DataFrame()
+    cells = sorted(_baseline_cells(test) - {reference})
+    reference_test = test[test["cell"] == reference]
+    defaults = dict(BASELINE_DEFAULTS)
+    if not reference_test.empty:
+        # The reference's own baseline.* are the defaults its code had (absent in older runs).
+        defaults.update(
+            {k: v for k, v in _baseline_config(reference_test).items() if k not in _BUDGET_KEYS}
+        )
+    rows = []
+    for cell in ([reference] if not reference_test.empty else []) + cells:
+        group = test[test["cell"] == cell]
+        is_baseline = cell != reference
+        budget = _mean(group, "baseline_budget_seconds")
+        in_epochs = is_baseline and math.isnan(budget)
+        clocks = sorted({str(c) for c in group.get("baseline_clock", pd.Series()).dropna()})
+        row = {
+            "cell": cell,
+            "model": _model_name(group),
+            "baseline": is_baseline,
+            "experiment": ", ".join(sorted(set(group["experiment"]))),
+            "reference": reference,
+            "settings": _settings(group, defaults, in_epochs) if is_baseline else "-",
+            "budget_seconds": budget,
+            "clock": ", ".join(clocks) if is_baseline and not in_epochs else None,
+            "budget_epochs": _mean(group, "baseline_epochs") if in_epochs else math.nan,
+            "matched": bool(group.get("baseline_matched_to", pd.Series()).notna().any()),
+            "epochs_run": _mean(group, "baseline_epochs_run"),
+            "seeds": int(group["seed"].nunique()),
+        }
+        for measure in ("mrr", "hits@1", "hits@3", "hits@10"):
+            row[f"{measure}_mean"] = _mean(group, measure)
+            row[f"{measure}_std"] = _std(group, measure)
+        valid_group = valid[valid["cell"] == cell]
+        row["valid_mrr_mean"] = _mean(valid_group, "mrr")
+        row["valid_mrr_std"] = _std(valid_group, "mrr")
+        row["train_seconds_mean"] = _mean(group, "total_train_seconds")
+        row["train_seconds_std"] = _std(group, "total_train_seconds")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cost_points(
+    frame: pd.DataFrame, reference: str | None = None, order: list[str] = ()
+) -> pd.DataFrame:
+    """Test MRR against training time per ablation cell (clean protocol, finished runs).
+
+    Columns: ``cell``, ``model``, ``baseline``, ``reference`` (whether the cell is the
+    reference), ``seeds`` (runs with both numbers), ``mrr_mean``/``_std`` and
+    ``seconds_mean``/``_std`` over those seeds, where a run's seconds are its
+    ``total_train_seconds`` (its training plus the shared stage 1 it used). A cell without a run
+    that has both is left out. Cells in the ablation table's order.
+    """
+    if frame.empty or "kind" not in frame or "total_train_seconds" not in frame:
+        return pd.DataFrame()
+    test = _finished(frame[frame["kind"] == "ablation"])
+    if test.empty:
+        return pd.DataFrame()
+    baselines = _baseline_cells(test)
+    rows = []
+    for cell in _cell_order(test, reference or "", list(order)):
+        group = test[test["cell"] == cell]
+        seconds = pd.to_numeric(group["total_train_seconds"], errors="coerce")
+        mrr = pd.to_numeric(group["mrr"], errors="coerce")
+        usable = group[seconds.notna() & mrr.notna()]
+        if usable.empty:
+            continue
+        rows.append(
+            {
+                "cell": cell,
+                "model": _model_name(usable),
+                "baseline": cell in baselines,
+                "reference": cell == reference,
+                "seeds": int(usable["seed"].nunique()),
+                "mrr_mean": _mean(usable, "mrr"),
+                "mrr_std": _std(usable, "mrr"),
+                "seconds_mean": _mean(usable, "total_train_seconds"),
+                "seconds_std": _std(usable, "total_train_seconds"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -291,6 +500,60 @@ def _test_text(row: pd.Series) -> str:
     return "; ".join(f"{label}: {test}" for label, test in tests.items())
 
 
+#: What marks the best mean of a column in a formatted baselines table.
+BEST = "★"
+
+
+def _best_marked(texts: pd.Series, means: pd.Series) -> pd.Series:
+    """``texts`` with :data:`BEST` after each that has the column's highest mean (ties all)."""
+    values = pd.to_numeric(means, errors="coerce")
+    if values.notna().sum() < 2:  # one number is best of nothing
+        return texts
+    best = values.max()
+    return pd.Series(
+        [f"{t} {BEST}" if v == best else t for t, v in zip(texts, values, strict=True)],
+        index=texts.index,
+    )
+
+
+def _number_text(value) -> str:
+    """A count (a mean of counts keeps one decimal); ``-`` when missing."""
+    if _missing(value):
+        return "-"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def _budget_text(row: pd.Series) -> str:
+    """``120 s cpu (matched)``, ``epochs 50`` or, on the reference's row, ``reference``."""
+    if not row["baseline"]:
+        return "reference"
+    if not _missing(row["budget_seconds"]):
+        matched = " (matched)" if row.get("matched") else ""
+        seconds = _number_text(row["budget_seconds"])
+        return f"{seconds} s {row['clock'] or ''}".rstrip() + matched
+    return f"epochs {_number_text(row['budget_epochs'])}"
+
+
+def _format_baselines(table: pd.DataFrame) -> pd.DataFrame:
+    formatted = pd.DataFrame()
+    formatted["Cell"] = table["cell"]
+    formatted["Model"] = [
+        f"{model} (baseline)" if baseline else f"{model} (reference)"
+        for model, baseline in zip(table["model"], table["baseline"], strict=True)
+    ]
+    formatted["Settings"] = table["settings"]
+    formatted["Budget"] = table.apply(_budget_text, axis=1)
+    formatted["Epochs run"] = table["epochs_run"].map(_number_text)
+    formatted["Seeds"] = table["seeds"]
+    for measure in ("mrr", "hits@1", "hits@3", "hits@10"):
+        texts = table.apply(lambda r, m=measure: _cell_text(r, m, 3), axis=1)
+        formatted[LABELS[measure]] = _best_marked(texts, table[f"{measure}_mean"])
+    valid = table.apply(lambda r: _cell_text(r, "valid_mrr", 3), axis=1)
+    formatted["Valid MRR"] = _best_marked(valid, table["valid_mrr_mean"])
+    formatted["Train s"] = table.apply(lambda r: _cell_text(r, "train_seconds", 1), axis=1)
+    return formatted
+
+
 def ablation_reference(table: pd.DataFrame) -> str | None:
     """The variant an :func:`ablation_table`'s differences are against (None for an empty one)."""
     if table.empty or "reference" not in table:
@@ -301,13 +564,24 @@ def ablation_reference(table: pd.DataFrame) -> str | None:
 def format_table(table: pd.DataFrame, kind: str) -> pd.DataFrame:
     """Readable text cells: ``mean ± std`` per measure, signed deltas with marks and intervals.
 
-    An ablation's difference columns name their reference: ``Δ MRR vs full [95% CI]``.
+    ``kind`` is ``ablation``, ``baselines`` (:func:`baselines_table`: the best mean of each
+    measure column marked :data:`BEST`) or ``sensitivity``. An ablation's difference columns
+    name their reference: ``Δ MRR vs full [95% CI]``; its baseline cells, when it has any, read
+    ``pykeen-tucker (baseline)`` and a ``Model`` column follows.
     """
     if table.empty:
         return table
+    if kind == "baselines":
+        return _format_baselines(table)
     formatted = pd.DataFrame()
     if kind == "ablation":
         formatted["Variant"] = table["variant"]
+        if "baseline" in table:
+            formatted["Variant"] = [
+                f"{variant} (baseline)" if baseline else variant
+                for variant, baseline in zip(table["variant"], table["baseline"], strict=True)
+            ]
+            formatted["Model"] = table["model"]
     elif kind == "sensitivity":
         formatted["Axis"] = table["axis"]
         formatted["Value"] = table["value"].map(
@@ -369,7 +643,7 @@ def _latex(frame: pd.DataFrame, caption: str) -> str:
             ("#", r"\#"),
         ):
             text = text.replace(raw, safe)
-        return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+        return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace(BEST, r"$^\star$")
 
     columns = "l" + "r" * (len(frame.columns) - 1)
     lines = [

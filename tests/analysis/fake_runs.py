@@ -1,7 +1,9 @@
 """Experiment folders written by hand, in the layout the trial runner writes.
 
 For what the real pipeline (``conftest.py``) cannot produce on demand: chosen per-query ranks,
-many runs, early stopping at a given epoch, a cut ``metrics.jsonl`` line, a shared stage 1.
+many runs, early stopping at a given epoch, a cut ``metrics.jsonl`` line, a shared stage 1, and
+classical baselines' runs (:func:`write_baseline_run`, in the layout of the baselines contract:
+``config.json``'s ``baseline`` section, ``results.json``'s ``baseline`` and ``timings``, ranks).
 """
 
 from __future__ import annotations
@@ -12,6 +14,18 @@ from pathlib import Path
 import numpy as np
 
 MEASURES = ("mr", "mrr", "hits@1", "hits@3", "hits@10")
+
+# core.config's ``baseline`` section as a DiffusionCom run written after baselines existed has it.
+BASELINE_DEFAULTS = {
+    "model": "none",
+    "embedding_dim": 200,
+    "lr": 0.01,
+    "batch_size": 256,
+    "epochs": 1000,
+    "budget_seconds": 0.0,
+    "clock": "cpu",
+    "patience": 0,
+}
 
 
 def write_experiment(
@@ -103,6 +117,12 @@ def write_run(
     stage1_epochs: int = 5,
     stage1: dict | None = None,
     metrics_text: str | None = None,
+    baseline: dict | None = None,
+    valid: dict | None = None,
+    timings: dict | None = None,
+    results_extra: dict | None = None,
+    status_extra: dict | None = None,
+    final_stage: int = 2,
 ) -> Path:
     """A finished run: ``status.json``, ``config.json``, ``metrics.jsonl``, ``results.json``.
 
@@ -114,14 +134,23 @@ def write_run(
         stage1_epochs: ``train.stage1_epochs`` of its config.
         stage1: ``status.json``'s ``stage1`` (a shared stage-1 run's ``key`` and ``checkpoint``).
         metrics_text: ``metrics.jsonl`` exactly, instead of ``records``.
+        baseline: ``config.json``'s ``baseline`` section (none without it: a run written
+            before baselines existed).
+        valid: the valid clean measures (the test ones by default).
+        timings: ``results.json``'s ``timings`` (``{"train_seconds": 1.0}`` by default).
+        results_extra, status_extra: keys added to ``results.json`` and ``status.json``.
+        final_stage: ``results.json``'s ``final_stage`` (its ``best_epochs`` say that stage).
     """
     folder = experiment / "runs" / run
     folder.mkdir(parents=True)
     status = {"state": "finished", "seed": seed, "attempts": [{}], "wall_seconds": 1.0}
     if stage1 is not None:
         status["stage1"] = stage1
+    status.update(status_extra or {})
     (folder / "status.json").write_text(json.dumps(status))
     config = {"seed": seed, "train": {"stage1_epochs": stage1_epochs, "stage2_epochs": 3}}
+    if baseline is not None:
+        config["baseline"] = baseline
     (folder / "config.json").write_text(json.dumps(config))
     text = "".join(json.dumps(r) + "\n" for r in records) if metrics_text is None else metrics_text
     if text:
@@ -134,11 +163,12 @@ def write_run(
         np.savez(folder / "ranks_test.npz", queries=queries, realistic=realistic)
         test = ranks_measures(realistic)
     results = {
-        "final_stage": 2,
-        "valid": {"clean": test, "inference_ms_per_query": 0.1},
+        "final_stage": final_stage,
+        "valid": {"clean": valid or test, "inference_ms_per_query": 0.1},
         "test": {"clean": test, "inference_ms_per_query": 0.1},
-        "best_epochs": {"stage2": 1},
-        "timings": {"train_seconds": 1.0},
+        "best_epochs": {f"stage{final_stage}": 1},
+        "timings": {"train_seconds": 1.0} if timings is None else timings,
+        **(results_extra or {}),
     }
     (folder / "results.json").write_text(json.dumps(results))
     return folder
@@ -150,3 +180,74 @@ def write_shared_stage1(experiment: Path, key: str, records: list[dict]) -> dict
     folder.mkdir(parents=True)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"key": key, "reused": True, "checkpoint": str(folder / "checkpoints" / "last.pt")}
+
+
+def write_baseline_run(
+    experiment: Path,
+    run: str,
+    *,
+    seed: int,
+    model: str,
+    realistic: np.ndarray,
+    valid_mrr: float = 0.4,
+    budget_seconds: float | None = None,
+    clock: str = "cpu",
+    max_epochs: int = 1000,
+    epochs_run: int = 5,
+    settings: dict | None = None,
+    train_seconds: float = 2.0,
+    cpu_seconds: float = 3.0,
+    matched_to: str | None = None,
+) -> Path:
+    """A finished baseline run (``ablation/pykeen-tucker/seed-0`` ...), as the contract has it.
+
+    Args:
+        model: ``baseline.model`` (``pykeen:TuckER`` ...).
+        realistic: ``(Q,)`` test ranks (``ranks_test.npz``; the test measures come from them).
+        valid_mrr: its valid clean MRR (other valid measures fixed).
+        budget_seconds: the resolved time budget (``None``: no time budget, written as ``0.0``
+            in the config and ``null`` in the results).
+        max_epochs: ``baseline.epochs``, the most epochs it may train.
+        epochs_run: epochs it trained (``results.json``'s ``baseline.epochs_run``).
+        settings: other ``baseline.*`` values it was given (``{"lr": 0.003}``).
+        train_seconds, cpu_seconds: ``results.json``'s ``timings``.
+        matched_to: the reference run whose time it was given (``status.json``'s ``baseline``).
+    """
+    config = {
+        **BASELINE_DEFAULTS,
+        **(settings or {}),
+        "model": model,
+        "epochs": max_epochs,
+        "budget_seconds": budget_seconds or 0.0,
+        "clock": clock,
+    }
+    stopped_by = "budget" if budget_seconds else "epochs"
+    return write_run(
+        experiment,
+        run,
+        seed=seed,
+        records=[{**record, "valid.clean.mrr": valid_mrr} for record in epochs(1, epochs_run)],
+        realistic=realistic,
+        baseline=config,
+        valid={"mr": 3.0, "mrr": valid_mrr, "hits@1": 0.3, "hits@3": 0.5, "hits@10": 0.7},
+        timings={"train_seconds": train_seconds, "cpu_seconds": cpu_seconds},
+        results_extra={
+            "baseline": {
+                "model": model,
+                "epochs_run": epochs_run,
+                "best_epoch": epochs_run,
+                "budget_seconds": budget_seconds,
+                "clock": clock,
+                "stopped_by": stopped_by,
+            }
+        },
+        status_extra={
+            "baseline": {
+                "model": model,
+                "budget_seconds": budget_seconds,
+                "clock": clock,
+                "matched_to": matched_to,
+            }
+        },
+        final_stage=1,
+    )
