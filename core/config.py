@@ -26,6 +26,7 @@ import yaml
 from runstore import CONFIG, write_json
 
 __all__ = [
+    "BaselineConfig",
     "ConfigError",
     "DataConfig",
     "DiffusionConfig",
@@ -270,6 +271,42 @@ class EvalConfig:
     )
 
 
+# core.baselines.BASELINE_MODELS, written out as the registries above are (tests/core/test_config.py
+# checks the two are equal): core.baselines imports PyKEEN, which this module must not.
+_BASELINE_MODELS = (
+    "pykeen:TransE",
+    "pykeen:DistMult",
+    "pykeen:ComplEx",
+    "pykeen:RotatE",
+    "pykeen:TuckER",
+)
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """A classical KGC model trained through PyKEEN in place of DiffusionCom (``core.baselines``),
+    ranked by the same evaluator on the same splits. A DiffusionCom run (model none) ignores the
+    other settings."""
+
+    # none: DiffusionCom itself. A baseline reads, besides this section, only data, eval.tie,
+    # eval.batch_size and seed.
+    model: str = _choice("none", ("none", *_BASELINE_MODELS))
+    # Real dimensions for TransE, DistMult and TuckER; complex ones (2x the reals) for ComplEx
+    # and RotatE, as PyKEEN counts them.
+    embedding_dim: int = _range(200, 1, 100_000)
+    lr: float = _range(0.01, 0.0, 10.0, low_open=True)  # Adam
+    batch_size: int = _range(256, 1, 1_000_000)
+    # The most epochs it trains, each followed by a valid evaluation.
+    epochs: int = _range(1000, 1, 1_000_000)
+    # 0: no time budget; else it stops after the epoch at which the clock reaches it.
+    budget_seconds: float = _range(0.0, 0.0, 1e9)
+    # What budget_seconds counts: this process's CPU time or the wall clock, from the start of
+    # the run (set-up included) and summed over resumes.
+    clock: str = _choice("cpu", ("cpu", "wall"))
+    # Epochs without a better valid MRR before it stops; 0 disables.
+    patience: int = _range(0, 0, 100_000)
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything that defines one run."""
@@ -282,6 +319,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     seed: int = _range(0, 0, 2**31 - 1, stage1=True)
 
     def __post_init__(self) -> None:

@@ -67,7 +67,14 @@ from runstore import (
     write_jsonl,
 )
 
-__all__ = ["NonFiniteLossError", "TrainingRun", "load_run_dataset", "stage1_loss", "train"]
+__all__ = [
+    "NonFiniteLossError",
+    "TrainingRun",
+    "load_run_dataset",
+    "stage1_loss",
+    "train",
+    "write_ranks",
+]
 
 MetricsCallback = Callable[[dict], None]
 
@@ -87,6 +94,14 @@ class TrainingRun:
     accelerator: Accelerator
     out_dir: Path
     cache_queries: bool  # a frozen stage 2 keeps per-query encodings (train.query_cache_mib)
+    # time.process_time() at which this run's CPU clock reads 0: the start of this train() call
+    # minus the CPU seconds that earlier calls (before a resume) saved in the checkpoint.
+    cpu_origin: float = 0.0
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of this run so far, across resumes (the work a killed attempt did after its
+        last checkpoint is not counted: the resumed attempt does it again and counts it)."""
+        return time.process_time() - self.cpu_origin
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -517,6 +532,7 @@ def _run_stage(
         progress_state["epoch"] = epoch + 1
         # Wall time of all epochs so far, across resumes (evaluation included).
         state["train_seconds"] = state.get("train_seconds", 0.0) + time.perf_counter() - started
+        state["cpu_seconds"] = run.cpu_seconds()
         progress_state["optimizer"] = optimizer.state_dict()
         progress_state["scheduler"] = scheduler.state_dict()
         state[stage_key] = progress_state
@@ -548,6 +564,9 @@ def train(
 ) -> dict:
     """Train and evaluate one run; resumes from ``out_dir/checkpoints/last.pt`` when present.
 
+    A config whose ``baseline.model`` is not ``none`` trains that baseline instead
+    (:func:`core.baselines.train_baseline`: the same arguments, run files and results).
+
     Args:
         config: the run's config (saved as ``config.json``).
         out_dir: the run directory.
@@ -559,6 +578,18 @@ def train(
     Returns:
         The ``results.json`` content.
     """
+    if config.baseline.model != "none":
+        # Imported here: PyKEEN loads only for baseline runs.
+        from core.baselines import train_baseline
+
+        return train_baseline(
+            config,
+            out_dir,
+            callback=callback,
+            stage1_checkpoint=stage1_checkpoint,
+            progress=progress,
+        )
+    cpu_started = time.process_time()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     use_cpu = not torch.cuda.is_available()
@@ -609,6 +640,7 @@ def train(
             stage1={**reused["stage1"], "done": True, "epoch": config.train.stage1_epochs},
             best_stage1=weights,
         )
+    run.cpu_origin = cpu_started - state.get("cpu_seconds", 0.0)
     if accelerator.is_main_process:
         save_config(config, out_dir / CONFIG.file)
         if not resuming:
@@ -627,6 +659,9 @@ def train(
     if model.diffusion is not None and config.train.stage2_epochs > 0:
         _run_stage(run, 2, state, callback, progress)
     results = _final_results(run, state, state.get("train_seconds", 0.0))
+    # CPU time of the whole run, set-up and final evaluation included, across resumes; studies
+    # give baselines this budget.
+    results["timings"]["cpu_seconds"] = round(run.cpu_seconds(), 2)
     if accelerator.is_main_process:
         write_json(out_dir / RESULTS.file, results, RESULTS)
     return results
@@ -714,6 +749,20 @@ def _stage1_metrics(run: TrainingRun, state: dict, split: str) -> dict:
         model.extractor.load_state_dict(selected)
 
 
+def write_ranks(out_dir: Path, split: str, result: RankingResult) -> None:
+    """Write ``ranks_<split>.npz``: the ``(N, 3)`` queries and their ``(N,)`` realistic ranks.
+
+    Numpy, so reports read them without torch: paired tests between runs on the same split
+    compare them query by query.
+    """
+    with atomic_write(out_dir / ranks_file(split)) as stream:
+        np.savez_compressed(
+            stream,
+            queries=result.queries.cpu().numpy(),
+            realistic=result.ranks.realistic.cpu().numpy(),
+        )
+
+
 def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
     """Valid and test metrics of the selected weights under both protocols, and timings."""
     config, model, graph = run.config, run.model, run.graph
@@ -751,15 +800,8 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
             results[split][f"official-min-of-{config.eval.official_samples}"] = official.metrics(
                 config.eval.tie
             )
-        # Per-query ranks (numpy, so reports read them without torch): paired tests between
-        # runs on the same split compare them query by query.
         if run.accelerator.is_main_process:
-            with atomic_write(run.out_dir / ranks_file(split)) as stream:
-                np.savez_compressed(
-                    stream,
-                    queries=clean.queries.cpu().numpy(),
-                    realistic=clean.ranks.realistic.cpu().numpy(),
-                )
+            write_ranks(run.out_dir, split, clean)
     model.extractor.freeze_entity_table(False)
     results["protocol_note"] = (
         "clean: one deterministic pass, no label use (model selection uses it); "

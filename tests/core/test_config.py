@@ -71,6 +71,19 @@ def test_yaml_file_and_overrides_combine(tmp_path):
         ),
         ("features.image_encoder=clip: ", r"features\.image_encoder: 'clip:' is not valid"),
         (
+            "baseline.model=TuckER",
+            "baseline.model: 'TuckER' is not valid; choose one of none, pykeen:TransE, "
+            "pykeen:DistMult, pykeen:ComplEx, pykeen:RotatE, pykeen:TuckER",
+        ),
+        ("baseline.clock=gpu", "baseline.clock: 'gpu' is not valid; choose one of cpu, wall"),
+        ("baseline.lr=0", r"baseline\.lr: 0.0 is outside \(0.0, 10.0\]"),
+        ("baseline.embedding_dim=0", r"baseline\.embedding_dim: 0 is outside \[1, "),
+        ("baseline.batch_size=0", r"baseline\.batch_size: 0 is outside \[1, "),
+        ("baseline.epochs=0", r"baseline\.epochs: 0 is outside \[1, "),
+        ("baseline.budget_seconds=-1", r"baseline\.budget_seconds: -1.0 is outside \[0.0, "),
+        ("baseline.patience=-1", r"baseline\.patience: -1 is outside \[0, "),
+        ("baseline.epochs=2.5", "baseline.epochs: expected int, got 2.5"),
+        (
             'features.text_encoder=" "',
             r"features\.text_encoder: ' ' is not valid; expected minilm, none or a local model",
         ),
@@ -258,3 +271,41 @@ def test_stage1_relevance_is_declared_per_field():
     }
     assert flat == declared
     assert stage1_relevant(load_config(overrides=["eval.tie=optimistic"])) != relevant
+
+
+# ------------------------------------------------------------------------------------ baselines
+
+
+def test_baseline_settings_round_trip_and_leave_stage1_alone(tmp_path):
+    overrides = [
+        "baseline.model=pykeen:TuckER",
+        "baseline.embedding_dim=64",
+        "baseline.lr=3e-3",
+        "baseline.budget_seconds=120",
+        "baseline.clock=wall",
+        "baseline.patience=5",
+    ]
+    config = load_config(overrides=overrides)
+    save_config(config, tmp_path / "config.json")
+    again = config_from_dict(json.loads((tmp_path / "config.json").read_text()))
+    assert again == config
+    assert (again.baseline.model, again.baseline.lr, again.baseline.budget_seconds) == (
+        "pykeen:TuckER",
+        3e-3,
+        120.0,
+    )
+    assert again.baseline.clock == "wall" and again.baseline.embedding_dim == 64
+    # A DiffusionCom run's shared stage 1 does not depend on any baseline setting.
+    assert "baseline" not in stage1_relevant(config)
+    assert stage1_relevant(config) == stage1_relevant(ExperimentConfig())
+    # A config written before the section existed reads as DiffusionCom.
+    written = config_to_dict(ExperimentConfig())
+    del written["baseline"]
+    assert config_from_dict(written).baseline.model == "none"
+
+
+def test_baseline_model_choices_are_none_and_the_baselines():
+    from core.baselines import BASELINE_MODELS
+
+    (spec,) = [spec for key, spec in _fields_with("choices") if key == "baseline.model"]
+    assert spec.metadata["choices"] == ("none", *BASELINE_MODELS)

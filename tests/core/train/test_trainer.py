@@ -239,6 +239,23 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert resumed["timings"]["train_seconds"] >= epoch_seconds
 
 
+def test_cpu_seconds_cover_the_attempts_before_a_resume(tmp_path):
+    """A study gives a baseline the CPU time its reference run took: a resumed reference run
+    must count the CPU its earlier attempt spent up to its last checkpoint, once."""
+    import time
+
+    from core.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    train_until_interrupted(smoke_config(), out, epochs=4)  # every epoch, then the "kill"
+    before = load_checkpoint(out / "checkpoints" / "last.pt")["cpu_seconds"]
+    assert before > 0
+    started = time.process_time()
+    resumed = train(smoke_config(), out, progress=False)  # set-up and the final evaluation only
+    this_call = time.process_time() - started
+    assert before <= resumed["timings"]["cpu_seconds"] <= before + this_call + 0.01
+
+
 def test_a_run_killed_before_its_first_checkpoint_restarts_with_a_clean_log(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
