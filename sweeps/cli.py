@@ -169,6 +169,8 @@ def _status(args: argparse.Namespace) -> int:
         error = error.splitlines()[0][:80] if error else ""
         if status.stage1 is not None:
             error = f"{_stage1_note(status.stage1)}; last heartbeat {status.heartbeat or '-'}"
+        elif status.waiting_for:
+            error = f"waiting for {status.waiting_for}; last heartbeat {status.heartbeat or '-'}"
         elif status.state == "running" and status.heartbeat:
             error = f"last heartbeat {status.heartbeat}"
         print(
@@ -217,7 +219,7 @@ def _best_finished(statuses, mode: str):
 # ---------------------------------------------------------------------------------- sweep watch
 
 #: States of a run that has not ended: an experiment with none left has ended.
-_LIVE = ("pending", "running")
+_LIVE = ("pending", "running", "waiting")
 
 
 def _duration(seconds: float | None) -> str:
@@ -274,6 +276,8 @@ def _watch_table(folder: Path, metadata: dict, statuses: list) -> tuple[list[str
         note = ""
         if status.stage1 is not None:
             note = f"{_stage1_note(status.stage1)}, heartbeat {status.heartbeat or '-'}"
+        elif status.waiting_for:
+            note = f"waiting for {status.waiting_for}, heartbeat {status.heartbeat or '-'}"
         elif status.state == "running" and status.heartbeat:
             note = f"heartbeat {status.heartbeat}"
         elif status.error:

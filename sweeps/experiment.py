@@ -340,9 +340,10 @@ class TrialStatus:
 
     Attributes:
         name: the run's path under ``runs/``.
-        state: ``pending`` (planned, not started), ``running``, ``interrupted`` (marked running by
-            a process on this host that no longer exists), ``stopped`` (by the scheduler, e.g.
-            ASHA, or Ctrl-C), ``finished`` or ``failed``.
+        state: ``pending`` (planned, not started), ``running``, ``waiting`` (a baseline waiting
+            for the reference run whose cost is its budget), ``interrupted`` (marked running or
+            waiting by a process on this host that no longer exists), ``stopped`` (by the
+            scheduler, e.g. ASHA, or Ctrl-C), ``finished`` or ``failed``.
         seed: the training seed.
         epochs: ``(stage, epoch)`` of the last finished epoch, or ``None``.
         metric: the study metric of the finished run (selected weights), or of the last epoch.
@@ -357,6 +358,7 @@ class TrialStatus:
         seconds_per_epoch: a running run's wall seconds per epoch in its current attempt
             (evaluation included; training seconds alone after its first epoch), or ``None``.
         stage1: the shared stage-1 run a running run is training or waiting for, or ``None``.
+        waiting_for: the run (under ``runs/``) a waiting run waits for, or ``None``.
     """
 
     name: str
@@ -372,6 +374,7 @@ class TrialStatus:
     planned: tuple[int, int] | None = None
     seconds_per_epoch: float | None = None
     stage1: Stage1Progress | None = None
+    waiting_for: str | None = None
 
 
 def eta_seconds(status: TrialStatus) -> float | None:
@@ -396,6 +399,10 @@ def eta_seconds(status: TrialStatus) -> float | None:
     return max(left, 0) * status.seconds_per_epoch
 
 
+#: The states of a run whose process is at work on it.
+_ALIVE_STATES = ("running", "waiting")
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -407,8 +414,8 @@ def _process_alive(pid: int) -> bool:
 
 
 def runs_alive_on_this_host(path: Path) -> list[tuple[str, int]]:
-    """``(run, pid)`` of every run under ``path/runs`` whose ``status.json`` says it is running in
-    a process of this host that still exists.
+    """``(run, pid)`` of every run under ``path/runs`` whose ``status.json`` says it is running (or
+    waiting to, see :mod:`sweeps.trial`) in a process of this host that still exists.
 
     A driver killed outright can leave its Ray workers training (they run in their own process
     groups); resuming then would train those runs twice into the same folders.
@@ -422,7 +429,7 @@ def runs_alive_on_this_host(path: Path) -> list[tuple[str, int]]:
             continue  # damaged: the listing reports it; it is no live process either way
         pid = status.get("pid")
         if (
-            status.get("state", "running") == "running"
+            status.get("state", "running") in _ALIVE_STATES
             and status.get("host") == socket.gethostname()
             and isinstance(pid, int)
             and pid != os.getpid()
@@ -455,7 +462,7 @@ def read_statuses(
             continue
         state = status.get("state", "running")
         if (
-            state == "running"
+            state in _ALIVE_STATES
             and status.get("host") == socket.gethostname()
             and isinstance(status.get("pid"), int)
             and not _process_alive(status["pid"])
@@ -513,6 +520,7 @@ def read_statuses(
             attempts=len(attempts),
             heartbeat=heartbeat,
             best=pick(values) if values else None,
+            waiting_for=status.get("waiting_for") if state == "waiting" else None,
             **running,
         )
     for name in planned:

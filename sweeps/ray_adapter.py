@@ -178,6 +178,9 @@ def _plan(study: Study) -> dict[str, Any]:
     """What trials run on (``plan.json``): every trial's full config, or a search's base config.
 
     Trials, ``resume`` included, build their configs from this plan, never from the study file.
+    Tune starts trials in the order of ``trials``: an ablation's baselines come last (a ``match``
+    baseline waits for its reference run, which must not wait behind it for a free slot);
+    ``matches`` names each such baseline's reference run.
     """
     if study.kind == "search" and study.search.algorithm != "grid":
         return {
@@ -185,10 +188,15 @@ def _plan(study: Study) -> dict[str, Any]:
             "space": [key for key, _ in study.search.space],
             "seeds": list(study.seeds),
         }
-    configs = {t.name: trial_config(study, t) for t in expand_trials(study)}
-    return {
-        "trials": {name: config_to_dict(configs[name]) for name in interleave_by_stage1(configs)}
-    }
+    trials = expand_trials(study)
+    configs = {t.name: trial_config(study, t) for t in trials}
+    order = interleave_by_stage1({t.name: configs[t.name] for t in trials if not t.baseline})
+    order += [t.name for t in trials if t.baseline]
+    plan: dict[str, Any] = {"trials": {name: config_to_dict(configs[name]) for name in order}}
+    matches = {t.name: t.match_to for t in trials if t.match_to}
+    if matches:
+        plan["matches"] = matches
+    return plan
 
 
 def resume(
@@ -321,7 +329,8 @@ def _prepare_trial(
     metric = read_experiment(folder)["metric"]
     if "trial" in config:
         name = config["trial"]
-        return name, [RunSpec(name, config_from_dict(plan["trials"][name]))], metric
+        match_to = plan.get("matches", {}).get(name)
+        return name, [RunSpec(name, config_from_dict(plan["trials"][name]), match_to)], metric
     point = {key: _plain(config[key]) for key in plan["space"]}
     name = f"search/{trial_id}"
     runs = [

@@ -21,6 +21,11 @@ one of three kinds of study over the typed experiment config of :mod:`core.confi
       no-mgat: {structure.encoder: none}
     reference: full                 # kind: ablation, optional -- the variant each Δ is against;
                                     # full if there is one, else the first variant
+    baselines:                      # kind: ablation, optional -- classical KGC baselines
+      pykeen:TuckER: {}             # a list of names, or names mapped to baseline.* settings;
+      pykeen:RotatE:                # a list of values makes one cell per value (a small search)
+        baseline.lr: [0.003, 0.01]
+    baseline_budget: match          # match (default) | {epochs: N} | {seconds: S, clock: cpu|wall}
 
     axes:                           # kind: sensitivity -- one axis at a time
       diffusion.steps: [5, 10, 20]
@@ -47,6 +52,20 @@ is refused. :func:`expand_trials` turns an ablation, a sensitivity sweep or a gr
 trials with stable, readable names such as ``ablation/no-mgat/seed-1``; optuna and random
 searches draw their trials inside Ray Tune, from :attr:`Study.search`. This module never imports
 Ray.
+
+Baselines. An ablation's ``baselines`` are PyKEEN models (``core.baselines.BASELINE_MODELS``)
+trained on the study's graph and ranked by the same evaluator, each one more cell named after
+it (``pykeen:TuckER`` → ``pykeen-tucker``; ``pykeen-rotate-lr=0.003`` for one value of a listed
+setting) whose trials set ``baseline.model`` and its settings, once per study seed. Their trials
+come after every other trial. ``baseline_budget`` says what each baseline run may spend:
+``match`` gives it what the reference variant's run of the same seed cost in all (its shared
+stage 1, its stage 2 and its evaluations; CPU seconds, or wall seconds with ``baseline.clock:
+wall``), resolved when the baseline trial starts (:mod:`sweeps.trial` waits for that run);
+``{epochs: N}`` trains N epochs with no time budget; ``{seconds: S, clock: cpu|wall}`` a fixed
+budget. The keys the budget sets (``baseline.budget_seconds``; ``baseline.epochs`` for
+``epochs``; ``baseline.clock`` for ``seconds``) are not settings, nor overrides, of a study with
+baselines; ``baseline.model`` is set by ``baselines`` only, never by an ablation's overrides or
+variants.
 
 Distributions (``low`` and ``high`` are both inclusive, unlike Ray's ``randint``):
 
@@ -93,6 +112,9 @@ from core.config import (
 
 __all__ = [
     "ALGORITHMS",
+    "BASELINE_BUDGETS",
+    "Baseline",
+    "BaselineBudget",
     "point_config",
     "DISTRIBUTION_TYPES",
     "KINDS",
@@ -123,6 +145,11 @@ KINDS = ("search", "ablation", "sensitivity")
 
 ALGORITHMS = ("optuna-tpe", "random", "grid")
 """Search algorithms of a ``search`` study."""
+
+BASELINE_BUDGETS = ("match", "epochs", "seconds")
+"""The kinds of ``baseline_budget``."""
+
+_CLOCKS = ("cpu", "wall")
 
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 """The folder of the studies that ship with the package."""
@@ -251,6 +278,56 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class BaselineBudget:
+    """What each baseline run of an ablation may spend (``baseline_budget``).
+
+    Attributes:
+        kind: one of :data:`BASELINE_BUDGETS`. ``match``: what the reference variant's run of the
+            same seed cost in all, resolved when the baseline trial starts; ``epochs``: ``epochs``
+            epochs and no time budget; ``seconds``: ``seconds`` of ``clock``.
+        epochs: for ``epochs``.
+        seconds: for ``seconds``.
+        clock: for ``seconds``: ``cpu`` or ``wall``.
+    """
+
+    kind: str = "match"
+    epochs: int | None = None
+    seconds: float | None = None
+    clock: str | None = None
+
+    def owned_keys(self) -> tuple[str, ...]:
+        """The config keys this budget sets: no setting or override may set them too."""
+        if self.kind == "epochs":
+            return ("baseline.epochs", "baseline.budget_seconds")
+        if self.kind == "seconds":
+            return ("baseline.budget_seconds", "baseline.clock")
+        return ("baseline.budget_seconds",)  # resolved when the trial starts
+
+    def overrides(self) -> tuple[tuple[str, Any], ...]:
+        """The ``(config key, value)`` pairs every baseline trial gets from the budget."""
+        if self.kind == "epochs":
+            return (("baseline.epochs", self.epochs), ("baseline.budget_seconds", 0.0))
+        if self.kind == "seconds":
+            return (("baseline.budget_seconds", self.seconds), ("baseline.clock", self.clock))
+        return ()
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One baseline cell of an ablation: a PyKEEN model with its ``baseline.*`` settings.
+
+    Attributes:
+        name: the cell's directory name, e.g. ``pykeen-tucker`` or ``pykeen-rotate-lr=0.003``.
+        model: one of ``core.baselines.BASELINE_MODELS``, e.g. ``pykeen:TuckER``.
+        settings: ``(baseline.* key, value)`` pairs of this cell, in file order.
+    """
+
+    name: str
+    model: str
+    settings: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class Axis:
     """One sensitivity axis: a config key and the values it takes, one at a time."""
 
@@ -277,6 +354,8 @@ class Study:
         variants: the ablation cells (``ablation`` studies).
         reference: the variant every other variant's difference is against (``ablation``
             studies: ``full`` if there is such a variant, else the first; ``None`` otherwise).
+        baselines: the baseline cells (``ablation`` studies), in file order.
+        baseline_budget: what each baseline run may spend; ``None`` without baselines.
         axes: the axes (``sensitivity`` studies).
         defaults: ``(axis key, value)`` pairs each axis key keeps while another axis moves.
         launch_overrides: the ``KEY=VALUE`` texts of ``--set`` given at launch, as given; their
@@ -297,6 +376,8 @@ class Study:
     search: Search | None = None
     variants: tuple[Variant, ...] = ()
     reference: str | None = None
+    baselines: tuple[Baseline, ...] = ()
+    baseline_budget: BaselineBudget | None = None
     axes: tuple[Axis, ...] = ()
     defaults: tuple[tuple[str, Any], ...] = ()
     launch_overrides: tuple[str, ...] = ()
@@ -314,6 +395,9 @@ class Trial:
         changes: ``(dotted config key, value)`` pairs this cell sets.
         overrides: every pair of the trial: the study's overrides, a sensitivity study's defaults,
             then ``changes``, each key once with the last value set. The seed is not among them.
+        baseline: the baseline model a baseline cell trains (``pykeen:TuckER``), else ``None``.
+        match_to: for a baseline whose budget is ``match``: the name of the reference variant's
+            trial of the same seed (its run folder under ``runs/``), whose cost is the budget.
     """
 
     name: str
@@ -321,6 +405,8 @@ class Trial:
     seed: int
     changes: tuple[tuple[str, Any], ...]
     overrides: tuple[tuple[str, Any], ...]
+    baseline: str | None = None
+    match_to: str | None = None
 
     def override_strings(self) -> list[str]:
         """``KEY=VALUE`` strings, seed last, for ``core.config.load_config(base_config, ...)``."""
@@ -367,6 +453,13 @@ def _varied_keys(study: Study) -> dict[str, str]:
     for variant in study.variants:
         for key, _ in variant.overrides:
             varied.setdefault(key, f"variants.{variant.name}")
+    if study.baselines:
+        varied.setdefault("baseline.model", "baselines")
+        for key in study.baseline_budget.owned_keys():
+            varied.setdefault(key, "baseline_budget")
+        for baseline in study.baselines:
+            for key, _ in baseline.settings:
+                varied.setdefault(key, f"baselines.{baseline.model}")
     for axis in study.axes:
         varied.setdefault(axis.key, f"axes.{axis.key}")
     for key, _ in study.search.space if study.search else ():
@@ -437,6 +530,17 @@ def _read_study(
     elif kind == "ablation":
         study["variants"] = reader.variants(data.get("variants"), base_tree)
         study["reference"] = reader.reference(data.get("reference"), study["variants"])
+        budget = reader.baseline_budget(data.get("baseline_budget"), data.get("baselines"))
+        study["baseline_budget"] = budget
+        if budget is not None:
+            reader.no_baseline_keys(overrides, "overrides", budget.owned_keys())
+            study["baselines"] = reader.baselines(
+                data["baselines"], budget, study["variants"], base_tree
+            )
+        else:
+            reader.no_baseline_keys(overrides, "overrides", ())
+        for variant in study["variants"]:
+            reader.no_baseline_keys(variant.overrides, f"variants.{variant.name}", ())
     else:
         study["axes"], study["defaults"] = reader.axes(
             data.get("axes"), data.get("defaults"), base_tree
@@ -459,22 +563,32 @@ def expand_trials(study: Study) -> list[Trial]:
     """Every trial of an ablation, a sensitivity sweep or a grid search, seed by seed.
 
     The order is deterministic: all cells with the first seed, then all with the second, and so
-    on, so a partial sweep already covers every cell. Names are stable across calls and runs.
+    on, so a partial sweep already covers every cell. An ablation's baseline cells come after all
+    other trials, in the same order: a baseline whose budget is ``match`` waits for its reference
+    run, which has then been started before it. Names are stable across calls and runs.
 
     Raises:
         StudyError: for optuna and random searches, whose points Ray Tune draws.
     """
-    return [
+    cells = _cells(study)
+    models = {baseline.name: baseline.model for baseline in study.baselines}
+    match = study.baseline_budget is not None and study.baseline_budget.kind == "match"
+    trials = [
         Trial(
             name=f"{study.kind}/{cell}/seed-{seed}",
             cell=cell,
             seed=seed,
             changes=changes,
             overrides=_merge(study.overrides, study.defaults, changes),
+            baseline=models.get(cell),
+            match_to=(
+                f"{study.kind}/{study.reference}/seed-{seed}" if match and cell in models else None
+            ),
         )
         for seed in study.seeds
-        for cell, changes in _cells(study)
+        for cell, changes in cells
     ]
+    return [t for t in trials if t.baseline is None] + [t for t in trials if t.baseline]
 
 
 def study_config(
@@ -516,6 +630,10 @@ def _cells(study: Study) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
     """``(cell name, changes)`` of every cell of an expandable study, names checked unique."""
     if study.kind == "ablation":
         cells = [(variant.name, variant.overrides) for variant in study.variants]
+        cells += [
+            (baseline.name, _baseline_changes(baseline, study.baseline_budget))
+            for baseline in study.baselines
+        ]
     elif study.kind == "sensitivity":
         cells = [
             (_cell_name(((axis.key, value),)), ((axis.key, value),))
@@ -542,6 +660,16 @@ def _cells(study: Study) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
             )
         seen[cell] = changes
     return cells
+
+
+def _baseline_changes(baseline: Baseline, budget: BaselineBudget) -> tuple[tuple[str, Any], ...]:
+    """What a baseline cell sets: its model, its settings, then what its budget sets."""
+    return (("baseline.model", baseline.model), *baseline.settings, *budget.overrides())
+
+
+def _baseline_cell_name(model: str) -> str:
+    """``pykeen:TuckER`` → ``pykeen-tucker``."""
+    return re.sub(r"[^a-z0-9_-]", "-", model.lower())
 
 
 def _merge(*groups: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
@@ -694,7 +822,7 @@ class _Reader:
     )
     _BY_KIND = {
         "search": ("search",),
-        "ablation": ("variants", "reference"),
+        "ablation": ("variants", "reference", "baselines", "baseline_budget"),
         "sensitivity": ("axes", "defaults"),
     }
 
@@ -956,6 +1084,151 @@ class _Reader:
                 f"{value!r} is not a variant of this study{hint}; choose one of {', '.join(names)}",
             )
         return value
+
+    def baseline_budget(self, value, baselines) -> BaselineBudget | None:
+        """``baseline_budget`` (``match`` by default), or ``None`` for a study without baselines."""
+        if baselines is None:
+            if value is not None:
+                raise self.error(
+                    "baseline_budget", "the study has no baselines to budget; add baselines"
+                )
+            return None
+        forms = "match, {epochs: N} or {seconds: S, clock: cpu|wall}"
+        if value is None or value == "match":
+            return BaselineBudget("match")
+        if not isinstance(value, dict) or not value:
+            raise self.error("baseline_budget", f"expected {forms}, got {value!r}")
+        if "epochs" in value:
+            self.mapping(value, "baseline_budget", ("epochs",))
+            epochs = value["epochs"]
+            if not _is_int(epochs) or epochs < 1:
+                raise self.error(
+                    "baseline_budget.epochs", f"expected an integer >= 1, got {epochs!r}"
+                )
+            return BaselineBudget("epochs", epochs=epochs)
+        if "seconds" in value:
+            self.mapping(value, "baseline_budget", ("seconds", "clock"))
+            seconds, clock = value["seconds"], value.get("clock", "cpu")
+            if not _is_number(seconds) or not math.isfinite(seconds) or seconds <= 0:
+                raise self.error(
+                    "baseline_budget.seconds", f"expected a number of seconds > 0, got {seconds!r}"
+                )
+            if clock not in _CLOCKS:
+                raise self.error(
+                    "baseline_budget.clock",
+                    f"{clock!r} is not a clock; choose one of {', '.join(_CLOCKS)}",
+                )
+            return BaselineBudget("seconds", seconds=float(seconds), clock=clock)
+        key = next(iter(value))
+        raise self.error(f"baseline_budget.{key}", f"unknown budget; expected {forms}")
+
+    def no_baseline_keys(self, pairs, location: str, owned: tuple[str, ...]) -> None:
+        """Refuse ``baseline.model`` and the budget's keys (``owned``) among ``pairs``."""
+        for key, _ in pairs:
+            if key == "baseline.model":
+                raise self.error(
+                    f"{location}.{key}",
+                    "an ablation's baselines are listed under baselines (which budgets them "
+                    "and names their cells), e.g. baselines: [pykeen:TuckER]",
+                )
+            if key in owned:
+                raise self.error(
+                    f"{location}.{key}",
+                    "baseline_budget sets it for every baseline; give the budget there",
+                )
+
+    def baselines(
+        self, value, budget: BaselineBudget, variants: tuple[Variant, ...], tree: dict
+    ) -> tuple[Baseline, ...]:
+        """The baseline cells of ``baselines`` (a list of names or a mapping of names to
+        ``baseline.*`` settings; a list of values makes one cell per value, or per combination)."""
+        from core.baselines import BASELINE_MODELS  # PyKEEN's side is imported only when used
+
+        if isinstance(value, list):
+            names = value
+            if not names:
+                raise self.error("baselines", "expected at least one baseline")
+            for index, name in enumerate(names):
+                if names.index(name) != index:
+                    raise self.error(f"baselines[{index}]", f"{name!r} is repeated")
+            entries = [(name, None) for name in names]
+        elif isinstance(value, dict) and value:
+            entries = list(value.items())
+        else:
+            raise self.error(
+                "baselines",
+                "expected a list of baseline names, e.g. [pykeen:TuckER, pykeen:RotatE], or a "
+                "mapping of names to baseline.* settings, e.g. pykeen:RotatE: {baseline.lr: 0.003}",
+            )
+        variant_names = {variant.name for variant in variants}
+        baselines: list[Baseline] = []
+        for model, settings in entries:
+            location = f"baselines.{model}"
+            if model not in BASELINE_MODELS:
+                by_case = {name.lower(): name for name in BASELINE_MODELS}
+                close = difflib.get_close_matches(str(model).lower(), by_case, n=1, cutoff=0.8)
+                hint = f"did you mean {by_case[close[0]]}? " if close else ""
+                raise self.error(
+                    location,
+                    f"unknown baseline; {hint}choose one of {', '.join(BASELINE_MODELS)}",
+                )
+            fixed, listed = self.baseline_settings(settings, location, budget)
+            keys = [key for key, _ in listed]
+            for point in itertools.product(*(values for _, values in listed)):
+                chosen = tuple(zip(keys, point, strict=True))
+                name = _baseline_cell_name(model)
+                if chosen:
+                    name += "-" + _cell_name(
+                        tuple((key.removeprefix("baseline."), item) for key, item in chosen)
+                    )
+                if name in variant_names:
+                    raise self.error(
+                        location,
+                        f"its cell {name!r} has the name of a variant; rename variants.{name}",
+                    )
+                settings_of_cell = _merge(fixed, chosen)
+                baseline = Baseline(name=name, model=model, settings=settings_of_cell)
+                self.check_cell(tree, _baseline_changes(baseline, budget), location)
+                baselines.append(baseline)
+        return tuple(baselines)
+
+    def baseline_settings(self, value, location: str, budget: BaselineBudget):
+        """``(fixed pairs, (key, values) of listed settings)`` of one baseline's settings."""
+        if value is None:
+            return (), ()
+        if not isinstance(value, dict):
+            raise self.error(
+                location,
+                f"expected a mapping of baseline.* settings, e.g. {{baseline.lr: 0.003}}, "
+                f"got {value!r}",
+            )
+        fixed, listed = [], []
+        for key, item in value.items():
+            where = f"{location}.{key}"
+            if not isinstance(key, str) or not key.startswith("baseline."):
+                raise self.error(
+                    where,
+                    "only baseline.* settings belong to a baseline; settings of every trial go "
+                    "under overrides",
+                )
+            try:
+                _check_config_key(key)
+            except ConfigError as error:
+                raise self.error(where, str(error)) from None
+            if key == "baseline.model":
+                raise self.error(where, "the model is the entry's name")
+            if key in budget.owned_keys():
+                raise self.error(
+                    where, "baseline_budget sets it for every baseline; give the budget there"
+                )
+            if isinstance(item, list):
+                listed.append((key, self.values(item, where, key)))
+                continue
+            try:
+                fixed.append((key, coerce_value(key, item)))
+            except ConfigError as error:
+                raise self.error(where, str(error)) from None
+        return tuple(fixed), tuple(listed)
 
     def axes(self, value, defaults, tree: dict):
         if not isinstance(value, dict) or not value:

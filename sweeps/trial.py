@@ -4,10 +4,18 @@
 :mod:`sweeps.ray_adapter` hands it a ``report`` function that forwards to Tune, tests hand it a list.
 A trial trains one config per seed (one for an ablation or sensitivity cell, one per study seed
 for a drawn search point), each in its own run folder under ``<experiment>/runs/``.
+
+A baseline run (``baseline.model`` set, see :mod:`core.baselines`) has no stage 1 to share. With
+``baseline_budget: match`` (:attr:`RunSpec.match_to`) its budget is the cost of the reference run
+of the same seed, known once that run has finished: the trial waits for it (``status.json``
+state ``waiting``, ``waiting_for`` that run), then trains with :func:`matched_budget` as
+``baseline.budget_seconds``, which its ``config.json`` and ``trial.json`` hold, and fails if the
+reference failed. A restarted baseline keeps the budget it resolved the first time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -20,15 +28,18 @@ from core.config import ExperimentConfig, config_to_dict
 from core.train.checkpoint import CheckpointError, load_checkpoint
 from core.train.trainer import NonFiniteLossError, load_run_dataset, train
 from runstore import (
+    CONFIG,
     EXPERIMENT,
     RESULTS,
     RUNS_DIR,
+    STAGE1_RUN,
     STATUS,
     TRIAL,
     checkpoint_path,
     flatten_results,
 )
 from sweeps.experiment import (
+    ExperimentError,
     code_revision,
     now,
     package_versions,
@@ -37,11 +48,23 @@ from sweeps.experiment import (
 )
 from sweeps.stage1 import STAGE1_DIR, Stage1Store, stage1_key
 
-__all__ = ["NON_FINITE", "RunSpec", "TrialFailed", "flatten_results", "run_trial"]
+__all__ = [
+    "MATCH_POLL_SECONDS",
+    "NON_FINITE",
+    "RunSpec",
+    "TrialFailed",
+    "flatten_results",
+    "matched_budget",
+    "run_trial",
+]
 
 #: ``status.json`` ``failure`` of a run whose loss became NaN or infinite. Such a failure repeats
 #: exactly on a retry from the same checkpoint, so a retried or resumed run fails at once instead.
 NON_FINITE = "non-finite-loss"
+
+#: Seconds between two looks at the reference run a ``match`` baseline waits for: that run takes
+#: minutes to hours, and each look rewrites the waiting run's ``status.json`` (its heartbeat).
+MATCH_POLL_SECONDS = 15.0
 
 Report = Callable[[dict], None]
 
@@ -52,10 +75,15 @@ class TrialFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One core run of a trial: its folder under ``runs/`` and its full config."""
+    """One core run of a trial: its folder under ``runs/`` and its full config.
+
+    ``match_to``: for a baseline run whose budget is ``match``, the reference run (its folder under
+    ``runs/``) whose cost becomes ``baseline.budget_seconds`` once it has finished.
+    """
 
     name: str
     config: ExperimentConfig
+    match_to: str | None = None
 
 
 def run_trial(
@@ -105,9 +133,12 @@ def run_trial(
         if status.get("failure") == NON_FINITE:
             raise TrialFailed(f"{run_dir}: {status['error']} (not retried: it would repeat)")
         resumed_from = _progress(checkpoint_path(run_dir))
+        baseline = _baseline_model(spec.config)
+        budget = _resolved_budget(run_dir, status) if spec.match_to else None
+        waits = spec.match_to is not None and budget is None
 
         status.update(
-            state="running",
+            state="waiting" if waits else "running",
             seed=spec.config.seed,
             host=socket.gethostname(),
             pid=os.getpid(),
@@ -117,6 +148,32 @@ def run_trial(
         status["attempts"].append(
             {"started": now(), "host": status["host"], "node": node, "resumed_from": resumed_from}
         )
+        if waits:
+            try:
+                budget = _wait_for_budget(experiment, spec, status, status_file, is_main)
+            except (KeyboardInterrupt, SystemExit):
+                status.update(state="stopped", stopped=now())
+                if is_main:
+                    write_json(status_file, status)
+                raise
+            except Exception as error:  # the reference failed, or its files are damaged
+                reason = str(error)
+                if not isinstance(error, TrialFailed):
+                    reason = f"{type(error).__name__}: {reason}"
+                _fail(status, status_file, reason, "reference", is_main)
+                raise TrialFailed(f"{run_dir}: {reason}") from error
+        if budget is not None:
+            # What runs is what config.json and trial.json say: the resolved budget in the config.
+            spec = dataclasses.replace(
+                spec,
+                config=dataclasses.replace(
+                    spec.config,
+                    baseline=dataclasses.replace(spec.config.baseline, budget_seconds=budget),
+                ),
+            )
+        if baseline is not None:
+            status.pop("waiting_for", None)
+            status.update(state="running", baseline=_baseline_record(spec))
         if is_main:
             write_json(status_file, status)
             _write_provenance(run_dir, trial, spec, metadata)
@@ -150,7 +207,7 @@ def run_trial(
         started = time.perf_counter()
         try:
             stage1 = None
-            if resumed_from is None:
+            if resumed_from is None and baseline is None:
                 # Recorded before waiting for or training the shared stage 1, so `status` and
                 # `watch` show that stage-1 run's progress instead of a run that looks hung.
                 status["stage1"] = {
@@ -224,6 +281,117 @@ def run_trial(
     return _mean_of(finished) | {"final": True, "runs_finished": len(finished), "runs": len(runs)}
 
 
+def matched_budget(experiment: Path, reference: str, clock: str) -> float | None:
+    """What the reference run ``runs/<reference>`` cost in all, once it has finished.
+
+    The cost counted is ``clock`` seconds (``cpu``: the process CPU time that the trainer's
+    ``results.json`` records as ``timings.cpu_seconds``; ``wall``: ``timings.train_seconds``) of the
+    reference run itself (its stage 2 and every evaluation, or all of it when it trained its own
+    stage 1) plus, when it started from a shared stage-1 run (``status.json`` ``stage1`` with a
+    ``checkpoint``), the same seconds of that stage-1 run, whoever trained it: a baseline gets what
+    producing the reference's result took. Shared stage 1 found by its key in this experiment's
+    store or a parent's (``experiment.json`` ``parents``), else where its checkpoint was.
+
+    Returns:
+        The seconds, or ``None`` while the reference has not finished (not started, running,
+        waiting or stopped: a stopped run is resumed).
+
+    Raises:
+        TrialFailed: the reference run failed, or its files lack the seconds to match.
+    """
+    run = Path(experiment) / RUNS_DIR / reference
+    status_file = run / STATUS.file
+    if not status_file.is_file():
+        return None
+    status = read_json_object(status_file)
+    if status.get("state") == "failed":
+        raise TrialFailed(
+            f"the reference run {reference} failed ({status.get('error') or 'no reason given'}); "
+            "a baseline with baseline_budget: match gets that run's cost as its budget: resume "
+            "the experiment to retry both"
+        )
+    if status.get("state") != "finished" or not (run / RESULTS.file).is_file():
+        return None
+    key = "cpu_seconds" if clock == "cpu" else "train_seconds"
+    seconds = _timing(run / RESULTS.file, key)
+    stage1 = status.get("stage1")
+    if isinstance(stage1, dict) and stage1.get("checkpoint"):
+        seconds += _timing(_shared_stage1_run(Path(experiment), stage1) / RESULTS.file, key)
+    return round(seconds, 2)
+
+
+def _timing(results_file: Path, key: str) -> float:
+    """``timings.<key>`` of a finished run's ``results.json``, a number > 0."""
+    try:
+        value = read_json_object(results_file).get("timings", {}).get(key)
+    except (ExperimentError, AttributeError) as error:
+        raise TrialFailed(f"cannot read the budget to match from {results_file}: {error}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise TrialFailed(
+            f"{results_file}: timings.{key}: expected the seconds the run took (> 0) to match, "
+            f"found {value!r}"
+        )
+    return float(value)
+
+
+def _shared_stage1_run(experiment: Path, stage1: dict) -> Path:
+    """The folder of the shared stage-1 run a run's ``status.json`` ``stage1`` names."""
+    parents = read_json_object(experiment / EXPERIMENT.file).get("parents", [])
+    key = stage1.get("key")
+    if isinstance(key, str) and key and "/" not in key:
+        for root in (experiment, *(Path(parent) for parent in parents)):
+            folder = root / STAGE1_DIR / key / STAGE1_RUN
+            if (folder / RESULTS.file).is_file():
+                return folder
+    return Path(stage1["checkpoint"]).parent.parent  # <run>/checkpoints/last.pt
+
+
+def _baseline_model(config: ExperimentConfig) -> str | None:
+    model = config.baseline.model
+    return None if model == "none" else model
+
+
+def _baseline_record(spec: RunSpec) -> dict:
+    """``status.json``'s and ``trial.json``'s ``baseline``: what it trains under which budget."""
+    baseline = spec.config.baseline
+    return {
+        "model": baseline.model,
+        "budget_seconds": baseline.budget_seconds or None,
+        "clock": baseline.clock,
+        "matched_to": spec.match_to,
+    }
+
+
+def _resolved_budget(run_dir: Path, status: dict) -> float | None:
+    """The budget an earlier attempt of this run resolved: its ``config.json`` (what trained), or
+    its ``status.json`` when it died before training; ``None`` when it never resolved one."""
+    found = None
+    if (run_dir / CONFIG.file).is_file():
+        with_config = read_json_object(run_dir / CONFIG.file).get("baseline")
+        found = with_config.get("budget_seconds") if isinstance(with_config, dict) else None
+    if not found and isinstance(status.get("baseline"), dict):
+        found = status["baseline"].get("budget_seconds")
+    ok = isinstance(found, int | float) and not isinstance(found, bool) and found > 0
+    return float(found) if ok else None
+
+
+def _wait_for_budget(
+    experiment: Path, spec: RunSpec, status: dict, status_file: Path, is_main: bool
+) -> float:
+    """Poll the reference run until it has finished; its cost is the budget.
+
+    Every process of a multi-process trial reads the same finished files, so all get the same
+    budget without talking to each other.
+    """
+    status["waiting_for"] = spec.match_to
+    while (budget := matched_budget(experiment, spec.match_to, spec.config.baseline.clock)) is None:
+        status["heartbeat"] = now()
+        if is_main:
+            write_json(status_file, status)
+        time.sleep(MATCH_POLL_SECONDS)
+    return budget
+
+
 def _global_epoch(config: ExperimentConfig, record: dict) -> int:
     """Epochs since the run began, over both stages: the time axis schedulers compare trials on.
 
@@ -264,6 +432,7 @@ def _write_provenance(run_dir: Path, trial: str, spec: RunSpec, metadata: dict) 
     config = spec.config
     started = time.perf_counter()
     graph = load_run_dataset(config)
+    baseline = {"baseline": _baseline_record(spec)} if _baseline_model(config) else {}
     write_json(
         run_dir / TRIAL.file,
         {
@@ -279,5 +448,6 @@ def _write_provenance(run_dir: Path, trial: str, spec: RunSpec, metadata: dict) 
             "launched_from": metadata.get("code"),
             "packages": package_versions(),
             "host": socket.gethostname(),
+            **baseline,
         },
     )

@@ -108,6 +108,11 @@ def test_each_ablation_cell_changes_only_what_it_declares_and_no_two_cells_are_e
         declared = {
             variant.name: {key for key, _ in variant.overrides} for variant in study.variants
         }
+        for baseline in study.baselines:
+            budget = study.baseline_budget.overrides()
+            declared[baseline.name] = {"baseline.model"} | {
+                key for key, _ in (*baseline.settings, *budget)
+            }
         configs = {
             trial.cell: config_to_dict(trial_config(study, trial))
             for trial in expand_trials(study)
