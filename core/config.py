@@ -237,6 +237,11 @@ class TrainConfig:
     warmup_fraction: float = _range(0.1, 0.0, 1.0, stage1=True)
     # Epochs without valid MRR gain; 0 disables.
     patience: int = _range(20, 0, 100_000, stage1=True)
+    # When stage 1's patience runs out, it restarts from its best weights at plateau_lr_factor
+    # times its learning rate, with fresh optimizer moments, up to plateau_decays times before it
+    # stops: a plateau at a high learning rate is often not the best the extractor can reach.
+    plateau_decays: int = _range(0, 0, 100, stage1=True)
+    plateau_lr_factor: float = _range(0.2, 0.0, 1.0, low_open=True, stage1=True)
     mixed_precision: str = _choice("no", ("no", "bf16", "fp16"), stage1=True)
     eval_every: int = _range(1, 1, 100_000, stage1=True)
     max_grad_norm: float = _range(1.0, 0.0, 1e6, stage1=True)

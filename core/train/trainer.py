@@ -527,8 +527,15 @@ def _run_stage(
             else:
                 progress_state["stale"] += config.train.eval_every
                 if config.train.patience and progress_state["stale"] >= config.train.patience:
-                    progress_state["done"] = True
-                    record["early_stopped"] = True
+                    if stage == 1 and progress_state.get("decays", 0) < config.train.plateau_decays:
+                        _restart_from_best(model, state[f"best_{stage_key}"], optimizer)
+                        _scale_learning_rate(optimizer, scheduler, config.train.plateau_lr_factor)
+                        progress_state["decays"] = progress_state.get("decays", 0) + 1
+                        progress_state["stale"] = 0
+                        record["plateau_decay"] = progress_state["decays"]
+                    else:
+                        progress_state["done"] = True
+                        record["early_stopped"] = True
         progress_state["epoch"] = epoch + 1
         # Wall time of all epochs so far, across resumes (evaluation included).
         state["train_seconds"] = state.get("train_seconds", 0.0) + time.perf_counter() - started
@@ -747,6 +754,21 @@ def _stage1_metrics(run: TrainingRun, state: dict, split: str) -> dict:
         )
     finally:
         model.extractor.load_state_dict(selected)
+
+
+def _restart_from_best(model: torch.nn.Module, best: dict, optimizer) -> None:
+    """Back to the stage's best weights, with fresh optimizer moments (as a new optimizer would
+    start): the moments of the plateau's steps describe another point of the loss surface."""
+    model.load_state_dict(best)
+    optimizer.state.clear()
+
+
+def _scale_learning_rate(optimizer, scheduler, factor: float) -> None:
+    """Multiply the learning rate of every remaining step by ``factor``: the schedule's base
+    rates (saved with the scheduler, so a resumed run keeps them) and the current rates."""
+    scheduler.base_lrs = [rate * factor for rate in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
 
 
 def write_ranks(out_dir: Path, split: str, result: RankingResult) -> None:

@@ -256,6 +256,65 @@ def test_cpu_seconds_cover_the_attempts_before_a_resume(tmp_path):
     assert before <= resumed["timings"]["cpu_seconds"] <= before + this_call + 0.01
 
 
+def _plateau_config(*extra):
+    # A learning rate so small that no valid rank moves: with patience 1 every epoch after the
+    # first is a plateau.
+    return smoke_config(
+        "train.lr_stage1=1e-9",
+        "train.stage1_epochs=6",
+        "train.stage2_epochs=0",
+        "train.patience=1",
+        "train.plateau_decays=2",
+        "train.plateau_lr_factor=0.5",
+        *extra,
+    )
+
+
+def test_a_plateau_restarts_stage1_from_its_best_weights_at_a_lower_rate(tmp_path):
+    records = []
+    train(_plateau_config(), tmp_path / "run", callback=records.append, progress=False)
+    stage1 = [r for r in records if r["stage"] == 1]
+    decays = [(r["epoch"], r["plateau_decay"]) for r in stage1 if "plateau_decay" in r]
+    stops = [r["epoch"] for r in stage1 if r.get("early_stopped")]
+    # Every time patience runs out a decay comes first; the third time, the stage stops.
+    assert [n for _, n in decays] == [1, 2][: len(decays)]
+    if len(decays) == 2:
+        assert stops and stops[0] > decays[1][0]
+    assert decays, "patience 1 over 6 epochs must run out at least once"
+    # The epoch after a decay trains at plateau_lr_factor of the rate the schedule would give.
+    undecayed = []
+    train(
+        _plateau_config("train.plateau_decays=0", "train.patience=0"),
+        tmp_path / "plain",
+        callback=undecayed.append,
+        progress=False,
+    )
+    first_decay = decays[0][0]
+    after = next(r for r in stage1 if r["epoch"] == first_decay + 1)
+    plain = next(r for r in undecayed if r["stage"] == 1 and r["epoch"] == first_decay + 1)
+    assert after["lr"] == pytest.approx(0.5 * plain["lr"], rel=1e-6)
+    # It restarts from the best weights: their valid MRR is the best so far, so the epoch after
+    # the decay starts where the best epoch was (one epoch of training at a lower rate away).
+    best_before = max(r["valid.clean.mrr"] for r in stage1 if r["epoch"] <= first_decay)
+    assert after["valid.clean.mrr"] >= best_before - 0.05
+
+
+def test_kill_and_resume_across_a_plateau_decay_matches_an_uninterrupted_run(tmp_path):
+    uninterrupted = []
+    full = train(
+        _plateau_config(), tmp_path / "full", callback=uninterrupted.append, progress=False
+    )
+    first_decay = next(r["epoch"] for r in uninterrupted if "plateau_decay" in r)
+    train_until_interrupted(_plateau_config(), tmp_path / "killed", epochs=first_decay)
+    resumed = train(_plateau_config(), tmp_path / "killed", progress=False)
+    assert resumed["test"]["clean_all"] == full["test"]["clean_all"]
+    strip = lambda path: [  # noqa: E731
+        {k: v for k, v in json.loads(x).items() if k != "train_seconds"}
+        for x in (path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert strip(tmp_path / "killed") == strip(tmp_path / "full")
+
+
 def test_a_run_killed_before_its_first_checkpoint_restarts_with_a_clean_log(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
