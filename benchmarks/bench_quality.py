@@ -1,113 +1,101 @@
-"""Quality against the field's library: DiffusionCom vs PyKEEN baselines at the same time budget.
+"""Quality against the field's library: DiffusionCom vs PyKEEN baselines at the same CPU budget.
+
+What it measures: test MRR, Hits@1 and Hits@10 (filtered, both directions, realistic ties, the
+clean protocol) of the shipped default recipe and of PyKEEN models trained on the same id triples
+for as much CPU time as our run took, per graph, as mean ± sample std over seeds; how much the
+final model gains over its own stage 1; and how stage 1 learned (curves, collapses, plateau stops).
 
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_quality.py [--datasets umls,nations] [--seeds 0,1,2]
-        [--models TuckER,DistMult] [--clock cpu|wall] [--quick] [--out DIR]
+        [--models DistMult,RotatE,TuckER] [--variants full,no-mgat] [--quick] [--out DIR]
+        [--resume] [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/bench_quality.py --from-experiments DIR [DIR ...] [--out DIR]
 
-For every dataset and seed:
+``make bench`` runs it with its defaults: five graphs (``umls``, ``nations``, ``synthetic:small``,
+``umls:anonymous``, ``nations:anonymous``; ``NAME:anonymous`` is NAME with
+``data.entity_text=anonymous``, every entity's text an opaque id), three seeds, three baselines.
+``--quick`` is a smoke run: the first seed, 2 + 1 epochs for ours and at most 2 for each baseline.
 
-1. **Ours**: ``core.train.trainer.train`` on the shipped default recipe (the config defaults;
-   ``data.dataset`` and ``seed`` set, then the :data:`VARIANTS` change and any ``--set
-   KEY=VALUE``). The frozen text (and image) features are computed once before timing. The budget
-   ``T`` is the longest of our variants' times. With ``--clock cpu`` (the default) a time is the
-   process's CPU seconds over the whole ``train`` call: dataset loading, model construction, both
-   stages with their per-epoch valid evaluation and checkpoints, and the final valid/test
-   evaluation (which PyKEEN's budget does not contain: the rounding favours PyKEEN). With one
-   thread per process this equals the wall clock of an idle machine, and another job's load on a
-   shared machine cannot move it. ``--clock wall`` uses the trainer's own
-   ``results["timings"]["train_seconds"]`` (wall clock, final test evaluation excluded).
-2. **PyKEEN** models (``--models``; TransE, DistMult, ComplEx, RotatE, TuckER by default), trained
-   on the *same* id triples (a ``TriplesFactory`` built from our graph's tensors and vocabularies,
-   so ids match ours exactly) with LCWA (1-vs-all over tails, inverse triples so heads are learned
-   as tails of ``r⁻¹``), epoch after epoch until ``T`` is spent on the same clock (checked after
-   each epoch; the clock starts before the triples factory and model are built). After every epoch
-   the model is ranked on the valid split by our evaluator and the weights with the best valid MRR
-   are kept, as our trainer does. On ``NAME:anonymous`` PyKEEN's run of ``NAME`` with the same
-   seed is reused when its budget was at least ``T`` (PyKEEN sees only the id triples).
-3. **Evaluation**: every model is ranked on the test split by ``core.evaluation.evaluate`` (filtered,
-   realistic ties, both directions). A head query ``(t, r + R, ?)`` is mapped to PyKEEN's
-   ``predict_h`` on ``rt_batch = (r, t)``, which for a model trained with inverse triples scores it as
-   the tail query ``(t, r_inv, ?)``; a tail query ``(h, r, ?)`` goes to ``predict_t((h, r))``.
+There is one harness: every graph is an ablation study (``sweeps/studies/quality.yaml``, launched
+through :func:`sweeps.ray_adapter.launch` as ``diffcom sweep launch`` does, on a local Ray, one
+CPU per trial) named ``quality-<graph>`` under ``--out`` (default: a new temporary folder). Its
+cell ``full`` is the default recipe (``--variants`` adds e.g. ``no-mgat``); its baselines
+(``--models``; any of TransE, DistMult, ComplEx, RotatE, TuckER) train through
+:mod:`core.baselines` (LCWA, softmax cross entropy, Adam lr 0.01, batch 256, dim 200, no label
+smoothing: the ``baseline.*`` defaults), keep their best-valid weights and are ranked by our
+evaluator. With the default seeds, models and variants the shipped study file itself is launched,
+with ``--set data.dataset=...`` (and ``data.entity_text=anonymous``); other choices write a copy
+of it under ``--out/studies/``. Each launch prints the ``diffcom sweep launch`` command that makes
+the same runs by hand. ``--resume`` continues experiments already under ``--out`` (through
+:func:`sweeps.ray_adapter.resume`) instead of refusing them; ``--from-experiments`` trains nothing
+and prints the tables of existing experiment folders (read by :mod:`analysis.load`, as the report
+reads them).
 
-The PyKEEN settings are fixed across seeds and datasets (see ``PYKEEN_MODELS`` and the
-``--pykeen-*`` options; lr 0.01 was chosen over 1e-3 and 5e-3 on valid MRR). Every model runs with
-``--threads`` torch threads (default 1). The script prints a Markdown table (mean ± sample std over
-seeds) and, with ``--out``, writes ``table.md`` and ``results.json`` (every per-seed number, wall
-and CPU seconds of every run, load averages) after every seed; ``--from-results`` prints the table
-of several such files (e.g. of two processes that each ran some datasets).
+How the budget is counted now (``baseline_budget: match``, CPU clock): each baseline run of seed
+``s`` gets the CPU seconds that the full model's run of seed ``s`` took in all: the process CPU
+time of its shared stage-1 run plus that of its own run (set-up, stage 2 with its per-epoch valid
+evaluation, and its final valid/test evaluation, which a baseline's budget does not contain: the
+rounding favours PyKEEN). A baseline's clock starts with its run (set-up included) and is checked
+after each epoch. With one torch thread per trial, CPU time is what an idle machine's wall clock
+would show, so other load on a shared machine does not move the budget. The frozen text and image
+features are computed before the launch, so no run's clock holds that one-off cost (a launch by
+hand with a cold feature cache charges it to the first run). Unlike earlier versions of this
+script, ``NAME:anonymous`` trains its own baselines (PyKEEN sees only id triples, so they differ
+from NAME's only in their budget).
+
+Output: per graph, a Markdown table (budget T = the full model's cost, the time each model used,
+epochs, test MRR/Hits@1/Hits@10 and valid MRR; our rows also as "stage 1 only" from the same
+runs' ``stage1_clean`` results), the final-minus-stage-1 lines, the verdict (ours ≥ the best
+PyKEEN model on mean test MRR and Hits@1) and the stage-1 stability table per run; also written
+to ``--out/table.md``. The exit status is 1 when some run did not finish. The same folders make
+the project's report (``diffcom report DIR/quality-umls``), whose Baselines table and significance
+tests read the same runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import logging
+import dataclasses
+import hashlib
 import math
 import os
-import platform
-import shutil
+import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-# Never write pykeen's or our cache into the home folder: temporary folders unless given.
-for _variable, _prefix in (("PYSTOW_HOME", "pystow"), ("DIFFCOM_CACHE_DIR", "cache")):
-    if not os.environ.get(_variable):
-        os.environ[_variable] = tempfile.mkdtemp(prefix=f"bench-quality-{_prefix}-")
-
-from pykeen.losses import CrossEntropyLoss  # noqa: E402
-from pykeen.models import ComplEx, DistMult, RotatE, TransE, TuckER  # noqa: E402
-from pykeen.training import LCWATrainingLoop  # noqa: E402
-from pykeen.training.callbacks import TrainingCallback  # noqa: E402
-from pykeen.triples import TriplesFactory  # noqa: E402
-from pykeen.utils import set_random_seed  # noqa: E402
-
-from core.config import ExperimentConfig, config_to_dict, load_config  # noqa: E402
-from core.data.graph import KnowledgeGraph  # noqa: E402
-from core.evaluation import evaluate  # noqa: E402
-from core.features import extract_features  # noqa: E402
-from core.train.trainer import feature_settings, load_run_dataset, train  # noqa: E402
-
-#: Our variants on top of the shipped default recipe (the config defaults, also
-#: ``core/configs/recipe.yaml``, chosen on valid MRR across datasets; see BENCHMARKS.md), never
-#: tuned per dataset. ``recipe`` is the paper's full model; ``-MGAT`` the same without the
-#: structure encoder (the paper's "DiffusionCom−MGAT" ablation), measured on request.
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "recipe": (),
-    "-MGAT": ("structure.encoder=none",),
-}
-#: ``NAME:anonymous`` is dataset NAME with every entity's text replaced by an opaque id.
+#: The shipped study every graph's experiment is launched from.
+STUDY = ROOT / "sweeps" / "studies" / "quality.yaml"
+DATASETS = ("umls", "nations", "synthetic:small", "umls:anonymous", "nations:anonymous")
+#: ``NAME:anonymous`` is graph NAME with every entity's text replaced by an opaque id.
 ANONYMOUS_SUFFIX = ":anonymous"
+#: Our cells: the default recipe (the paper's full model) and, on request, the paper's
+#: "DiffusionCom−MGAT" ablation (no structure encoder).
+VARIANTS: dict[str, dict[str, object]] = {"full": {}, "no-mgat": {"structure.encoder": "none"}}
+DEFAULT_MODELS = ("DistMult", "RotatE", "TuckER")
+DEFAULT_SEEDS = (0, 1, 2)
+#: Launch overrides of ``--quick`` (a ``--set`` of the same key wins).
+QUICK_OVERRIDES = ("train.stage1_epochs=2", "train.stage2_epochs=1", "baseline.epochs=2")
+#: Stage-1 epochs whose valid MRR the stability table shows.
+CURVE_EPOCHS = (1, 5, 10, 20, 40)
 
-#: name → (class, constructor kwargs). Dimensions are real dims for TransE/DistMult/TuckER and
-#: complex dims for ComplEx/RotatE (so 2x the real parameters there). Regularizers: model defaults.
-PYKEEN_MODELS: dict[str, tuple[type, dict]] = {
-    "TransE": (TransE, {"embedding_dim": 200}),
-    "DistMult": (DistMult, {"embedding_dim": 200}),
-    "ComplEx": (ComplEx, {"embedding_dim": 200}),
-    "RotatE": (RotatE, {"embedding_dim": 200}),
-    "TuckER": (TuckER, {"embedding_dim": 200, "relation_dim": 30}),
-}
+
+class BenchError(Exception):
+    """Bad input or a folder the benchmark cannot use; printed as one line."""
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _load_average() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
+    values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -115,19 +103,171 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def _fmt(values: list[float], digits: int = 3) -> str:
     mean, std = _mean_std(values)
+    if math.isnan(mean):
+        return "—"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _dataset_overrides(dataset: str) -> list[str]:
-    """Config overrides of a dataset spec: ``umls`` or ``umls:anonymous`` (opaque entity text)."""
+def _number(value) -> float:
+    """A frame value as a float; NaN for missing ones."""
+    if value is None or isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def dataset_overrides(dataset: str) -> list[str]:
+    """Config overrides of a graph spec: ``umls`` or ``umls:anonymous`` (opaque entity text)."""
     if dataset.endswith(ANONYMOUS_SUFFIX):
         name = dataset[: -len(ANONYMOUS_SUFFIX)]
         return [f"data.dataset={name}", "data.entity_text=anonymous"]
     return [f"data.dataset={dataset}"]
 
 
-def _graph(dataset: str) -> KnowledgeGraph:
-    return load_run_dataset(load_config(overrides=_dataset_overrides(dataset)))
+def experiment_name(dataset: str) -> str:
+    """``quality-umls``, ``quality-synthetic-small``, ``quality-nations-anonymous``."""
+    return "quality-" + re.sub(r"[^a-z0-9]+", "-", dataset.lower()).strip("-")
+
+
+def baseline_model(name: str) -> str:
+    """``TuckER``, ``tucker`` or ``pykeen:TuckER`` → ``pykeen:TuckER``."""
+    from core.baselines import BASELINE_MODELS
+
+    wanted = name.strip().lower().removeprefix("pykeen:")
+    for model in BASELINE_MODELS:
+        if model.lower().removeprefix("pykeen:") == wanted:
+            return model
+    choices = ", ".join(m.removeprefix("pykeen:") for m in BASELINE_MODELS)
+    raise BenchError(f"--models: unknown model {name!r}; choose from {choices}")
+
+
+def _short(model: str) -> str:
+    return model.removeprefix("pykeen:")
+
+
+# ------------------------------------------------------------------------------------------ studies
+
+
+def study_for(seeds: list[int], models: list[str], variants: list[str], folder: Path) -> Path:
+    """The study file to launch: the shipped one when it is what was asked, else a copy of it
+    with these ``seeds``, baselines and ``variants`` under ``folder`` (named by its content, so
+    an experiment's study file is never overwritten by another's)."""
+    import yaml
+
+    from core.config import read_yaml
+
+    data = read_yaml(STUDY, "study")
+    asked = {
+        "seeds": list(seeds),
+        "variants": {name: dict(VARIANTS[name]) for name in variants},
+        "baselines": list(models),
+    }
+    if all(data.get(key) == value for key, value in asked.items()):
+        return STUDY
+    data.update(asked)
+    body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    digest = hashlib.sha256(body.encode()).hexdigest()[:10]
+    path = folder / f"quality-{digest}.yaml"
+    header = (
+        f"# diffcom sweep launch {path}\n"
+        f"# Written by benchmarks/bench_quality.py: {STUDY.relative_to(ROOT)} with seeds, "
+        "variants and baselines as asked; one experiment per graph (--set data.dataset=...).\n"
+    )
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + body)
+    return path
+
+
+def launch_overrides(dataset: str, quick: bool, extra: list[str]) -> list[str]:
+    """``--set`` texts of one graph's launch: the graph, ``--quick``'s epochs, then ``extra``
+    (which replaces a ``--quick`` value of the same key)."""
+    given = {}
+    for text in extra:
+        key = text.split("=", 1)[0].strip()
+        if "=" not in text or not key:
+            raise BenchError(f"--set {text}: expected KEY=VALUE")
+        if key in ("data.dataset", "data.entity_text"):
+            raise BenchError(f"--set {text}: {key} comes from --datasets")
+        given[key] = text
+    quick_texts = [t for t in QUICK_OVERRIDES if t.split("=", 1)[0] not in given] if quick else []
+    return [*dataset_overrides(dataset), *quick_texts, *given.values()]
+
+
+def by_hand(study: Path, dataset: str, overrides: list[str], storage: Path) -> str:
+    """The ``diffcom sweep launch`` command that makes the same runs."""
+    shown = study.relative_to(ROOT) if study.is_relative_to(ROOT) else study
+    sets = " ".join(f"--set {text}" for text in overrides)
+    return (
+        f"diffcom sweep launch {shown} --name {experiment_name(dataset)} {sets} --storage {storage}"
+    )
+
+
+def _check_same_design(folder: Path, study: Path, overrides: list[str]) -> None:
+    """Refuse to resume an experiment that was launched from another study or other ``--set``."""
+    from sweeps.experiment import read_experiment
+
+    metadata = read_experiment(folder)
+    recorded = (metadata.get("study_sha256"), list(metadata.get("launch_overrides") or []))
+    asked = (hashlib.sha256(study.read_bytes()).hexdigest(), list(overrides))
+    if recorded != asked:
+        raise BenchError(
+            f"{folder}: launched from {metadata.get('study_file')} with --set "
+            f"{' '.join(recorded[1]) or '(none)'}; this command asks for {study} with --set "
+            f"{' '.join(overrides)}: resume it with the options it was run with, or use "
+            "another --out"
+        )
+
+
+def _all_finished(folder: Path) -> bool:
+    from sweeps.experiment import PLAN_FILE, ExperimentError, read_json_object
+
+    try:
+        trials = read_json_object(folder / PLAN_FILE).get("trials") or {}
+        return bool(trials) and all(
+            read_json_object(folder / "runs" / name / "status.json").get("state") == "finished"
+            for name in trials
+        )
+    except ExperimentError:
+        return False
+
+
+def run_study(dataset: str, study: Path, overrides: list[str], storage: Path, resume: bool) -> Path:
+    """Launch one graph's experiment under ``storage``, or resume it; returns its folder."""
+    from sweeps.ray_adapter import launch
+    from sweeps.ray_adapter import resume as resume_experiment
+
+    name = experiment_name(dataset)
+    folder = storage / name
+    print(f"[{dataset}] by hand: {by_hand(study, dataset, overrides, storage)}", flush=True)
+    if folder.exists():
+        if not resume:
+            raise BenchError(
+                f"{folder} exists: pass --resume to continue it, or choose another --out"
+            )
+        _check_same_design(folder, study, overrides)
+        if _all_finished(folder):
+            print(f"[{dataset}] {folder}: every run has finished", flush=True)
+            return folder
+        print(f"[{dataset}] resuming {folder}", flush=True)
+        return resume_experiment(name, storage=storage)
+    _warm_features(study, overrides)
+    return launch(study, overrides=tuple(overrides), name=name, storage=storage)
+
+
+def _warm_features(study: Path, overrides: list[str]) -> None:
+    """Compute the frozen features before any run's clock starts (every trial shares them)."""
+    from core.features import extract_features
+    from core.train.trainer import feature_settings, load_run_dataset
+    from sweeps.study import load_study, study_config
+
+    config = study_config(load_study(study, overrides))
+    extract_features(load_run_dataset(config), feature_settings(config), progress=False)
+
+
+# ------------------------------------------------------------------------------------------ reading
 
 
 def stability(epochs_log: list[dict]) -> dict:
@@ -158,180 +298,194 @@ def stability(epochs_log: list[dict]) -> dict:
     return {"collapses": collapses, "plateau_stop": plateau, "stage1_valid_curve": curve}
 
 
-# ------------------------------------------------------------------------------------------ ours
+@dataclasses.dataclass
+class Collected:
+    """What :func:`collect` read: ``records[dataset][seed]`` holds ``ours`` (variant → run),
+    ``pykeen`` (baseline label → run) and ``budget_seconds`` (T: the reference run's cost)."""
+
+    records: dict
+    datasets: list[str]
+    variants: list[str]
+    models: list[str]
+    unfinished: list[str]
+    problems: list[str]
 
 
-def our_config(
-    dataset: str, seed: int, variant: str, overrides: list[str], quick: bool
-) -> ExperimentConfig:
-    """The default recipe on ``dataset`` with ``seed`` and the :data:`VARIANTS` change (quick:
-    2 + 1 epochs), then ``overrides``."""
-    quick_epochs = ["train.stage1_epochs=2", "train.stage2_epochs=1"] if quick else []
-    return load_config(
-        None,
-        [
-            *_dataset_overrides(dataset),
-            f"seed={seed}",
-            # The label-using "official" protocol is not compared here; skipping it saves wall time
-            # after training (it is outside T anyway).
-            "eval.report_official=false",
-            *VARIANTS[variant],
-            *quick_epochs,
-            *overrides,
-        ],
-    )
+def _dataset_label(row, experiment: str) -> str:
+    dataset = row.get("config.data.dataset")
+    if not isinstance(dataset, str):
+        return experiment  # a config without the key: name the graph by its experiment
+    if row.get("config.data.entity_text") == "anonymous":
+        return dataset + ANONYMOUS_SUFFIX
+    return dataset
 
 
-def run_ours(config: ExperimentConfig, graph: KnowledgeGraph, out_dir: Path, clock: str) -> dict:
-    """Train our model; returns test/valid metrics, stage-1 metrics, the budget ``T`` and the
-    per-epoch log (the run folder is deleted afterwards)."""
-    # Compute (or reuse) the frozen features before timing: a one-off cost shared by every seed.
-    extract_features(graph, feature_settings(config), progress=False)
-    load_before = _load_average()
-    started, started_cpu = time.perf_counter(), time.process_time()
-    results = train(config, out_dir, progress=False)
-    wall, cpu = time.perf_counter() - started, time.process_time() - started_cpu
-    metrics_log = [
-        json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()
+def _measures(rows, split: str, protocol: str) -> dict | None:
+    chosen = rows[(rows["split"] == split) & (rows["protocol"] == protocol)]
+    if chosen.empty:
+        return None
+    row = chosen.iloc[0]
+    return {m: _number(row.get(m)) for m in ("mrr", "hits@1", "hits@10")}
+
+
+def _run_cost(experiment_path: Path, run: str) -> float:
+    """CPU seconds of a finished DiffusionCom run with its shared stage 1: the cost a ``match``
+    baseline gets (:func:`sweeps.trial.matched_budget`, the same definition)."""
+    from sweeps.trial import TrialFailed, matched_budget
+
+    try:
+        seconds = matched_budget(experiment_path, run, "cpu")
+    except TrialFailed:
+        return math.nan
+    return math.nan if seconds is None else seconds
+
+
+def _epoch_log(curve) -> list[dict]:
+    """``metrics.jsonl``-like records (stage, epoch, valid MRR, early stop) of a learning curve."""
+    records = []
+    for row in curve.sort_values(["stage", "epoch"]).itertuples(index=False):
+        record = {
+            "stage": int(row.stage),
+            "epoch": int(row.epoch),
+            "early_stopped": bool(row.early_stopped),
+        }
+        if not math.isnan(_number(row.valid_mrr)):
+            record["valid.clean.mrr"] = float(row.valid_mrr)
+        records.append(record)
+    return records
+
+
+def _ours(rows, experiment_path: Path, curve) -> dict:
+    first = rows.iloc[0]
+    log = _epoch_log(curve)
+    stage1 = [
+        (r["valid.clean.mrr"], r["epoch"])
+        for r in log
+        if r["stage"] == 1 and "valid.clean.mrr" in r
     ]
-    shutil.rmtree(out_dir, ignore_errors=True)  # checkpoints: tens of MB per run
+    # The trainer keeps the first epoch of the best valid MRR (a strictly better one replaces it).
+    best_mrr, best_epoch = max(stage1, key=lambda pair: (pair[0], -pair[1]), default=(math.nan, 0))
+    final_stage = 2 if _number(first.get("final_stage")) == 2 else 1
+    best_epochs = {"stage1": best_epoch}
+    if any(r["stage"] == 2 for r in log):
+        # A stage 2 that never beat its stage 1 on valid keeps its best epoch at 0 (trainer's rule).
+        selected = _number(first.get("best_epoch"))
+        best_epochs["stage2"] = selected if final_stage == 2 and not math.isnan(selected) else 0
     return {
-        # cpu: the process's CPU seconds over the whole call, final valid/test evaluation included
-        # (PyKEEN's budget has no such evaluation in it, so the rounding is in its favour).
-        "budget_seconds": round(cpu, 2) if clock == "cpu" else results["timings"]["train_seconds"],
-        "train_seconds": results["timings"]["train_seconds"],
-        "wall_seconds_incl_final_eval": round(wall, 2),
-        "cpu_seconds_incl_final_eval": round(cpu, 2),
-        "best_epochs": results["best_epochs"],
-        "valid": results["valid"]["clean"],
-        "test": results["test"]["clean"],
-        "test_stage1": results["test"]["stage1_clean"],
-        "valid_stage1": results["valid"]["stage1_clean"],
-        "load_average": [load_before, _load_average()],
-        "selection": results.get("selection"),
-        "stability": stability(metrics_log),
-        "epochs_log": metrics_log,
+        "budget_seconds": _run_cost(experiment_path, first["run"]),
+        "best_epochs": best_epochs,
+        "valid": _measures(rows, "valid", "clean"),
+        "test": _measures(rows, "test", "clean"),
+        "valid_stage1": _measures(rows, "valid", "stage1_clean"),
+        "test_stage1": _measures(rows, "test", "stage1_clean"),
+        "selection": {"selected": f"stage{final_stage}"},
+        "stability": stability(log),
+        "stage1_epochs": len(stage1),
+        "stage1_best": (best_mrr, best_epoch),
     }
 
 
-# ------------------------------------------------------------------------------------------ PyKEEN
+def _baseline(rows) -> dict:
+    first = rows.iloc[0]
+    return {
+        "seconds": _number(first.get("cpu_seconds")),
+        "budget": _number(first.get("baseline_budget_seconds")),
+        "epochs": _number(first.get("baseline_epochs_run")),
+        "best_epoch": _number(first.get("baseline_best_epoch")),
+        "valid": _measures(rows, "valid", "clean"),
+        "test": _measures(rows, "test", "clean"),
+    }
 
 
-def pykeen_score_fn(model, num_relations: int):
-    """Our ``score_fn(heads, relations in [0, 2R)) -> (B, E)`` on top of a PyKEEN model.
+def collect(folders: list[Path]) -> Collected:
+    """Every finished run of these experiment folders, by graph and seed (through
+    :func:`analysis.load.load_experiments`, the report's reader).
 
-    Tail query ``(h, r, ?)`` → ``predict_t([[h, r]])``; head query of ``(?, r, t)``, asked by our
-    evaluator as ``(t, r + R, ?)`` → ``predict_h([[r, t]])`` (``rt_batch`` columns are relation,
-    tail). ``predict_*`` set eval mode and handle the inverse-relation id mapping.
+    Raises:
+        BenchError: a folder is no experiment, or two experiments hold the same graph, cell and
+            seed.
     """
+    from analysis.load import load_experiments
+    from core.baselines import BASELINE_MODELS
 
-    def score(heads: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
-        forward = relations < num_relations
-        out = torch.empty(len(heads), model.num_entities)
-        if forward.any():
-            hr = torch.stack([heads[forward], relations[forward]], dim=1)
-            out[forward] = model.predict_t(hr).float()
-        if (~forward).any():
-            rt = torch.stack([relations[~forward] - num_relations, heads[~forward]], dim=1)
-            out[~forward] = model.predict_h(rt).float()
-        return out
+    for folder in folders:
+        if not (folder / "experiment.json").is_file():
+            raise BenchError(f"{folder}: no experiment.json (not an experiment folder)")
+    loaded = load_experiments(folders)
+    problems = [f"{path}: {reason}" for path, reason in loaded.problems]
+    frame = loaded.frame
+    records: dict = {}
+    datasets: list[str] = []
+    variants: list[str] = []
+    labels: dict[str, tuple] = {}
+    unfinished: list[str] = []
+    seen: dict[tuple, str] = {}
+    references: set[str] = set()
+    if frame.empty:
+        return Collected(records, datasets, variants, [], unfinished, problems)
+    curves = {key: group for key, group in loaded.curves.groupby(["experiment", "run"])}
+    for (experiment, run), rows in frame.groupby(["experiment", "run"], sort=False):
+        first = rows.iloc[0]
+        metadata = loaded.experiments[experiment]
+        if not bool(first["finished"]):
+            unfinished.append(f"{experiment}/{run} ({first['state']})")
+            continue
+        dataset = _dataset_label(first, experiment)
+        seed, cell = int(first["seed"]), str(first["cell"])
+        key = (dataset, cell, seed)
+        if key in seen:
+            raise BenchError(
+                f"{dataset} {cell} seed {seed} is in two experiments: {seen[key]} and "
+                f"{experiment}; give each seed of a graph once"
+            )
+        seen[key] = experiment
+        if dataset not in records:
+            records[dataset] = {}
+            datasets.append(dataset)
+        record = records[dataset].setdefault(seed, {"ours": {}, "pykeen": {}})
+        if bool(first["baseline"]):
+            model = str(first["model"])
+            label = f"PyKEEN {_short(model)}"
+            if cell != re.sub(r"[^a-z0-9_-]", "-", model.lower()):
+                label += f" ({cell})"  # a cell with its own settings
+            order = (
+                BASELINE_MODELS.index(model) if model in BASELINE_MODELS else len(BASELINE_MODELS)
+            )
+            labels[label] = (order, label)
+            record["pykeen"][label] = _baseline(rows)
+        else:
+            curve = curves.get((experiment, run))
+            curve = curve if curve is not None else loaded.curves.iloc[0:0]
+            record["ours"][cell] = _ours(rows, Path(metadata["path"]), curve)
+            reference = metadata.get("reference") or "full"
+            if cell == reference:
+                record["reference"] = cell
+                references.add(cell)
+            if cell not in variants:
+                variants.append(cell)
+    for runs in records.values():
+        for record in runs.values():
+            record["budget_seconds"] = _budget(record)
+    variants.sort(key=lambda variant: (variant not in references, variant))
+    models = [label for _, label in sorted(labels.values())]
+    return Collected(records, datasets, variants, models, unfinished, problems)
 
-    return score
 
-
-class _BudgetAndBest(TrainingCallback):
-    """After every epoch: valid MRR by our evaluator, keep the best weights, stop once over budget."""
-
-    def __init__(
-        self,
-        graph: KnowledgeGraph,
-        budget: float,
-        clock,
-        started: float,
-        max_epochs: int | None,
-    ):
-        super().__init__()
-        self.graph, self.budget, self.max_epochs = graph, budget, max_epochs
-        self.clock, self.started = clock, started
-        self.best_mrr, self.best_epoch, self.best_state = -1.0, 0, None
-        self.epochs = 0
-
-    def post_epoch(self, epoch: int, epoch_loss: float, **kwargs) -> None:
-        self.epochs = epoch
-        score = pykeen_score_fn(self.model, self.graph.num_relations)
-        mrr = evaluate(score, self.graph, "valid", 256).metrics("realistic")["mrr"]
-        if mrr > self.best_mrr:
-            self.best_mrr, self.best_epoch = mrr, epoch
-            self.best_state = copy.deepcopy(self.model.state_dict())
-        over_budget = self.clock() - self.started >= self.budget
-        if over_budget or (self.max_epochs is not None and epoch >= self.max_epochs):
-            self.training_loop._should_stop = True
-
-
-def run_pykeen(
-    name: str,
-    graph: KnowledgeGraph,
-    seed: int,
-    budget: float,
-    args: argparse.Namespace,
-) -> dict:
-    """Train one PyKEEN model for ``budget`` seconds (``args.clock``: CPU or wall) and rank it with
-    our evaluator."""
-    model_cls, kwargs = PYKEEN_MODELS[name]
-    load_before = _load_average()
-    set_random_seed(seed)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    started, started_wall, started_cpu = clock(), time.perf_counter(), time.process_time()
-    factory = TriplesFactory(
-        mapped_triples=graph.train,
-        entity_to_id={entity: i for i, entity in enumerate(graph.entities)},
-        relation_to_id={relation: i for i, relation in enumerate(graph.relations)},
-        create_inverse_triples=True,
-    )
-    model = model_cls(
-        triples_factory=factory,
-        loss=CrossEntropyLoss(),
-        random_seed=seed,
-        **kwargs,
-    )
-    loop = LCWATrainingLoop(
-        model=model,
-        triples_factory=factory,
-        optimizer="adam",
-        optimizer_kwargs={"lr": args.pykeen_lr},
-    )
-    callback = _BudgetAndBest(graph, budget, clock, started, 2 if args.quick else None)
-    loop.train(
-        triples_factory=factory,
-        num_epochs=100_000,  # the callback stops at the budget
-        batch_size=args.pykeen_batch_size,
-        label_smoothing=args.pykeen_label_smoothing,
-        use_tqdm=False,
-        callbacks=[callback],
-    )
-    seconds = clock() - started
-    wall, cpu = time.perf_counter() - started_wall, time.process_time() - started_cpu
-    if callback.best_state is not None:
-        model.load_state_dict(callback.best_state)
-    score = pykeen_score_fn(model, graph.num_relations)
-    valid = evaluate(score, graph, "valid", 256).metrics("realistic")
-    test = evaluate(score, graph, "test", 256).metrics("realistic")
-    return {
-        "seconds": round(seconds, 2),
-        "wall_seconds": round(wall, 2),
-        "cpu_seconds": round(cpu, 2),
-        "epochs": callback.epochs,
-        "best_epoch": callback.best_epoch,
-        "valid": valid,
-        "test": test,
-        "load_average": [load_before, _load_average()],
-    }
+def _budget(record: dict) -> float:
+    """T of one graph and seed: its reference run's cost, else the budget its baselines got."""
+    reference = record["ours"].get(record.get("reference"))
+    if reference is not None and not math.isnan(reference["budget_seconds"]):
+        return reference["budget_seconds"]
+    budgets = [r["budget"] for r in record["pykeen"].values() if not math.isnan(r["budget"])]
+    return statistics.fmean(budgets) if budgets else math.nan
 
 
 # ------------------------------------------------------------------------------------------ report
 
 
 def _row(dataset: str, label: str, budget: str, used: str, epochs: str, tests, valids) -> str:
+    tests = [t for t in tests if t is not None]
+    valids = [v for v in valids if v is not None]
     return (
         f"| {dataset} | {label} | {budget} | {used} | {epochs} | "
         f"{_fmt([t['mrr'] for t in tests])} | {_fmt([t['hits@1'] for t in tests])} | "
@@ -342,7 +496,7 @@ def _row(dataset: str, label: str, budget: str, used: str, epochs: str, tests, v
 def markdown_table(
     records: dict, datasets: list[str], variants: list[str], models: list[str]
 ) -> str:
-    """Mean ± std over seeds per dataset and model, and the stage-2 gain of each of our variants."""
+    """Mean ± std over seeds per graph and model, and the stage-2 gain of each of our variants."""
     lines = [
         "| dataset | model | budget T (s) | time used (s) | epochs (best) | test MRR | test Hits@1 "
         "| test Hits@10 | valid MRR |",
@@ -350,24 +504,33 @@ def markdown_table(
     ]
     gains = []
     for dataset in datasets:
-        runs = records[dataset].values()
+        runs = [records[dataset][seed] for seed in sorted(records[dataset])]
         budget = _fmt([run["budget_seconds"] for run in runs], 0)
         for variant in variants:
-            ours = [run["ours"][variant] for run in runs]
+            seeds = [
+                seed
+                for seed in sorted(records[dataset])
+                if variant in records[dataset][seed]["ours"]
+            ]
+            ours = [records[dataset][seed]["ours"][variant] for seed in seeds]
+            if not ours:
+                continue
             best1 = statistics.fmean(o["best_epochs"].get("stage1", 0) for o in ours)
             best2 = statistics.fmean(o["best_epochs"].get("stage2", 0) for o in ours)
-            used = _fmt([o["budget_seconds"] for o in ours], 0)
             lines.append(
                 _row(
                     dataset,
                     f"**DiffusionCom {variant} (ours)**",
                     budget,
-                    used,
+                    _fmt([o["budget_seconds"] for o in ours], 0),
                     f"best: s1 {best1:.1f}, s2 {best2:.1f}",
                     [o["test"] for o in ours],
                     [o["valid"] for o in ours],
                 )
             )
+            if any(o["test_stage1"] is None for o in ours):
+                gains.append(f"- {dataset}, {variant}: no stage 2 in some run; no stage-1 row")
+                continue
             lines.append(
                 _row(
                     dataset,
@@ -381,32 +544,23 @@ def markdown_table(
             )
             diff = [o["test"]["hits@1"] - o["test_stage1"]["hits@1"] for o in ours]
             diff_mrr = [o["test"]["mrr"] - o["test_stage1"]["mrr"] for o in ours]
-            selected = [str((o.get("selection") or {}).get("selected", "?")) for o in ours]
+            selected = [o["selection"]["selected"] for o in ours]
             gains.append(
                 f"- {dataset}, {variant}: final model − its stage 1, test Hits@1 "
                 f"{_fmt(diff, 4)}, MRR {_fmt(diff_mrr, 4)} "
                 f"(per seed Hits@1: {', '.join(f'{d:+.4f}' for d in diff)}; "
                 f"selected: {', '.join(selected)})"
             )
-            for o in ours:
-                checks = o.get("stability") or {}
-                gains.append(
-                    f"  - stability: {len(checks.get('collapses', []))} collapse(s), plateau stop: "
-                    f"{checks.get('plateau_stop')}; stage-1 valid MRR by epoch "
-                    f"{checks.get('stage1_valid_curve')}"
-                )
         for model in models:
-            results = [run["pykeen"][model] for run in runs]
+            results = [run["pykeen"][model] for run in runs if model in run["pykeen"]]
+            if not results:
+                continue
             epochs = statistics.fmean(r["epochs"] for r in results)
             best = statistics.fmean(r["best_epoch"] for r in results)
-            reused = {r["reused_from"] for r in results if "reused_from" in r}
-            label = f"PyKEEN {model}" + (
-                f" (the {', '.join(sorted(reused))} runs: budget ≥ T)" if reused else ""
-            )
             lines.append(
                 _row(
                     dataset,
-                    label,
+                    model,
                     budget,
                     _fmt([r["seconds"] for r in results], 0),
                     f"{epochs:.0f} ({best:.0f})",
@@ -418,20 +572,29 @@ def markdown_table(
 
 
 def verdict(records: dict, datasets: list[str], variants: list[str], models: list[str]) -> str:
-    """Each of our variants vs the best PyKEEN model per dataset on mean test MRR and Hits@1."""
+    """Each of our variants vs the best PyKEEN model per graph on mean test MRR and Hits@1."""
     lines = []
     for dataset in datasets:
-        runs = records[dataset].values()
+        runs = list(records[dataset].values())
         for metric in ("mrr", "hits@1"):
-            best_name, best = max(
+            means = [
                 (
-                    (m, statistics.fmean(run["pykeen"][m]["test"][metric] for run in runs))
-                    for m in models
-                ),
-                key=lambda pair: pair[1],
-            )
+                    m.removeprefix("PyKEEN "),
+                    statistics.fmean(
+                        r["pykeen"][m]["test"][metric] for r in runs if m in r["pykeen"]
+                    ),
+                )
+                for m in models
+                if any(m in r["pykeen"] for r in runs)
+            ]
+            if not means:
+                continue
+            best_name, best = max(means, key=lambda pair: pair[1])
             for variant in variants:
-                ours = statistics.fmean(run["ours"][variant]["test"][metric] for run in runs)
+                values = [r["ours"][variant]["test"][metric] for r in runs if variant in r["ours"]]
+                if not values:
+                    continue
+                ours = statistics.fmean(values)
                 status = "met" if ours >= best else "NOT met"
                 lines.append(
                     f"- {dataset} {metric}: ours {variant} {ours:.3f} vs best PyKEEN "
@@ -440,211 +603,222 @@ def verdict(records: dict, datasets: list[str], variants: list[str], models: lis
     return "\n".join(lines) + "\n"
 
 
+def stability_table(records: dict, datasets: list[str], variants: list[str]) -> str:
+    """Stage-1 curve, stops and the stage-2 selection of every run of ours."""
+    epochs = " / ".join(map(str, CURVE_EPOCHS))
+    lines = [
+        "| dataset | variant | seed | T (CPU s) | stage-1 epochs run | best (epoch) | valid MRR "
+        f"by epoch {epochs} | collapses | plateau stop | selected | valid stage 1 → final |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|---|---|",
+    ]
+    notes = []
+    for dataset in datasets:
+        for variant in variants:
+            seeds = [s for s in sorted(records[dataset]) if variant in records[dataset][s]["ours"]]
+            if not seeds:
+                continue
+            never_below, collapses = [], []
+            for seed in seeds:
+                ours = records[dataset][seed]["ours"][variant]
+                checks = ours["stability"]
+                curve = checks["stage1_valid_curve"]
+                by_epoch = " / ".join(
+                    f"{curve[e]:.3f}" if e in curve else "—" for e in CURVE_EPOCHS
+                )
+                best_mrr, best_epoch = ours["stage1_best"]
+                best = "—" if math.isnan(best_mrr) else f"{best_mrr:.3f} ({best_epoch})"
+                cost = ours["budget_seconds"]
+                if ours["valid_stage1"] is not None and ours["valid"] is not None:
+                    start, final = ours["valid_stage1"]["mrr"], ours["valid"]["mrr"]
+                    change = f"{start:.3f} → {final:.3f}"
+                    never_below.append(final >= start)
+                else:
+                    change = "—"
+                lines.append(
+                    f"| {dataset} | {variant} | {seed} | "
+                    f"{'—' if math.isnan(cost) else f'{cost:.0f}'} | {ours['stage1_epochs']} | "
+                    f"{best} | {by_epoch} | {len(checks['collapses'])} | "
+                    f"{checks['plateau_stop']} | {ours['selection']['selected']} | {change} |"
+                )
+                collapses += [f"  - seed {seed}: {c}" for c in checks["collapses"]]
+            if never_below:
+                count = f"{len(never_below)} seed" + ("s" if len(never_below) > 1 else "")
+                notes.append(
+                    f"- {dataset} {variant}: final ≥ stage 1 on valid in every run: "
+                    f"{all(never_below)} ({count})"
+                )
+            elif collapses:
+                notes.append(f"- {dataset} {variant}: collapses")
+            notes += collapses
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def render(collected: Collected) -> str:
+    """Everything the benchmark prints and writes to ``table.md``."""
+    args = (collected.records, collected.datasets, collected.variants, collected.models)
+    parts = [
+        markdown_table(*args),
+        verdict(*args),
+        "Stage-1 curves, stops and the stage-2 selection, per run (valid MRR; T the run's CPU "
+        "seconds with its shared stage 1):\n",
+        stability_table(*args[:3]),
+    ]
+    if collected.unfinished:
+        parts.append("Runs not finished (left out): " + ", ".join(collected.unfinished) + "\n")
+    return "\n".join(parts)
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(item) for item in _list(text)]
+    except ValueError:
+        raise BenchError(f"--seeds {text}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise BenchError(f"--seeds {text}: expected distinct seeds >= 0")
+    return seeds
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: ``datasets``, ``seeds``, ``models`` (``pykeen:...``) and
+    ``variants`` as lists; ``--quick`` keeps the first seed.
+
+    Raises:
+        BenchError: a bad option value, naming the option.
+    """
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--datasets",
-        default="umls,nations,synthetic:small,umls:anonymous,nations:anonymous",
+        default=",".join(DATASETS),
         help="comma-separated; NAME:anonymous replaces every entity's text by an opaque id",
     )
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--models", default=",".join(PYKEEN_MODELS))
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
     parser.add_argument(
-        "--variants", default="recipe", help=f"ours to train: {', '.join(VARIANTS)}"
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help="PyKEEN baselines: TransE, DistMult, ComplEx, RotatE, TuckER",
+    )
+    parser.add_argument("--variants", default="full", help=f"ours: {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--quick", action="store_true", help="first seed only, 2+1 epochs for ours, 2 for PyKEEN"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="1 seed, 2+1 epochs for ours, 2 for PyKEEN"
+        "--out",
+        type=Path,
+        help="experiment storage and table.md (default: a new temporary folder; with "
+        "--from-experiments, table.md only when given)",
     )
-    parser.add_argument("--out", type=Path, help="folder for table.md and results.json")
-    parser.add_argument(
-        "--from-results",
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the experiments already under --out (the same options they were "
+        "launched with) instead of refusing them",
+    )
+    runs.add_argument(
+        "--from-experiments",
         type=Path,
         nargs="+",
-        metavar="RESULTS_JSON",
-        help="train nothing: print the table of these results.json files (e.g. of two processes "
-        "that each ran some datasets)",
+        metavar="DIR",
+        help="train nothing: print the tables of these experiment folders (graphs merged "
+        "across folders, each graph, cell and seed once)",
     )
     parser.add_argument(
         "--set",
+        dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra config override for ours (repeatable), e.g. train.stage1_epochs=40",
+        help="config override for every trial (repeatable), e.g. train.stage1_epochs=40",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads for every model (default 1: on a shared, oversubscribed 2-core VM "
-        "two threads make epoch times swing 10-50x, which would make the budget meaningless)",
-    )
-    parser.add_argument(
-        "--clock",
-        choices=("cpu", "wall"),
-        default="cpu",
-        help="what the budget counts: the process's CPU seconds (default; with one thread per "
-        "process it equals the wall clock of an idle machine, and another job's load cannot move "
-        "it) or wall-clock seconds",
-    )
-    parser.add_argument("--pykeen-lr", type=float, default=0.01)
-    parser.add_argument("--pykeen-batch-size", type=int, default=256)
-    parser.add_argument("--pykeen-label-smoothing", type=float, default=0.0)
     args = parser.parse_args(argv)
+    args.datasets = _list(args.datasets)
+    if not args.datasets:
+        raise BenchError("--datasets: give at least one graph")
+    args.seeds = _seeds(args.seeds)[:1] if args.quick else _seeds(args.seeds)
+    args.models = [baseline_model(name) for name in _list(args.models)]
+    args.variants = _list(args.variants)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants:
+        what = f"unknown variant {unknown[0]!r}" if unknown else "give at least one variant"
+        raise BenchError(f"--variants: {what}; choose from {', '.join(VARIANTS)}")
+    if "full" not in args.variants:
+        raise BenchError("--variants: full is the reference every baseline's budget is matched to")
+    for name in args.datasets:
+        launch_overrides(name, args.quick, args.overrides)  # a bad --set, refused before Ray
+    return args
 
-    torch.set_num_threads(args.threads)
-    logging.getLogger("pykeen").setLevel(logging.ERROR)
-    logging.getLogger("torch_max_mem").setLevel(logging.ERROR)
-    datasets = [d for d in args.datasets.split(",") if d]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    if args.quick:
-        seeds = seeds[:1]
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}")
-    models = [m for m in args.models.split(",") if m]
-    unknown = sorted(set(models) - set(PYKEEN_MODELS))
-    if unknown:
-        parser.error(f"unknown model {unknown[0]}; choose from {', '.join(PYKEEN_MODELS)}")
 
-    if args.from_results:
-        records, configs, datasets = merge_results(args.from_results)
-        variants = sorted(
-            {v for runs in records.values() for r in runs.values() for v in r["ours"]}
-        )
-        models = [
-            m
-            for m in PYKEEN_MODELS
-            if all(m in r["pykeen"] for runs in records.values() for r in runs.values())
-        ]
-        table = markdown_table(records, datasets, variants, models)
-        print(table)
-        print(verdict(records, datasets, variants, models))
-        return
+def _use_out_for_caches(out: Path) -> None:
+    """Never write PyKEEN's or our cache into the home folder: under ``--out`` unless set."""
+    for variable, name in (("PYSTOW_HOME", ".pystow"), ("DIFFCOM_CACHE_DIR", ".cache")):
+        if not os.environ.get(variable):
+            os.environ[variable] = str((out / name).resolve())
 
-    work = Path(tempfile.mkdtemp(prefix="bench-quality-runs-"))
-    began = time.perf_counter()
-    records: dict = {}
-    configs: dict = {}
-    # (dataset without ":anonymous", seed, model) -> (budget, result): PyKEEN sees only id triples,
-    # so NAME:anonymous reuses NAME's run of the same seed when that one had at least its budget.
-    pykeen_runs: dict[tuple[str, int, str], tuple[float, dict]] = {}
-    for dataset in datasets:
-        graph = _graph(dataset)
-        records[dataset] = {}
-        for seed in seeds:
-            record: dict = {"ours": {}, "pykeen": {}}
-            for variant in variants:
-                config = our_config(dataset, seed, variant, args.set, args.quick)
-                configs.setdefault(dataset, {})[variant] = config_to_dict(config)
-                ours = run_ours(config, graph, work / f"{dataset}-seed{seed}-{variant}", args.clock)
-                record["ours"][variant] = ours
-                print(
-                    f"[{dataset} seed {seed}] ours {variant}: T={ours['budget_seconds']:.1f}s "
-                    f"test MRR {ours['test']['mrr']:.4f} H@1 {ours['test']['hits@1']:.4f} "
-                    f"(stage 1: {ours['test_stage1']['hits@1']:.4f}) "
-                    f"load {ours['load_average']}",
-                    flush=True,
-                )
-            # Every PyKEEN model gets the longest time any of our variants took.
-            budget = max(ours["budget_seconds"] for ours in record["ours"].values())
-            record["budget_seconds"] = budget
-            base = dataset.removesuffix(ANONYMOUS_SUFFIX)
-            for model in models:
-                earlier = pykeen_runs.get((base, seed, model))
-                if earlier is not None and earlier[0] >= budget:
-                    result = {**earlier[1], "reused_from": base, "reused_budget": earlier[0]}
-                else:
-                    result = run_pykeen(model, graph, seed, budget, args)
-                    pykeen_runs[(base, seed, model)] = (budget, result)
-                record["pykeen"][model] = result
-                print(
-                    f"[{dataset} seed {seed}] {model}: {result['seconds']:.1f}s "
-                    f"{result['epochs']} epochs (best {result['best_epoch']}) "
-                    f"test MRR {result['test']['mrr']:.4f} H@1 {result['test']['hits@1']:.4f} "
-                    f"load {result['load_average']}"
-                    + (
-                        f" (reused from {base}, budget {earlier[0]:.1f}s)"
-                        if "reused_from" in result
-                        else ""
-                    ),
-                    flush=True,
-                )
-            records[dataset][str(seed)] = record
-            if args.out is not None:  # after every seed: an interrupted run keeps what it measured
-                write_results(args, seeds, datasets, configs, models, records, began)
 
-    shutil.rmtree(work, ignore_errors=True)
-    table = markdown_table(records, datasets, variants, models)
-    summary = verdict(records, datasets, variants, models)
-    elapsed = time.perf_counter() - began
+def main(argv: list[str] | None = None) -> int:
+    from analysis.load import AnalysisError
+    from core.config import ConfigError
+    from sweeps.experiment import ExperimentError
+    from sweeps.study import StudyError
+
+    try:
+        args = parse_args(argv)
+        if args.from_experiments:
+            folders = [Path(folder).resolve() for folder in args.from_experiments]
+        else:
+            folders = _train(args)
+        collected = collect(folders)
+    except (BenchError, ConfigError, ExperimentError, StudyError, AnalysisError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for problem in collected.problems:
+        print(f"note: {problem}", file=sys.stderr)
+    if not collected.datasets:
+        print("error: no finished run in " + ", ".join(map(str, folders)), file=sys.stderr)
+        return 1
+    text = render(collected)
     print()
-    print(table)
-    print(summary)
-    print(f"total {elapsed / 60:.1f} min, load average now {os.getloadavg()}")
+    print(text)
     if args.out is not None:
-        write_results(args, seeds, datasets, configs, models, records, began)
-        (args.out / "table.md").write_text(table + "\n" + summary)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.md").write_text(text)
+        print(f"written: {args.out / 'table.md'}")
+    return 1 if collected.unfinished else 0
 
 
-def write_results(args, seeds, datasets, configs, models, records, began) -> None:
-    """``results.json`` under ``--out``: every per-seed number measured so far, written atomically."""
+def _train(args: argparse.Namespace) -> list[Path]:
+    """Launch (or resume) every graph's experiment; returns their folders."""
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "argv": sys.argv,
-        "seeds": seeds,
-        "datasets": datasets,
-        "our_configs": configs,
-        "pykeen": {
-            "models": {m: PYKEEN_MODELS[m][1] for m in models},
-            "training": "LCWA, create_inverse_triples=True, CrossEntropyLoss, Adam",
-            "lr": args.pykeen_lr,
-            "batch_size": args.pykeen_batch_size,
-            "label_smoothing": args.pykeen_label_smoothing,
-            "selection": "best valid MRR epoch (our evaluator), checked after every epoch",
-        },
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "clock": args.clock,
-        "total_seconds": round(time.perf_counter() - began, 1),
-        "records": records,
-    }
-    partial = args.out / "results.json.partial"
-    partial.write_text(json.dumps(payload, indent=2) + "\n")
-    partial.replace(args.out / "results.json")
+    _use_out_for_caches(args.out)
+    from sweeps.study import load_study
 
+    study = study_for(args.seeds, args.models, args.variants, args.out / "studies")
+    launches = {d: launch_overrides(d, args.quick, args.overrides) for d in args.datasets}
+    for overrides in launches.values():
+        load_study(study, overrides)  # a bad --set, refused before any graph trains
+    began = time.perf_counter()
+    folders = []
+    try:
+        for dataset, overrides in launches.items():
+            folders.append(run_study(dataset, study, overrides, args.out, args.resume))
+    finally:
+        if "ray" in sys.modules:
+            import ray
 
-def merge_results(paths: list[Path]) -> tuple[dict, dict, list[str]]:
-    """Records, configs and dataset order of several ``results.json`` (e.g. processes that each ran
-    some datasets or seeds); the same dataset and seed in two files is an error."""
-    records: dict = {}
-    configs: dict = {}
-    datasets: list[str] = []
-    for path in paths:
-        payload = json.loads(Path(path).read_text())
-        for dataset in payload["datasets"]:
-            runs = payload["records"].get(dataset) or {}
-            if not runs:
-                continue
-            if dataset not in records:
-                records[dataset] = {}
-                datasets.append(dataset)
-            for seed, run in runs.items():
-                if seed in records[dataset]:
-                    raise SystemExit(f"{path}: {dataset} seed {seed} is also in an earlier file")
-                for ours in run["ours"].values():  # the rule of this code, not of the run's
-                    if "epochs_log" in ours:
-                        ours["stability"] = stability(ours["epochs_log"])
-                records[dataset][seed] = run
-            configs.setdefault(dataset, payload["our_configs"].get(dataset, {}))
-    return records, configs, datasets
+            ray.shutdown()
+    print(f"total {(time.perf_counter() - began) / 60:.1f} min; experiments in {args.out}")
+    return folders
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
