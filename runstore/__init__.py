@@ -122,11 +122,15 @@ class FileKind:
 
 
 CONFIG = FileKind("config.json", None, "a run's config")
-METRICS = FileKind("metrics.jsonl", "1.0", "one record per epoch")
-RESULTS = FileKind("results.json", "1.0", "a run's final metrics")
+# 1.1: plateau_decay, the stage-1 epoch that restarted from the best weights at a lower rate.
+METRICS = FileKind("metrics.jsonl", "1.1", "one record per epoch")
+# 1.1: timings.cpu_seconds; a baseline run's baseline section (model, epochs, budget, stop).
+RESULTS = FileKind("results.json", "1.1", "a run's final metrics")
 # 1.1: the stage-1 key a run waits for, its first epoch's time and epoch count (sweep watch's ETA).
-STATUS = FileKind("status.json", "1.1", "a sweep run's state and attempts")
-TRIAL = FileKind("trial.json", "1.0", "a sweep run's provenance")
+# 1.2: state "waiting" with waiting_for (a baseline waiting for its reference run), baseline.
+STATUS = FileKind("status.json", "1.2", "a sweep run's state and attempts")
+# 1.1: baseline (model, budget, clock, the run it was matched to).
+TRIAL = FileKind("trial.json", "1.1", "a sweep run's provenance")
 POINT = FileKind("point.json", "1.0", "a search trial's drawn point")
 # 1.1: optuna_storage, the RDB of a search's Optuna study.
 EXPERIMENT = FileKind("experiment.json", "1.1", "what an experiment launched")

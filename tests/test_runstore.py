@@ -81,7 +81,7 @@ def test_a_newer_major_version_is_refused_naming_the_file_and_both_versions(tmp_
         store.read_json(path, store.RESULTS)
     message = str(caught.value)
     assert message.startswith(f"{path}: format_version 2.0 is newer than this code reads")
-    assert "results.json up to major 1, version 1.0" in message
+    assert "results.json up to major 1, version 1.1" in message
     assert isinstance(caught.value, ValueError)  # the CLI prints it as one line
 
 

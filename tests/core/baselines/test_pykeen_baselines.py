@@ -81,7 +81,7 @@ def test_train_dispatches_and_writes_a_run_folder_like_diffcom(distmult_run):
         "stopped_by": "epochs",
     }
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results)) | {
-        "format_version": "1.0"
+        "format_version": "1.1"
     }
     assert json.loads((out / "config.json").read_text())["baseline"]["model"] == "pykeen:DistMult"
     for split in ("valid", "test"):
