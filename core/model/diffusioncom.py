@@ -26,7 +26,7 @@ from core.model.denoiser import CDenoiser
 from core.model.diffusion import GaussianDiffusion, scatter_top_k, select_top_k
 from core.model.extractor import ExtractorOutput, StructureMKGformer
 
-__all__ = ["DiffusionCom", "standardise"]
+__all__ = ["DiffusionCom", "stage2_loss", "standardise"]
 
 
 def standardise(scores: torch.Tensor) -> torch.Tensor:
@@ -198,16 +198,24 @@ class DiffusionCom(nn.Module):
             t = torch.randint(0, self.diffusion.num_timesteps, (len(heads),), device=x0.device)
         x0_hat = self.diffusion.training_losses(self._denoiser_output, x0, t, condition)["x0_pred"]
         targets = labels if indices is None else labels.gather(1, indices)
-        # The target distribution is detached, as in the released code: under
-        # stage2_extractor=finetune the KL then trains the denoiser towards the extractor, never
-        # the extractor towards the denoiser's reconstruction.
-        kl = F.kl_div(
-            F.log_softmax(x0_hat, dim=1),
-            F.log_softmax(x0.detach(), dim=1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        if loss.kl_reduction == "mean":
-            kl = kl / x0.shape[1]
-        bce = F.binary_cross_entropy_with_logits(x0_hat, targets)
-        return {"loss": loss.w_kl * kl + loss.w_bce * bce, "kl": kl.detach(), "bce": bce.detach()}
+        return stage2_loss(x0, x0_hat, targets, loss)
+
+
+def stage2_loss(
+    x0: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor, loss: LossConfig
+) -> dict[str, torch.Tensor]:
+    """``w_kl·KL(softmax(x_0) ‖ softmax(x̂_0)) + w_bce·BCE(x̂_0, targets)`` of ``(B, N)`` tensors
+    (see :meth:`DiffusionCom.denoising_loss`); ``{"loss", "kl", "bce"}`` scalars."""
+    # The target distribution is detached, as in the released code: under
+    # stage2_extractor=finetune the KL then trains the denoiser towards the extractor, never
+    # the extractor towards the denoiser's reconstruction.
+    kl = F.kl_div(
+        F.log_softmax(x0_hat, dim=1),
+        F.log_softmax(x0.detach(), dim=1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    if loss.kl_reduction == "mean":
+        kl = kl / x0.shape[1]
+    bce = F.binary_cross_entropy_with_logits(x0_hat, targets)
+    return {"loss": loss.w_kl * kl + loss.w_bce * bce, "kl": kl.detach(), "bce": bce.detach()}

@@ -397,6 +397,29 @@ def _extractor_trains_in_stage2(config: ExperimentConfig) -> bool:
     )
 
 
+def _new_stage_progress(
+    run: TrainingRun, stage: int, state: dict, start_mrr: float | None = None
+) -> dict:
+    """The progress entry of a stage that has not run an epoch yet; ``start_mrr`` is stage 2's
+    starting valid MRR when already known (the same extractor was evaluated for another run)."""
+    config, model = run.config, run.model
+    progress_state = {"epoch": 0, "best_mrr": -1.0, "best_epoch": -1, "stale": 0, "done": False}
+    if stage == 2:
+        # Stage 2 starts from its extractor alone: the identity a zero-initialised denoiser
+        # gives under the clean protocol. It is a candidate like any stage-2 epoch (epoch 0),
+        # so with include-stage1 a stage 2 that never beats it on valid is not kept.
+        if "best_stage1" not in state:  # no stage-1 epoch ran: the extractor as it is
+            state["best_stage1"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if start_mrr is None:
+            start = evaluate_clean(model, run.graph, "valid", 1, config, run.accelerator)
+            start_mrr = start.metrics(config.eval.tie)["mrr"]
+        progress_state["start_mrr"] = start_mrr
+        progress_state["stage2_best_mrr"] = -1.0
+        if config.train.stage2_selection == "include-stage1":
+            progress_state.update(best_mrr=progress_state["start_mrr"], best_epoch=0)
+    return progress_state
+
+
 def _run_stage(
     run: TrainingRun,
     stage: int,
@@ -428,20 +451,7 @@ def _run_stage(
     )
     progress_state = state.get(stage_key)
     if progress_state is None:
-        progress_state = {"epoch": 0, "best_mrr": -1.0, "best_epoch": -1, "stale": 0, "done": False}
-        if stage == 2:
-            # Stage 2 starts from its extractor alone: the identity a zero-initialised denoiser
-            # gives under the clean protocol. It is a candidate like any stage-2 epoch (epoch 0),
-            # so with include-stage1 a stage 2 that never beats it on valid is not kept.
-            if "best_stage1" not in state:  # no stage-1 epoch ran: the extractor as it is
-                state["best_stage1"] = {
-                    k: v.detach().clone() for k, v in model.state_dict().items()
-                }
-            start = evaluate_clean(model, run.graph, "valid", 1, config, accelerator)
-            progress_state["start_mrr"] = start.metrics(config.eval.tie)["mrr"]
-            progress_state["stage2_best_mrr"] = -1.0
-            if config.train.stage2_selection == "include-stage1":
-                progress_state.update(best_mrr=progress_state["start_mrr"], best_epoch=0)
+        progress_state = _new_stage_progress(run, stage, state)
     else:
         optimizer.load_state_dict(progress_state["optimizer"])
         scheduler.load_state_dict(progress_state["scheduler"])
@@ -497,58 +507,18 @@ def _run_stage(
             bce_sum += float(parts.get("bce", 0.0))
             batches += 1
             bar.set_postfix(loss=f"{loss_sum / batches:.4f}")
-        train_seconds = time.perf_counter() - started
-
-        record = {
-            "stage": stage,
-            "epoch": epoch + 1,
-            "loss": loss_sum / max(batches, 1),
-            "lr": scheduler.get_last_lr()[0],
-            "train_seconds": round(train_seconds, 3),
-        }
-        if stage == 2:
-            record.update(kl=kl_sum / max(batches, 1), bce=bce_sum / max(batches, 1))
-        if model.extractor.fusion_lambda() is not None:
-            record["lambda"] = model.extractor.fusion_lambda()
-        if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == epochs:
-            valid = evaluate_clean(model, run.graph, "valid", stage, config, accelerator).metrics(
-                config.eval.tie
-            )
-            record.update({f"valid.clean.{name}": value for name, value in valid.items()})
-            if "stage2_best_mrr" in progress_state:
-                progress_state["stage2_best_mrr"] = max(
-                    progress_state["stage2_best_mrr"], valid["mrr"]
-                )
-            if valid["mrr"] > progress_state["best_mrr"]:
-                progress_state.update(best_mrr=valid["mrr"], best_epoch=epoch + 1, stale=0)
-                state[f"best_{stage_key}"] = {
-                    k: v.detach().clone() for k, v in model.state_dict().items()
-                }
-            else:
-                progress_state["stale"] += config.train.eval_every
-                if config.train.patience and progress_state["stale"] >= config.train.patience:
-                    if stage == 1 and progress_state.get("decays", 0) < config.train.plateau_decays:
-                        _restart_from_best(model, state[f"best_{stage_key}"], optimizer)
-                        _scale_learning_rate(optimizer, scheduler, config.train.plateau_lr_factor)
-                        progress_state["decays"] = progress_state.get("decays", 0) + 1
-                        progress_state["stale"] = 0
-                        record["plateau_decay"] = progress_state["decays"]
-                    else:
-                        progress_state["done"] = True
-                        record["early_stopped"] = True
-        progress_state["epoch"] = epoch + 1
-        # Wall time of all epochs so far, across resumes (evaluation included).
-        state["train_seconds"] = state.get("train_seconds", 0.0) + time.perf_counter() - started
-        state["cpu_seconds"] = run.cpu_seconds()
-        progress_state["optimizer"] = optimizer.state_dict()
-        progress_state["scheduler"] = scheduler.state_dict()
-        state[stage_key] = progress_state
-
-        if accelerator.is_main_process:
-            append_jsonl(run.out_dir / METRICS.file, record)
-            state["model"] = model.state_dict()
-            state["rng"] = rng_state()
-            save_checkpoint(state, checkpoint_path(run.out_dir))
+        record = _epoch_record(
+            run,
+            stage,
+            epoch,
+            scheduler,
+            time.perf_counter() - started,
+            batches,
+            loss_sum,
+            kl_sum,
+            bce_sum,
+        )
+        _finish_epoch(run, stage, state, progress_state, record, optimizer, scheduler, started)
         if callback is not None:
             callback(record)
     # Continue from the best weights of this stage (best valid MRR under the clean protocol); a
@@ -559,6 +529,88 @@ def _run_stage(
     elif stage == 2 and "best_stage1" in state:
         _load_extractor(model, state["best_stage1"])
     accelerator.free_memory()
+
+
+def _epoch_record(
+    run: TrainingRun,
+    stage: int,
+    epoch: int,
+    scheduler,
+    train_seconds: float,
+    batches: int,
+    loss_sum: float,
+    kl_sum: float,
+    bce_sum: float,
+) -> dict:
+    """The ``metrics.jsonl`` record of 0-based ``epoch`` before validation: its mean losses."""
+    record = {
+        "stage": stage,
+        "epoch": epoch + 1,
+        "loss": loss_sum / max(batches, 1),
+        "lr": scheduler.get_last_lr()[0],
+        "train_seconds": round(train_seconds, 3),
+    }
+    if stage == 2:
+        record.update(kl=kl_sum / max(batches, 1), bce=bce_sum / max(batches, 1))
+    if run.model.extractor.fusion_lambda() is not None:
+        record["lambda"] = run.model.extractor.fusion_lambda()
+    return record
+
+
+def _finish_epoch(
+    run: TrainingRun,
+    stage: int,
+    state: dict,
+    progress_state: dict,
+    record: dict,
+    optimizer,
+    scheduler,
+    started: float,
+    rng: Callable[[], dict] = rng_state,
+) -> None:
+    """Validate the epoch ``record`` describes, keep the best weights, decide early stopping, then
+    append the record and write the checkpoint (``rng`` gives the RNG states it saves)."""
+    config, model, accelerator = run.config, run.model, run.accelerator
+    stage_key = f"stage{stage}"
+    epochs = config.train.stage1_epochs if stage == 1 else config.train.stage2_epochs
+    epoch = record["epoch"] - 1
+    if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == epochs:
+        valid = evaluate_clean(model, run.graph, "valid", stage, config, accelerator).metrics(
+            config.eval.tie
+        )
+        record.update({f"valid.clean.{name}": value for name, value in valid.items()})
+        if "stage2_best_mrr" in progress_state:
+            progress_state["stage2_best_mrr"] = max(progress_state["stage2_best_mrr"], valid["mrr"])
+        if valid["mrr"] > progress_state["best_mrr"]:
+            progress_state.update(best_mrr=valid["mrr"], best_epoch=epoch + 1, stale=0)
+            state[f"best_{stage_key}"] = {
+                k: v.detach().clone() for k, v in model.state_dict().items()
+            }
+        else:
+            progress_state["stale"] += config.train.eval_every
+            if config.train.patience and progress_state["stale"] >= config.train.patience:
+                if stage == 1 and progress_state.get("decays", 0) < config.train.plateau_decays:
+                    _restart_from_best(model, state[f"best_{stage_key}"], optimizer)
+                    _scale_learning_rate(optimizer, scheduler, config.train.plateau_lr_factor)
+                    progress_state["decays"] = progress_state.get("decays", 0) + 1
+                    progress_state["stale"] = 0
+                    record["plateau_decay"] = progress_state["decays"]
+                else:
+                    progress_state["done"] = True
+                    record["early_stopped"] = True
+    progress_state["epoch"] = epoch + 1
+    # Wall time of all epochs so far, across resumes (evaluation included).
+    state["train_seconds"] = state.get("train_seconds", 0.0) + time.perf_counter() - started
+    state["cpu_seconds"] = run.cpu_seconds()
+    progress_state["optimizer"] = optimizer.state_dict()
+    progress_state["scheduler"] = scheduler.state_dict()
+    state[stage_key] = progress_state
+
+    if accelerator.is_main_process:
+        append_jsonl(run.out_dir / METRICS.file, record)
+        state["model"] = model.state_dict()
+        state["rng"] = rng()
+        save_checkpoint(state, checkpoint_path(run.out_dir))
 
 
 def train(

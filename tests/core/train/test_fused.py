@@ -1,0 +1,235 @@
+"""Fused stage 2 (core.train.fused): each member of a pack is its lone twin, bitwise on one thread.
+
+One stage-1 run is trained per module; every test trains packs of stage-2 members from its
+checkpoint and compares them with ``train(config, out, stage1_checkpoint=...)`` from the same
+checkpoint. The fused forward runs each member's slice through the same GEMM and LayerNorm kernels
+as a lone run and draws each member's noise from a generator that continues the lone run's global
+RNG stream, so the comparison is exact equality (tolerance 0), not approximate.
+"""
+
+import json
+
+import pytest
+import torch
+
+import runstore as store
+from core.config import ConfigError, load_config
+from core.train import fused as fused_module
+from core.train.checkpoint import load_checkpoint
+from core.train.fused import train_fused
+from core.train.trainer import NonFiniteLossError, train
+
+TINY = [
+    "data.dataset=nations",
+    "features.text_encoder=none",
+    "features.image_encoder=none",
+    "model.hidden_dim=16",
+    "model.num_heads=2",
+    "model.num_layers=1",
+    "structure.max_nodes=4",
+    "diffusion.denoiser_width=16",
+    "train.stage1_epochs=1",
+    "train.stage2_epochs=2",
+    "train.batch_size=256",  # Nations has 909 training queries: four steps an epoch
+    "eval.batch_size=1024",
+    "eval.official_samples=2",
+    "train.stage2_selection=stage2-only",
+    "seed=5",
+]
+
+# Three members differing in K, schedule, loss weights, KL reduction, target, dropout and lr.
+MEMBERS = [
+    ["diffusion.steps=5", "loss.w_kl=1.0", "train.lr_stage2=1e-3"],
+    [
+        "diffusion.steps=3",
+        "diffusion.schedule=cosine",
+        "loss.w_kl=0.3",
+        "loss.kl_reduction=mean",
+        "train.lr_stage2=3e-3",
+        "diffusion.denoiser_dropout=0.0",
+    ],
+    [
+        "diffusion.steps=8",
+        "diffusion.target=epsilon",
+        "diffusion.beta_end=0.05",
+        "loss.w_kl=2.0",
+        "loss.w_bce=0.5",
+        "train.lr_stage2=5e-4",
+        "diffusion.denoiser_dropout=0.3",
+        "train.stage2_epochs=3",
+    ],
+]
+
+
+def config(*extra):
+    return load_config(overrides=[*TINY, *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Bitwise equality needs one reduction order (as in test_stage1_relevance.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    train(config("train.stage2_epochs=0"), out, progress=False)
+    return out / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def lone(stage1, tmp_path_factory):
+    """Each member trained alone from the same stage-1 checkpoint."""
+    root = tmp_path_factory.mktemp("lone")
+    for index, extra in enumerate(MEMBERS):
+        train(config(*extra), root / str(index), stage1_checkpoint=stage1, progress=False)
+    return root
+
+
+def _records(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("train_seconds")  # wall time, the only value allowed to differ
+    return records
+
+
+def _results(run):
+    results = json.loads((run / "results.json").read_text())
+    results.pop("timings")
+    for split in ("valid", "test"):
+        results[split].pop("inference_ms_per_query")
+    return results
+
+
+def _assert_same_run(fused_run, lone_run):
+    assert _records(fused_run) == _records(lone_run)
+    assert _results(fused_run) == _results(lone_run)
+    for split in ("valid", "test"):
+        assert (fused_run / f"ranks_{split}.npz").read_bytes() == (
+            lone_run / f"ranks_{split}.npz"
+        ).read_bytes()
+    fused_state = load_checkpoint(fused_run / "checkpoints" / "last.pt")
+    lone_state = load_checkpoint(lone_run / "checkpoints" / "last.pt")
+    for key, value in lone_state["model"].items():
+        assert torch.equal(fused_state["model"][key], value), key
+    assert torch.equal(fused_state["rng"]["torch"], lone_state["rng"]["torch"])
+    fused_moments = fused_state["stage2"]["optimizer"]["state"]
+    for index, moments in lone_state["stage2"]["optimizer"]["state"].items():
+        assert torch.equal(fused_moments[index]["exp_avg"], moments["exp_avg"])
+
+
+def test_members_equal_their_lone_twins(stage1, lone, tmp_path):
+    outs = [tmp_path / str(index) for index in range(len(MEMBERS))]
+    results = train_fused([config(*extra) for extra in MEMBERS], outs, stage1)
+    for index, out in enumerate(outs):
+        _assert_same_run(out, lone / str(index))
+        on_disk = json.loads((out / "results.json").read_text())
+        assert {"format_version": on_disk.pop("format_version"), **results[index]} == {
+            "format_version": store.RESULTS.version,
+            **on_disk,
+        }
+    # The members really differ: equal curves would make the comparison above vacuous.
+    losses = {_records(out)[0]["loss"] for out in outs}
+    assert len(losses) == len(MEMBERS)
+
+
+def test_a_non_finite_member_fails_alone(stage1, lone, tmp_path, monkeypatch):
+    calls = {"count": 0}
+    real_loss = fused_module.stage2_loss
+
+    def nan_in_second_epoch_of_member_1(x0, x0_hat, targets, loss):
+        parts = real_loss(x0, x0_hat, targets, loss)
+        if loss.w_kl == 0.3:  # member 1 only; its epoch 1 has four batches
+            calls["count"] += 1
+            if calls["count"] > 4:
+                parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(fused_module, "stage2_loss", nan_in_second_epoch_of_member_1)
+    outs = [tmp_path / str(index) for index in range(len(MEMBERS))]
+    results = train_fused([config(*extra) for extra in MEMBERS], outs, stage1)
+    assert isinstance(results[1], NonFiniteLossError)
+    assert "stage 2, epoch 2, batch 1: loss is nan" in str(results[1])
+    # Member 1's folder is what a lone run that raised there leaves: epoch 1, no results.
+    assert not (outs[1] / "results.json").exists()
+    assert _records(outs[1]) == _records(lone / "1")[:1]
+    assert load_checkpoint(outs[1] / "checkpoints" / "last.pt")["stage2"]["epoch"] == 1
+    for index in (0, 2):
+        _assert_same_run(outs[index], lone / str(index))
+
+
+def test_an_early_stopped_member_stops_changing(stage1, lone, tmp_path, monkeypatch):
+    """The early-stopping decision is the lone trainer's; what the pack adds is the mask, so the
+    decision is forced here for member 0 after its first epoch."""
+    real_finish = fused_module._finish_epoch
+    saved = {}
+
+    def stop_member_0(run, stage, state, progress, record, *args, **kwargs):
+        if run.out_dir.name == "0":
+            progress["done"], record["early_stopped"] = True, True
+        real_finish(run, stage, state, progress, record, *args, **kwargs)
+        if run.out_dir.name == "0":
+            saved.update(torch.load(run.out_dir / "checkpoints" / "last.pt", weights_only=True))
+
+    monkeypatch.setattr(fused_module, "_finish_epoch", stop_member_0)
+    outs = [tmp_path / str(index) for index in range(len(MEMBERS))]
+    train_fused([config(*extra) for extra in MEMBERS], outs, stage1)
+    assert [r["epoch"] for r in _records(outs[0])] == [1]
+    after = load_checkpoint(outs[0] / "checkpoints" / "last.pt")
+    assert after["stage2"]["epoch"] == 1
+    for key, value in saved["model"].items():
+        assert torch.equal(after["model"][key], value), key
+    for index, moments in saved["stage2"]["optimizer"]["state"].items():
+        assert torch.equal(
+            after["stage2"]["optimizer"]["state"][index]["exp_avg"], moments["exp_avg"]
+        )
+    assert torch.equal(after["rng"]["torch"], saved["rng"]["torch"])
+    # Its lone twin's first epoch is its only epoch; the others are untouched by the mask.
+    assert _records(outs[0]) == [_records(lone / "0")[0] | {"early_stopped": True}]
+    for index in (1, 2):
+        _assert_same_run(outs[index], lone / str(index))
+
+
+class Stop(Exception):
+    pass
+
+
+def test_an_interrupted_pack_resumes_to_the_same_runs(stage1, lone, tmp_path):
+    outs = [tmp_path / str(index) for index in range(len(MEMBERS))]
+    configs = [config(*extra) for extra in MEMBERS]
+    seen = []
+
+    def stop_after_two_records(member, record):
+        seen.append((member, record["epoch"]))
+        if len(seen) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_fused(configs, outs, stage1, callback=stop_after_two_records)
+    # Killed mid-way: members 0 and 1 have finished epoch 1, member 2 has nothing yet.
+    assert seen == [(0, 1), (1, 1)]
+    assert not (outs[2] / "checkpoints" / "last.pt").exists()
+    # A member's folder is a lone run's: the lone trainer resumes member 0 on its own.
+    train(configs[0], outs[0], stage1_checkpoint=stage1, progress=False)
+    results = train_fused(configs[1:], outs[1:], stage1)
+    assert all(isinstance(result, dict) for result in results)
+    for index, out in enumerate(outs):
+        _assert_same_run(out, lone / str(index))
+
+
+def test_a_pack_shares_stage_1_and_the_denoiser_shape(stage1, tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(
+        ConfigError, match=r"train\.batch_size \(256 in member 0, 128 in member 1\)"
+    ):
+        train_fused([config(), config("train.batch_size=128")], outs, stage1)
+    with pytest.raises(ConfigError, match=r"diffusion\.denoiser_width"):
+        train_fused([config(), config("diffusion.denoiser_width=32")], outs, stage1)
+    with pytest.raises(ConfigError, match=r"loss\.stage2_extractor='finetune'"):
+        train_fused([config(), config("loss.stage2_extractor=finetune")], outs, stage1)
+    with pytest.raises(ConfigError, match=r"own out_dir"):
+        train_fused([config(), config()], [outs[0], outs[0]], stage1)
