@@ -5,6 +5,7 @@ SMOKE = [
     "features.image_encoder=none",
     "model.hidden_dim=32",
     "model.num_heads=2",
+    "structure.encoder=mgat",  # the paper's model: the tests exercise its subgraph sampler
     "structure.max_nodes=8",
     "diffusion.steps=5",
     "diffusion.denoiser_width=32",

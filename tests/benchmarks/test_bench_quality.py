@@ -289,18 +289,18 @@ def test_options_are_read_and_checked():
             "--models",
             "tucker, pykeen:TransE",
             "--variants",
-            "full,no-mgat",
+            "full,mgat",
         ]
     )
     assert args.seeds == [3]  # --quick: the first seed
     assert args.models == ["pykeen:TuckER", "pykeen:TransE"]
-    assert args.variants == ["full", "no-mgat"]
+    assert args.variants == ["full", "mgat"]
     bad = {
         ("--models", "TuckER,HolE"): "--models: unknown model 'HolE'; choose from TransE, DistMult",
         ("--seeds", "0,x"): "--seeds 0,x: expected comma-separated integers",
         ("--seeds", "1,1"): "--seeds 1,1: expected distinct seeds >= 0",
         ("--variants", "full,no-gat"): "--variants: unknown variant 'no-gat'; choose from full",
-        ("--variants", "no-mgat"): "--variants: full is the reference",
+        ("--variants", "mgat"): "--variants: full is the reference",
         (
             "--set",
             "data.dataset=umls",
@@ -340,7 +340,7 @@ def test_the_shipped_study_on_an_anonymous_graph_is_the_old_benchmark():
     assert {t.match_to for t in trials[3:]} == {f"ablation/full/seed-{s}" for s in (0, 1, 2)}
     full = trial_config(study, trials[0])
     assert (full.data.dataset, full.data.entity_text) == ("nations", "anonymous")
-    assert full.eval.report_official is False and full.structure.encoder == "mgat"
+    assert full.eval.report_official is False and full.structure.encoder == "none"
     tucker = trial_config(study, trials[-1])
     assert tucker.baseline.model == "pykeen:TuckER"
     # The old script's PyKEEN settings.
@@ -352,17 +352,17 @@ def test_the_shipped_study_on_an_anonymous_graph_is_the_old_benchmark():
 
 
 def test_other_choices_launch_a_copy_of_the_study_named_by_its_content(tmp_path):
-    path = bench.study_for([4], ["pykeen:TransE"], ["full", "no-mgat"], tmp_path)
+    path = bench.study_for([4], ["pykeen:TransE"], ["full", "mgat"], tmp_path)
     assert path.parent == tmp_path and path.read_text().startswith(f"# diffcom sweep launch {path}")
     study = load_study(path, ["data.dataset=nations"])
     assert [t.name for t in expand_trials(study)] == [
         "ablation/full/seed-4",
-        "ablation/no-mgat/seed-4",
+        "ablation/mgat/seed-4",
         "ablation/pykeen-transe/seed-4",
     ]
     assert study.overrides == load_study(bench.STUDY, ["data.dataset=nations"]).overrides
     before = path.stat().st_mtime_ns
-    assert bench.study_for([4], ["pykeen:TransE"], ["full", "no-mgat"], tmp_path) == path
+    assert bench.study_for([4], ["pykeen:TransE"], ["full", "mgat"], tmp_path) == path
     assert path.stat().st_mtime_ns == before
     assert bench.study_for([5], ["pykeen:TransE"], ["full"], tmp_path) != path
 

@@ -37,6 +37,7 @@ ABLATION = """\
     overrides:
       data.dataset: nations
       features.image_encoder: none
+      structure.encoder: mgat
     seeds: [0, 1]
     variants:
       full: {}

@@ -31,7 +31,7 @@ def test_the_key_ignores_stage2_knobs_and_follows_stage1_ones():
     for stage1_knob in (
         "seed=1",
         "model.hidden_dim=64",
-        "structure.encoder=none",
+        "structure.encoder=mgat",
         "structure.lambda_fusion=0.3",
         "train.stage1_epochs=3",
         "train.lr_stage1=0.01",

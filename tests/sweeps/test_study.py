@@ -224,14 +224,14 @@ def test_demo_trains_two_stage1_runs_for_its_three_cells():
 def test_an_ablation_names_the_variant_its_differences_are_against(tmp_path):
     designs = (
         "kind: ablation\nvariants:\n  ddpm: {}\n  stage1-only: {diffusion.enabled: false}\n"
-        "  no-mgat: {structure.encoder: none}\n"
+        "  mgat: {structure.encoder: mgat}\n"
     )
     named = load_study(write_study(tmp_path, designs + "reference: stage1-only\n"))
     assert named.reference == "stage1-only"
-    assert [trial.cell for trial in expand_trials(named)] == ["ddpm", "stage1-only", "no-mgat"]
+    assert [trial.cell for trial in expand_trials(named)] == ["ddpm", "stage1-only", "mgat"]
     # By default: the variant called full if there is one, else the first variant.
     assert load_study(write_study(tmp_path, designs)).reference == "ddpm"
-    with_full = designs.replace("  no-mgat:", "  full: {diffusion.steps: 20}\n  no-mgat:")
+    with_full = designs.replace("  mgat:", "  full: {diffusion.steps: 20}\n  mgat:")
     assert load_study(write_study(tmp_path, with_full)).reference == "full"
     assert load_study(STUDIES_DIR / "paper-ablation.yaml").reference == "full"
     assert load_study(STUDIES_DIR / "sensitivity-steps.yaml").reference is None
@@ -403,8 +403,8 @@ SEARCH = "kind: search\nsearch:\n  algorithm: optuna-tpe\n  num_samples: 4\n  sp
             r"reference: belongs to ablation studies; this study is kind search",
         ),
         (
-            ABLATION + "  no-mgat: {structure.encoder: none}\nreference: no-diffusion\n",
-            r"reference: 'no-diffusion' is not a variant of this study; choose one of full, no-mgat",
+            ABLATION + "  mgat: {structure.encoder: mgat}\nreference: no-diffusion\n",
+            r"reference: 'no-diffusion' is not a variant of this study; choose one of full, mgat",
         ),
         (
             ABLATION + "reference: no\n",
@@ -443,7 +443,7 @@ SEARCH = "kind: search\nsearch:\n  algorithm: optuna-tpe\n  num_samples: 4\n  sp
             r"overrides\.structure\.max_nodes: 1 is outside \[2, 4096\]",
         ),
         (
-            ABLATION + "  x: {structure.encoder: none}\n  y: {structure.encoder: none}\n",
+            ABLATION + "  x: {structure.encoder: mgat}\n  y: {structure.encoder: mgat}\n",
             r"variants\.y: gives the same config as variants\.x",
         ),
         # distributions
@@ -560,15 +560,15 @@ SEARCH = "kind: search\nsearch:\n  algorithm: optuna-tpe\n  num_samples: 4\n  sp
         ),
         # names
         (
-            ABLATION + "  No-MGAT: {structure.encoder: none}\n",
+            ABLATION + "  No-MGAT: {structure.encoder: mgat}\n",
             r"variants\.No-MGAT: 'No-MGAT' is not",
         ),
-        (ABLATION + "  ../up: {structure.encoder: none}\n", r"variants\.\.\./up: '\.\./up' is not"),
+        (ABLATION + "  ../up: {structure.encoder: mgat}\n", r"variants\.\.\./up: '\.\./up' is not"),
         (
-            ABLATION + "  a/b: {structure.encoder: none}\n",
+            ABLATION + "  a/b: {structure.encoder: mgat}\n",
             r"variants\.a/b: 'a/b' is not a readable",
         ),
-        (ABLATION + "  no: {structure.encoder: none}\n", r"variants\.False: False is not.*yes/no"),
+        (ABLATION + "  no: {structure.encoder: mgat}\n", r"variants\.False: False is not.*yes/no"),
         ("name: My Study\n" + ABLATION, r"name: 'My Study' is not a readable directory name"),
         # common parts
         (ABLATION + "seeds: []\n", r"seeds: expected a non-empty list of integers"),
@@ -608,11 +608,11 @@ def test_bad_studies_name_the_file_and_the_key(tmp_path, text, message):
 def test_repeated_variants_are_refused_with_both_lines(tmp_path):
     # PyYAML would silently keep the last of two equal keys.
     path = write_study(
-        tmp_path, ABLATION + "  no-mgat: {structure.encoder: none}\n  no-mgat: {loss.w_kl: 0.0}\n"
+        tmp_path, ABLATION + "  mgat: {structure.encoder: mgat}\n  mgat: {loss.w_kl: 0.0}\n"
     )
     with pytest.raises(
         StudyError,
-        match=rf"^{re.escape(str(path))}:5: variants\.no-mgat: repeated key \(first on line 4\)",
+        match=rf"^{re.escape(str(path))}:5: variants\.mgat: repeated key \(first on line 4\)",
     ):
         load_study(path)
 
@@ -679,7 +679,7 @@ overrides:
   model.hidden_dim: 32
 variants:
   full: {}
-  no-mgat: {structure.encoder: none}
+  mgat: {structure.encoder: mgat}
 """
 
 
@@ -700,7 +700,7 @@ def test_launch_overrides_replace_and_add_study_overrides(tmp_path):
         assert (config.data.dataset, config.train.lr_stage1) == ("nations", 1.0)
         assert config.model.hidden_dim == 32
         assert load_config(None, trial.override_strings()) == config
-    assert trial_config(study, expand_trials(study)[1]).structure.encoder == "none"
+    assert trial_config(study, expand_trials(study)[1]).structure.encoder == "mgat"
 
 
 @pytest.mark.parametrize(
@@ -743,9 +743,9 @@ def test_launch_overrides_replace_and_add_study_overrides(tmp_path):
         # a key the study varies
         (
             LAUNCHED,
-            ["structure.encoder=mgat"],
-            r"--set structure\.encoder=mgat: the study varies structure\.encoder "
-            r"\(variants\.no-mgat\); overriding it would silently change the design",
+            ["structure.encoder=none"],
+            r"--set structure\.encoder=none: the study varies structure\.encoder "
+            r"\(variants\.mgat\); overriding it would silently change the design",
         ),
         (
             "kind: sensitivity\naxes: {diffusion.steps: [5, 10]}\ndefaults: {diffusion.steps: 5}\n",
