@@ -70,14 +70,22 @@ def _where_fused_time_goes(profile: cProfile.Profile) -> dict:
         "_open_member": "member set-up (checkpoint, start evaluation)",
         "_start_stage2": "optimizers and stage-2 start evaluation",
         "_train_epoch": "training epochs (all members)",
-        "_stacked_denoiser": "  of which the batched denoiser forward",
-        "_finish_member_epoch": "per-epoch validation and checkpoints",
-        "_finish_member": "final evaluation and results",
+        "backward": "  of which backward",
+        "step": "  of which the members' AdamW steps",
+        "_validate": "per-epoch validation (all members ranked at once)",
+        "_finish_member_epoch": "per-epoch selection, metrics and checkpoints",
+        "save_checkpoint": "  of which writing checkpoints",
+        "_final_evaluation": "final evaluation and results",
+        "_rank_pack": "batched ranking (validation and final, all members)",
+        "_stacked_denoiser": "batched denoiser forward (training and ranking)",
         "build_model": "building the shared model",
     }
     seconds = {}
     for (file, _, name), row in stats.stats.items():
-        if name in parts and ("fused" in file or "trainer" in file):
+        known = ("fused" in file or "trainer" in file or "checkpoint" in file) or (
+            name in ("backward", "step") and ("_tensor" in file or "adam" in file)
+        )
+        if name in parts and known:
             seconds[parts[name]] = seconds.get(parts[name], 0.0) + row[3]
     return {key: round(value, 2) for key, value in seconds.items()}
 
@@ -98,6 +106,7 @@ def main() -> None:
     from core.train.trainer import train
 
     torch.set_num_threads(1)
+    load_at_start = round(os.getloadavg()[0], 2)
     stage1_config, members = _configs(args)
     with tempfile.TemporaryDirectory(prefix="bench-fused-") as scratch:
         scratch = Path(scratch)
@@ -134,6 +143,8 @@ def main() -> None:
         "ratio": round(lone_seconds / fused_seconds, 2),
         "fused_parts_seconds": _where_fused_time_goes(profile),
         "test_metrics_equal": all(equal),
+        # Other work on the machine slows both sides, not necessarily equally.
+        "load_average_1min": {"start": load_at_start, "end": round(os.getloadavg()[0], 2)},
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
     }

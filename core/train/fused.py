@@ -21,6 +21,21 @@ weights and metrics are bitwise those of its lone twin (tests/core/train/test_fu
 transcendental element-wise kernels (SiLU) run per member too, since their vector/tail split
 depends on where a member's slice starts.
 
+Evaluation is fused the same way (:func:`_rank_pack`): each batch of valid or test queries goes
+through the frozen extractor once for the whole pack, and the members' deterministic reverse chains
+(the clean protocol) run stacked, each member's chain its own length K; a lone chain's per-step
+recomputation of the condition's projection, and of the time MLP in every batch, is done once
+(same inputs, same kernels: same values). Per-epoch validation ranks all members at once; the final
+evaluation ranks them at once into one fresh query cache (filled split by split as each lone run
+fills its own) and computes the stage-1 metrics, which depend on the extractor only, once. The
+official protocol's passes and ``eval.clean_inference=mean-of-samples`` draw noise per member and
+stay the lone code's.
+
+Checkpoints keep the lone format (a member's ``last.pt`` resumes with ``train``), but the frozen
+extractor's tensors in a member's ``model``, ``best_stage1`` and ``best_stage2`` entries are the
+pack's one extractor rather than copies, so memory holds it once and ``torch.save`` writes it once
+per file.
+
 A member whose loss turns NaN or infinite fails alone (its folder is left as the lone trainer's
 :class:`~core.train.trainer.NonFiniteLossError` leaves it: the last epoch's checkpoint, no
 results); an early-stopped or failed member leaves the batched step, so it neither changes nor
@@ -33,6 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -48,6 +64,7 @@ from core.config import (
     stage1_relevant,
 )
 from core.data.graph import KnowledgeGraph
+from core.evaluation import RankAccumulator, RankingResult
 from core.model.denoiser import CDenoiser, timestep_embedding
 from core.model.diffusioncom import DiffusionCom, stage2_loss
 from core.train.checkpoint import CheckpointError, load_checkpoint, rng_state
@@ -59,6 +76,7 @@ from core.train.trainer import (
     _epoch_batches,
     _epoch_record,
     _final_results,
+    _final_stage,
     _finish_epoch,
     _forget_epochs_after,
     _keeps_query_cache,
@@ -68,8 +86,11 @@ from core.train.trainer import (
     _new_stage_progress,
     _scheduler,
     _seed_for,
+    _stage1_metrics,
     _training_queries,
+    _validates_after,
     build_model,
+    evaluate_clean,
     load_run_dataset,
 )
 from runstore import CHECKPOINT_DIR, CONFIG, METRICS, RESULTS, checkpoint_path, flatten, write_json
@@ -192,9 +213,17 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
     CPU element-wise kernels run whole vectors (2 x 16 floats under AVX-512) and finish the tail
     with scalar code whose ``exp`` rounds differently; on the stacked tensor a member's last
     elements can fall in a vector where its lone run had them in the tail (whenever ``B·W`` is
-    not a multiple of 32), so SiLU runs on each member's slice as a lone run does.
+    not a multiple of 32), so SiLU runs on each member's slice as a lone run does. When a slice
+    is a whole number of 64-float blocks every member's elements meet the vector code at the same
+    offsets as alone and no tail exists, so one call over the stack computes the same values.
     """
+    if x[0].numel() % _ALIGNED_FLOATS == 0 and x.is_contiguous():
+        return F.silu(x)
     return torch.stack([F.silu(x[i]) for i in range(x.shape[0])])
+
+
+_ALIGNED_FLOATS = 64
+"""A slice of this many floats (a multiple of every CPU vector loop's block) has no scalar tail."""
 
 
 def _check_denoiser(denoiser: CDenoiser) -> None:
@@ -212,12 +241,30 @@ def _check_denoiser(denoiser: CDenoiser) -> None:
         )
 
 
+def _condition_embedding(params: dict[str, torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
+    """``(A, B, width)`` each member's projection of the ``(B, Dc)`` condition all share."""
+    return _linear(
+        condition, params["condition_projection.weight"], params["condition_projection.bias"]
+    )
+
+
+def _time_embedding(
+    template: CDenoiser, params: dict[str, torch.Tensor], t: torch.Tensor
+) -> torch.Tensor:
+    """``(A, B, width)`` each member's time MLP of its ``(A, B)`` timesteps."""
+    members, batch = t.shape
+    dtype = params["time_mlp.0.weight"].dtype
+    time = timestep_embedding(t.reshape(-1), template.time_embedding_dim).to(dtype)
+    time = time.reshape(members, batch, -1)
+    time = _linear(time, params["time_mlp.0.weight"], params["time_mlp.0.bias"])
+    return _linear(_silu(time), params["time_mlp.2.weight"], params["time_mlp.2.bias"])
+
+
 def _stacked_denoiser(
     template: CDenoiser,
     params: dict[str, torch.Tensor],
     x_t: torch.Tensor,
-    t: torch.Tensor,
-    condition: torch.Tensor,
+    embedding: torch.Tensor,
     masks: list[torch.Tensor] | None,
 ) -> torch.Tensor:
     """``CDenoiser.forward`` for A members at once.
@@ -226,23 +273,17 @@ def _stacked_denoiser(
         template: one member's network (its sizes and LayerNorm eps; its weights are not used).
         params: ``(A, ...)`` stacked parameters, named as ``template.named_parameters()``.
         x_t: ``(A, B, N)`` each member's noised scores.
-        t: ``(A, B)`` each member's timesteps.
-        condition: ``(B, Dc)`` the query representation all members share.
+        embedding: ``(A, B, width)`` each member's time embedding plus condition embedding
+            (:func:`_time_embedding` + :func:`_condition_embedding`, added in that order as
+            ``CDenoiser.forward`` adds them); split out because a reverse chain reuses the
+            condition's part at every step and the time's part in every batch.
         masks: per block, ``(A, B, width·mlp_ratio)`` dropout multipliers (0 or ``1/(1−p)``; 1 for
             a member without dropout), or ``None`` when no member drops out.
 
     Returns:
         ``(A, B, N)`` each member's denoiser output.
     """
-    members, batch = t.shape
     h = _linear(x_t, params["input_projection.weight"], params["input_projection.bias"])
-    time = timestep_embedding(t.reshape(-1), template.time_embedding_dim).to(h.dtype)
-    time = time.reshape(members, batch, -1)
-    time = _linear(time, params["time_mlp.0.weight"], params["time_mlp.0.bias"])
-    time = _linear(_silu(time), params["time_mlp.2.weight"], params["time_mlp.2.bias"])
-    embedding = time + _linear(
-        condition, params["condition_projection.weight"], params["condition_projection.bias"]
-    )
     for index, block in enumerate(template.blocks):
         name = f"blocks.{index}."
         film = _linear(
@@ -263,6 +304,146 @@ def _stacked_denoiser(
         h, params["output_norm.weight"], params["output_norm.bias"], template.output_norm.eps
     )
     return _linear(normed, params["output.weight"], params["output.bias"])
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+_TIME_CACHE_BYTES = 256 * 2**20
+"""Most bytes one pack evaluation keeps of time embeddings (reused by every batch of a size)."""
+
+
+def _schedule_table(model: DiffusionCom, device: torch.device) -> torch.Tensor:
+    """The ``(4, K)`` float32 schedule values a member's deterministic reverse step multiplies by
+    (rows: ``sqrt_recip_alphas_cumprod``, ``sqrt_recipm1_alphas_cumprod``,
+    ``posterior_mean_coef1``, ``posterior_mean_coef2``), cast from float64 as
+    ``core.model.diffusion._extract`` casts them."""
+    diffusion = model.diffusion
+    table = np.stack(
+        [
+            diffusion.sqrt_recip_alphas_cumprod,
+            diffusion.sqrt_recipm1_alphas_cumprod,
+            diffusion.posterior_mean_coef1,
+            diffusion.posterior_mean_coef2,
+        ]
+    )
+    return torch.from_numpy(table).to(device=device, dtype=torch.float32)
+
+
+def _reverse_step(
+    x_t: torch.Tensor, raw: torch.Tensor, coefficients: torch.Tensor, is_x0: torch.Tensor
+) -> torch.Tensor:
+    """The deterministic DDPM step (``GaussianDiffusion.p_sample(..., deterministic=True)``) of
+    A members at once: x_{t−1} = coef1_t · x̂_0 + coef2_t · x_t, with x̂_0 = skip_t · x_t + output
+    for an x_0 target (``DiffusionCom._denoiser_output``) and x̂_0 = sqrt(1/ᾱ_t) · x_t −
+    sqrt(1/ᾱ_t − 1) · ε̂ for an ε target (``predict_x0_from_eps``).
+
+    The same float32 products and sums in the same order as the lone code, each member with its
+    own coefficients (element-wise and correctly rounded, so stacking changes no value).
+
+    Args:
+        x_t: ``(A, B, N)`` each member's state.
+        raw: ``(A, B, N)`` each member's denoiser output at its step.
+        coefficients: ``(A, 4, 1)`` each member's :func:`_schedule_table` column at its step.
+        is_x0: ``(A, 1, 1)`` bool, members whose denoiser predicts x_0.
+
+    Returns:
+        ``(A, B, N)`` x_{t−1}.
+    """
+    recip, recipm1, coef1, coef2 = (coefficients[:, row : row + 1] for row in range(4))
+    x0_from_skip = recip * x_t + raw
+    x0_from_eps = recip * x_t - recipm1 * raw
+    x0_hat = torch.where(is_x0, x0_from_skip, x0_from_eps)
+    return coef1 * x0_hat + coef2 * x_t
+
+
+def _rank_pack(
+    shared: DiffusionCom,
+    models: Sequence[DiffusionCom],
+    params: dict[str, torch.Tensor],
+    graph: KnowledgeGraph,
+    split: str,
+    batch_size: int,
+) -> list[RankingResult]:
+    """Filtered clean ranks of ``split`` for A members at once: what ``evaluate_clean(models[i],
+    graph, split, 2, config)`` gives each under ``eval.clean_inference=zero-noise``.
+
+    Each batch of queries goes through the shared extractor once (a lone run's evaluation calls it
+    with the same batch, so its scores and condition are the same); the members' deterministic
+    reverse chains (``DiffusionCom.scores``) then run stacked, member ``i`` stepping
+    t = K_i − 1 … 0, the members with the longest chains first so that the ones still stepping
+    are a prefix of the stack (a view, not a copy of the weights). The condition's projection is
+    computed once per batch and the time MLP once per step and batch size: the same inputs
+    through the same kernels as a lone chain recomputes at every step, so the same values.
+
+    Args:
+        shared: the pack's model whose extractor and ``_x0`` (shared settings) all members use.
+        models: each member's model (its diffusion, target and ``top_k_fill``).
+        params: ``(A, ...)`` the members' denoiser weights, in the order of ``models``.
+
+    Returns:
+        One :class:`RankingResult` per member, in the order of ``models``.
+    """
+    template = shared.denoiser
+    order = sorted(range(len(models)), key=lambda i: -models[i].diffusion.num_timesteps)
+    if order != list(range(len(models))):
+        rows = torch.tensor(order, device=next(iter(params.values())).device)
+        params = {name: value.index_select(0, rows) for name, value in params.items()}
+    ordered = [models[i] for i in order]
+    steps = [model.diffusion.num_timesteps for model in ordered]
+    device = next(shared.extractor.parameters()).device
+    targets = torch.tensor(
+        [model.settings.target == "x0" for model in ordered], device=device
+    ).reshape(-1, 1, 1)
+    tables = [_schedule_table(model, device) for model in ordered]
+    filter_index, candidate_mask = graph.all_answers(), graph.candidate_mask
+    accumulators = [RankAccumulator(graph.num_relations) for _ in ordered]
+    time_cache: dict[tuple[int, int], torch.Tensor] = {}
+    cached_bytes = 0
+    with torch.no_grad():
+        for batch in graph.queries(split).split(batch_size):
+            batch = batch.to(device)
+            heads, relations, answers = batch.unbind(1)
+            size = len(batch)
+            output = shared.extractor(heads, relations)
+            x0, indices, condition = shared._x0(output)
+            conditioned = _condition_embedding(params, condition)
+            x_t = torch.stack(  # DiffusionCom.scores: each chain starts from x_K with ε = 0
+                [
+                    model.diffusion.q_sample(
+                        x0,
+                        torch.full((size,), k - 1, dtype=torch.long, device=device),
+                        torch.zeros_like(x0),
+                    )
+                    for model, k in zip(ordered, steps, strict=True)
+                ]
+            )
+            finals: list = [None] * len(ordered)
+            for iteration in range(steps[0]):
+                active = sum(1 for k in steps if k > iteration)
+                view = {name: value[:active] for name, value in params.items()}
+                time = time_cache.get((iteration, size))
+                if time is None:
+                    t = torch.tensor([k - 1 - iteration for k in steps[:active]], device=device)
+                    time = _time_embedding(template, view, t.unsqueeze(1).expand(active, size))
+                    if cached_bytes + time.numel() * time.element_size() <= _TIME_CACHE_BYTES:
+                        time_cache[(iteration, size)] = time
+                        cached_bytes += time.numel() * time.element_size()
+                raw = _stacked_denoiser(template, view, x_t, time + conditioned[:active], None)
+                columns = [tables[i][:, steps[i] - 1 - iteration] for i in range(active)]
+                x_t = _reverse_step(x_t, raw, torch.stack(columns).unsqueeze(-1), targets[:active])
+                for i in range(active):
+                    if steps[i] - 1 - iteration == 0:
+                        finals[i] = x_t[i]
+                x_t = x_t[: sum(1 for k in steps if k > iteration + 1)]
+            for i, model in enumerate(ordered):
+                scores = model._full_scores(finals[i], indices, output.scores)
+                accumulators[i].add_scores(
+                    scores, heads, relations, answers, filter_index, candidate_mask
+                )
+    results: list = [None] * len(models)
+    for position, index in enumerate(order):
+        results[index] = accumulators[position].result()
+    return results
 
 
 # ------------------------------------------------------------------------------------------ members
@@ -362,6 +543,9 @@ def _open_member(
             k[len("denoiser.") :]: v for k, v in weights.items() if k.startswith("denoiser.")
         }
         _load_weights(model.denoiser, denoiser, last)
+        for key in ("best_stage1", "best_stage2"):
+            if isinstance(state.get(key), dict):
+                state[key] = _share_extractor(state[key], model.extractor)
         _forget_epochs_after(out_dir / METRICS.file, state)
         rng_rest = state["rng"]
         generator = _generator(rng_rest, accelerator.device, last)
@@ -463,6 +647,12 @@ def train_fused(
     _check_stage1_compatible(config_from_dict(reused["config"]), first, path)
     _load_extractor(base, reused.get("best_stage1") or reused["model"])
     extractor = base.extractor
+    # Every fresh member starts with these as its stage-1 weights: one dict, the extractor's own
+    # tensors in it (see _share_extractor).
+    reused = {
+        **reused,
+        "best_stage1": _share_extractor(reused.get("best_stage1") or reused["model"], extractor),
+    }
     extractor.requires_grad_(False)
     _check_denoiser(base.denoiser)
     queries = _training_queries(graph)
@@ -513,12 +703,15 @@ def train_fused(
     last_epoch = max((m.config.train.stage2_epochs for m in members), default=0)
     for epoch in range(last_epoch):
         active = [m for m in members if m.trains_in(epoch)]
-        if active:
-            _train_epoch(active, stacked, names, base.denoiser, epoch, graph, queries, progress)
-            for member in active:
-                if member.error is not None:
-                    continue
-                _finish_member_epoch(member, stacked, callback)
+        if not active:
+            continue
+        _train_epoch(active, stacked, names, base.denoiser, epoch, graph, queries, progress)
+        trained = [m for m in active if m.error is None]
+        valid = _validate(
+            base, [m for m in trained if _validates_after(m.config, 2, epoch)], stacked
+        )
+        for member in trained:
+            _finish_member_epoch(member, stacked, callback, valid.get(member.index))
 
     extractor.freeze_entity_table(False)
     results: list = [None] * len(configs)
@@ -527,8 +720,9 @@ def train_fused(
     for member in members:
         if member.error is not None:
             results[member.index] = member.error
-            continue
-        results[member.index] = _finish_member(member, stacked)
+    finishing = [m for m in members if m.error is None]
+    for member, member_results in _final_evaluation(base, finishing, cache_queries):
+        results[member.index] = member_results
     accelerator.free_memory()
     return results
 
@@ -599,7 +793,10 @@ def _train_epoch(
             params = {name: value.index_select(0, selected) for name, value in stacked.items()}
         t_all = torch.stack(timesteps)
         x_t_all = torch.stack(x_ts)
-        output = _stacked_denoiser(template, params, x_t_all, t_all, condition, block_masks)
+        embedding = _time_embedding(template, params, t_all) + _condition_embedding(
+            params, condition
+        )
+        output = _stacked_denoiser(template, params, x_t_all, embedding, block_masks)
 
         losses, finite = [], []
         for i, member in enumerate(active):
@@ -661,16 +858,78 @@ def _train_epoch(
 
 
 def _copy_weights(member: _Member, stacked: dict[str, torch.Tensor]) -> None:
-    """Put the member's trained slice into its own model (evaluated and saved as a lone run's)."""
+    """Put the member's trained slice into its own model (evaluated and saved as a lone run's).
+
+    Each epoch's weights are new tensors, never written into the previous ones, so the best
+    weights can hold this epoch's tensors themselves (see :func:`_best_weights`).
+    """
     with torch.no_grad():
         for name, parameter in member.run.model.denoiser.named_parameters():
-            parameter.copy_(stacked[name][member.row])
+            parameter.data = stacked[name][member.row].detach().clone()
+
+
+def _batched_clean(member: _Member) -> bool:
+    """Whether the member's clean protocol is the deterministic chain the pack ranks batched
+    (``mean-of-samples`` draws per member: such a member is evaluated by the lone code)."""
+    return member.config.eval.clean_inference == "zero-noise"
+
+
+def _validate(
+    shared: DiffusionCom, members: list[_Member], stacked: dict[str, torch.Tensor]
+) -> dict[int, RankingResult]:
+    """Valid ranks of the members' current weights, ranked together (see :func:`_rank_pack`);
+    by member index."""
+    batched = [m for m in members if _batched_clean(m)]
+    if not batched:
+        return {}
+    rows = torch.tensor([m.row for m in batched], device=next(iter(stacked.values())).device)
+    params = {name: value.detach().index_select(0, rows) for name, value in stacked.items()}
+    config = batched[0].config  # eval.batch_size is a stage-1 key: shared
+    for member in batched:
+        member.run.model.eval()  # as evaluate_clean does
+    ranked = _rank_pack(
+        shared,
+        [m.run.model for m in batched],
+        params,
+        batched[0].run.graph,
+        "valid",
+        config.eval.batch_size,
+    )
+    return {member.index: result for member, result in zip(batched, ranked, strict=True)}
+
+
+def _best_weights(member: _Member) -> Callable[[], dict]:
+    """The stage's best weights as the lone trainer keeps them, without its copies: the frozen
+    extractor's tensors are the pack's own, and the denoiser's are this epoch's, which no later
+    epoch writes into (:func:`_copy_weights`). The checkpoint's ``model`` and ``best_stage2``
+    then share them, and ``torch.save`` writes each once per file."""
+
+    def snapshot() -> dict:
+        return dict(member.run.model.state_dict())
+
+    return snapshot
+
+
+def _share_extractor(weights: dict, extractor: torch.nn.Module) -> dict:
+    """``weights`` with each ``extractor.*`` tensor equal to the pack's extractor replaced by the
+    extractor's own tensor (same values; stored once in memory and in a checkpoint)."""
+    live = extractor.state_dict()
+    shared = {}
+    for key, value in weights.items():
+        own = live.get(key[len("extractor.") :]) if key.startswith("extractor.") else None
+        same = own is not None and own.shape == value.shape and own.dtype == value.dtype
+        shared[key] = own if same and torch.equal(own, value) else value
+    return shared
 
 
 def _finish_member_epoch(
-    member: _Member, stacked: dict[str, torch.Tensor], callback: PackCallback | None
+    member: _Member,
+    stacked: dict[str, torch.Tensor],
+    callback: PackCallback | None,
+    valid: RankingResult | None,
 ) -> None:
-    """Validate, select, early-stop and checkpoint the member's epoch with the lone trainer's code."""
+    """Validate, select, early-stop and checkpoint the member's epoch with the lone trainer's
+    code; ``valid`` is the member's valid ranks when the pack has ranked them."""
     _copy_weights(member, stacked)
     record = member.epoch_record
     _finish_epoch(
@@ -683,20 +942,92 @@ def _finish_member_epoch(
         member.scheduler,
         member.epoch_started,
         rng=member.rng,
+        valid_result=valid,
+        best_weights=_best_weights(member),
     )
     if callback is not None:
         callback(member.index, record)
 
 
-def _finish_member(member: _Member, stacked: dict[str, torch.Tensor]) -> dict:
-    """The end of ``_run_stage`` and ``train`` for one member: best weights, evaluation, results."""
-    _copy_weights(member, stacked)
-    model, state = member.run.model, member.state
-    if "best_stage2" in state:
-        model.load_state_dict(state["best_stage2"])
-    elif "best_stage1" in state:
-        _load_extractor(model, state["best_stage1"])
-    results = _final_results(member.run, state, state.get("train_seconds", 0.0))
+def _final_evaluation(shared: DiffusionCom, members: list[_Member], cache_queries: bool):
+    """The end of ``train`` for every finishing member: its selected weights evaluated, its
+    ``results.json`` written; yields ``(member, results)``.
+
+    What a lone run's ``_final_results`` computes per member is computed here once where it is
+    the same for all: the clean ranks of the members whose selected weights are stage 2's run
+    through :func:`_rank_pack` (valid, then test, into one fresh query cache filled split by
+    split as each lone run fills its own), and the stage-1 clean metrics, which depend on the
+    shared extractor only. The official passes (label-using, stochastic per member) stay the
+    lone code's, run on that same frozen extractor.
+    """
+    extractor = shared.extractor
+    names = [name for name, _ in shared.denoiser.named_parameters()]
+    for member in members:
+        denoiser = member.state.get("best_stage2")
+        if denoiser is not None:
+            # The selected weights (the tensors themselves, as _copy_weights puts them); the
+            # extractor is the pack's frozen one throughout.
+            for name, parameter in member.run.model.denoiser.named_parameters():
+                parameter.data = denoiser["denoiser." + name]
+        member.run.model.eval()
+    stage2 = [m for m in members if _final_stage(m.run, m.state) == 2 and _batched_clean(m)]
+    stage1 = [m for m in members if _final_stage(m.run, m.state) == 1]
+    alone = [m for m in members if m not in stage2 and m not in stage1]
+
+    if stage2:
+        # As _final_results does for a frozen extractor: a fresh table and query cache.
+        extractor.freeze_entity_table(True, cache_queries=cache_queries)
+        params = {
+            name: torch.stack([m.state["best_stage2"]["denoiser." + name] for m in stage2])
+            for name in names
+        }
+        evaluated: dict[str, list] = {}
+        for split in ("valid", "test"):
+            started = time.perf_counter()
+            config = stage2[0].config
+            ranked = _rank_pack(
+                shared,
+                [m.run.model for m in stage2],
+                params,
+                stage2[0].run.graph,
+                split,
+                config.eval.batch_size,
+            )
+            # The pack's evaluation time, shared out evenly among its members.
+            milliseconds = 1000 * (time.perf_counter() - started) / len(ranked[0]) / len(stage2)
+            stage1_metrics = _stage1_metrics(stage2[0].run, stage2[0].state, split)
+            evaluated[split] = [(result, milliseconds, stage1_metrics) for result in ranked]
+        for position, member in enumerate(stage2):
+            per_split = {
+                split: (result, ms, dict(metrics))
+                for split, (result, ms, metrics) in (
+                    (split, evaluated[split][position]) for split in ("valid", "test")
+                )
+            }
+            yield member, _write_results(member, per_split)
+        extractor.freeze_entity_table(False)
+
+    if stage1:
+        # The extractor alone, unfrozen, as _final_results evaluates a stage-1 selection: the
+        # same ranks for every such member.
+        evaluated_stage1 = {}
+        for split in ("valid", "test"):
+            started = time.perf_counter()
+            first = stage1[0]
+            result = evaluate_clean(first.run.model, first.run.graph, split, 1, first.config)
+            milliseconds = 1000 * (time.perf_counter() - started) / len(result) / len(stage1)
+            evaluated_stage1[split] = (result, milliseconds, None)
+        for member in stage1:
+            yield member, _write_results(member, evaluated_stage1)
+
+    for member in alone:  # evaluated by the lone code, which freezes and unfreezes on its own
+        yield member, _write_results(member, None)
+
+
+def _write_results(member: _Member, evaluated: dict | None) -> dict:
+    """``_final_results`` of the member (with what the pack evaluated for it) to ``results.json``."""
+    state = member.state
+    results = _final_results(member.run, state, state.get("train_seconds", 0.0), evaluated)
     results["timings"]["cpu_seconds"] = round(member.run.cpu_seconds(), 2)
     write_json(member.run.out_dir / RESULTS.file, results, RESULTS)
     return results

@@ -557,6 +557,13 @@ def _epoch_record(
     return record
 
 
+def _validates_after(config: ExperimentConfig, stage: int, epoch: int) -> bool:
+    """Whether 0-based ``epoch`` of ``stage`` ends with a validation (every ``eval_every``-th
+    epoch and the stage's last)."""
+    epochs = config.train.stage1_epochs if stage == 1 else config.train.stage2_epochs
+    return (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == epochs
+
+
 def _finish_epoch(
     run: TrainingRun,
     stage: int,
@@ -567,25 +574,33 @@ def _finish_epoch(
     scheduler,
     started: float,
     rng: Callable[[], dict] = rng_state,
+    valid_result: RankingResult | None = None,
+    best_weights: Callable[[], dict] | None = None,
 ) -> None:
     """Validate the epoch ``record`` describes, keep the best weights, decide early stopping, then
-    append the record and write the checkpoint (``rng`` gives the RNG states it saves)."""
+    append the record and write the checkpoint (``rng`` gives the RNG states it saves).
+
+    A caller that has already ranked ``valid`` with these weights (the fused pack ranks all its
+    members at once) passes that ``valid_result``; ``best_weights`` returns the copy of the model's
+    state kept as the stage's best (default: every tensor cloned).
+    """
     config, model, accelerator = run.config, run.model, run.accelerator
     stage_key = f"stage{stage}"
-    epochs = config.train.stage1_epochs if stage == 1 else config.train.stage2_epochs
     epoch = record["epoch"] - 1
-    if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == epochs:
-        valid = evaluate_clean(model, run.graph, "valid", stage, config, accelerator).metrics(
-            config.eval.tie
-        )
+    if _validates_after(config, stage, epoch):
+        if valid_result is None:
+            valid_result = evaluate_clean(model, run.graph, "valid", stage, config, accelerator)
+        valid = valid_result.metrics(config.eval.tie)
         record.update({f"valid.clean.{name}": value for name, value in valid.items()})
         if "stage2_best_mrr" in progress_state:
             progress_state["stage2_best_mrr"] = max(progress_state["stage2_best_mrr"], valid["mrr"])
         if valid["mrr"] > progress_state["best_mrr"]:
             progress_state.update(best_mrr=valid["mrr"], best_epoch=epoch + 1, stale=0)
-            state[f"best_{stage_key}"] = {
-                k: v.detach().clone() for k, v in model.state_dict().items()
-            }
+            state[f"best_{stage_key}"] = (
+                {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if best_weights is None
+                else best_weights()
+            )
         else:
             progress_state["stale"] += config.train.eval_every
             if config.train.patience and progress_state["stale"] >= config.train.patience:
@@ -837,19 +852,36 @@ def write_ranks(out_dir: Path, split: str, result: RankingResult) -> None:
         )
 
 
-def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
-    """Valid and test metrics of the selected weights under both protocols, and timings."""
+def _final_stage(run: TrainingRun, state: dict) -> int:
+    """The stage whose weights are selected: stage 2's best epoch, unless no stage-2 epoch beat
+    the extractor it started from on valid (train.stage2_selection=include-stage1)."""
+    stage2_trained = run.model.diffusion is not None and run.config.train.stage2_epochs > 0
+    return 2 if stage2_trained and "best_stage2" in state else 1
+
+
+def _final_results(
+    run: TrainingRun,
+    state: dict,
+    train_seconds: float,
+    evaluated: dict[str, tuple[RankingResult, float, dict | None]] | None = None,
+) -> dict:
+    """Valid and test metrics of the selected weights under both protocols, and timings.
+
+    ``evaluated`` holds, per split, what a caller has already computed with the selected weights
+    (the fused pack ranks all its members at once): the clean ranks, their milliseconds per query
+    and the stage-1 clean metrics; the caller has then also prepared the extractor (frozen, its
+    query cache filled split by split as below) for the official passes.
+    """
     config, model, graph = run.config, run.model, run.graph
     stage2_trained = model.diffusion is not None and config.train.stage2_epochs > 0
-    # The selected weights: stage 2's best epoch, unless no stage-2 epoch beat the extractor it
-    # started from on valid (train.stage2_selection=include-stage1), in which case stage 1's.
-    final_stage = 2 if stage2_trained and "best_stage2" in state else 1
+    final_stage = _final_stage(run, state)
     # Every evaluation below runs the same frozen extractor on the same queries: encode once.
     model.eval()
-    model.extractor.freeze_entity_table(
-        final_stage == 2 and not _extractor_trains_in_stage2(config),
-        cache_queries=run.cache_queries,
-    )
+    if evaluated is None:
+        model.extractor.freeze_entity_table(
+            final_stage == 2 and not _extractor_trains_in_stage2(config),
+            cache_queries=run.cache_queries,
+        )
     results: dict = {
         "dataset": graph.name,
         "dataset_hash": graph.content_hash(),
@@ -857,14 +889,20 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
     }
     for split in ("valid", "test"):
         started = time.perf_counter()
-        clean = evaluate_clean(model, graph, split, final_stage, config, run.accelerator)
-        milliseconds = 1000 * (time.perf_counter() - started) / len(clean)
+        if evaluated is None:
+            clean = evaluate_clean(model, graph, split, final_stage, config, run.accelerator)
+            milliseconds = 1000 * (time.perf_counter() - started) / len(clean)
+        else:
+            clean, milliseconds, _ = evaluated[split]
         results[split] = {"clean": clean.metrics(config.eval.tie), "clean_all": clean.to_dict()}
         results[split]["inference_ms_per_query"] = milliseconds
         if stage2_trained:
-            results[split]["stage1_clean"] = (
-                results[split]["clean"] if final_stage == 1 else _stage1_metrics(run, state, split)
-            )
+            if final_stage == 1:
+                results[split]["stage1_clean"] = results[split]["clean"]
+            elif evaluated is not None and evaluated[split][2] is not None:
+                results[split]["stage1_clean"] = evaluated[split][2]
+            else:
+                results[split]["stage1_clean"] = _stage1_metrics(run, state, split)
         if (
             final_stage == 2
             and config.eval.report_official
@@ -876,7 +914,8 @@ def _final_results(run: TrainingRun, state: dict, train_seconds: float) -> dict:
             )
         if run.accelerator.is_main_process:
             write_ranks(run.out_dir, split, clean)
-    model.extractor.freeze_entity_table(False)
+    if evaluated is None:
+        model.extractor.freeze_entity_table(False)
     results["protocol_note"] = (
         "clean: one deterministic pass, no label use (model selection uses it); "
         "official-min-of-S: minimum gold rank over S stochastic passes, label-using, reported only"

@@ -233,3 +233,48 @@ def test_a_pack_shares_stage_1_and_the_denoiser_shape(stage1, tmp_path):
         train_fused([config(), config("loss.stage2_extractor=finetune")], outs, stage1)
     with pytest.raises(ConfigError, match=r"own out_dir"):
         train_fused([config(), config()], [outs[0], outs[0]], stage1)
+
+
+def test_a_stacked_silu_equals_each_members(one_thread):
+    """One SiLU over the stack only where a member's slice has no scalar tail (64-float blocks);
+    elsewhere per member. Either way each slice is bitwise the lone call's."""
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(3, 8, 16), (3, 7, 17), (2, 141, 16), (4, 1, 5)]:
+        x = torch.randn(shape, generator=generator) * 4
+        stacked = fused_module._silu(x)
+        for i in range(shape[0]):
+            assert torch.equal(stacked[i], torch.nn.functional.silu(x[i])), shape
+
+
+def test_protocols_the_pack_leaves_to_the_lone_code(stage1, tmp_path):
+    """A member whose clean protocol draws noise (mean-of-samples) is ranked by the lone code,
+    and a member whose stage 2 never beats its extractor on valid (include-stage1, a learning
+    rate too small to move it) is evaluated as a stage-1 selection; both equal their lone twins,
+    beside a batched member."""
+    members = [
+        MEMBERS[0],
+        [*MEMBERS[1], "eval.clean_inference=mean-of-samples", "eval.clean_samples=2"],
+        [*MEMBERS[2], "train.stage2_selection=include-stage1", "train.lr_stage2=1e-12"],
+    ]
+    lone_root, outs = tmp_path / "lone", [tmp_path / "fused" / str(i) for i in range(3)]
+    for index, extra in enumerate(members):
+        train(config(*extra), lone_root / str(index), stage1_checkpoint=stage1, progress=False)
+    results = train_fused([config(*extra) for extra in members], outs, stage1)
+    assert [r["final_stage"] for r in results] == [2, 2, 1]
+    for index, out in enumerate(outs):
+        _assert_same_run(out, lone_root / str(index))
+
+
+def test_member_checkpoints_hold_the_extractor_once(stage1, lone, tmp_path):
+    out = tmp_path / "0"
+    train_fused([config(*MEMBERS[0])], [out], stage1)
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    extractor_keys = [key for key in state["model"] if key.startswith("extractor.")]
+    assert extractor_keys
+    for key in extractor_keys:
+        pointer = state["model"][key].untyped_storage().data_ptr()
+        for entry in ("best_stage1", "best_stage2"):
+            assert state[entry][key].untyped_storage().data_ptr() == pointer, (entry, key)
+    lone_file = lone / "0" / "checkpoints" / "last.pt"
+    assert (out / "checkpoints" / "last.pt").stat().st_size < lone_file.stat().st_size
+    # That the lone trainer resumes such a file: test_an_interrupted_pack_resumes_to_the_same_runs.
