@@ -43,10 +43,15 @@ run whose stage 1 was trained once for several trials (``<experiment>/stage1/<ke
 stage-1 epochs of its own; that shared run's stage-1 epochs are its curve's start (``source``
 ``"shared stage 1"``). A line that is not a complete record (cut by a kill, or still being
 written) is skipped and listed in :attr:`Loaded.problems`.
+
+Runs of different datasets must never be pooled: :func:`dataset_labels` names each row's dataset
+(the content hash of the graph it trained on when known, else its config's ``data.dataset`` and
+``data.entity_text``) with a readable label, ``umls`` or ``umls (entity_text=anonymous)``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +82,7 @@ __all__ = [
     "MEASURES",
     "AnalysisError",
     "Loaded",
+    "dataset_labels",
     "load_experiments",
     "protocol_kind",
     "read_json_object",
@@ -582,6 +588,60 @@ def _model(config: dict, run_dir: Path, loaded: Loaded) -> str:
         )
         return DIFFUSIONCOM
     return name
+
+
+def dataset_labels(frame: pd.DataFrame) -> pd.Series:
+    """Each row's dataset as a readable label, one label per dataset (indexed as ``frame``).
+
+    Two runs are of one dataset when their ``dataset_hash`` (the graph's content: ids, splits,
+    texts, images) is the same, which also tells apart two folders of one name. A run without a
+    hash (one that stopped before recording it, or written by hand) is known by its name, and is
+    of the dataset with that name and a hash when there is exactly one. The name is the config's
+    ``data.dataset`` (else the ``dataset`` the run recorded), followed by ``(entity_text=...)``
+    when the entities' text is not the dataset's own: ``umls (entity_text=anonymous)``. Should two
+    datasets share a name, each label adds the first 8 characters of its hash in brackets
+    (``[no hash]`` for one without).
+    """
+    names = []
+    for configured, recorded, text in zip(
+        _values(frame, "config.data.dataset"),
+        _values(frame, "dataset"),
+        _values(frame, "config.data.entity_text"),
+        strict=True,
+    ):
+        name = str(next((v for v in (configured, recorded) if _given(v)), "unknown dataset"))
+        names.append(
+            name + (f" (entity_text={text})" if _given(text) and text != "dataset" else "")
+        )
+    hashes = [str(h) if _given(h) else None for h in _values(frame, "dataset_hash")]
+    hashes_of: dict[str, set[str]] = {}
+    for digest, name in zip(hashes, names, strict=True):
+        if digest:
+            hashes_of.setdefault(name, set()).add(digest)
+    keys = []
+    for digest, name in zip(hashes, names, strict=True):
+        known = hashes_of.get(name, set())
+        if digest is None and len(known) == 1:  # e.g. a run that failed before recording it
+            digest = next(iter(known))
+        keys.append((digest, None if digest else name))
+    name_of: dict[tuple, str] = {}
+    for key, name in zip(keys, names, strict=True):
+        name_of.setdefault(key, name)  # one hash, one label, whatever the runs called it
+    shared = {name for name, count in Counter(name_of.values()).items() if count > 1}
+    labels = {
+        key: f"{name} [{key[0][:8] if key[0] else 'no hash'}]" if name in shared else name
+        for key, name in name_of.items()
+    }
+    return pd.Series([labels[key] for key in keys], index=frame.index, dtype=object)
+
+
+def _values(frame: pd.DataFrame, column: str) -> list:
+    return frame[column].tolist() if column in frame else [None] * len(frame)
+
+
+def _given(value) -> bool:
+    """Whether a cell holds a value (not ``None``, NaN or empty text)."""
+    return value is not None and value == value and value != ""
 
 
 def _budget_columns(model: str, config: dict, status: dict, results: dict | None) -> dict:

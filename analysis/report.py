@@ -9,6 +9,9 @@ Reads only files (``experiment.json``, ``runs/**``); writes into ``out``::
                                  cell's model, settings, budget and results beside the reference
                                  variant's (tables/baselines-vs-<variant>.* as for the ablation)
     tables/sensitivity.{md,tex,csv}
+                                 (ablation, baselines and sensitivity: when the runs are of several
+                                 datasets, one table per dataset, its slug after the name:
+                                 tables/ablation-umls-entity_text-anonymous.*)
     tables/protocol-audit.{md,tex,csv}
     tables/search-points.csv
     tables/runs.csv              the tidy frame itself
@@ -20,6 +23,12 @@ The Baselines section (after the Ablation, only when some ablation run is a clas
 so a report without any is what it was before baselines existed) holds that table and a figure of
 test MRR against training time, one point per variant and baseline; the baselines' Δ against the
 reference, with the ablation's paired test, are rows of the ablation table, marked as baselines.
+
+Runs of different datasets (:func:`analysis.load.dataset_labels`: by content hash, else by
+``data.dataset`` and ``data.entity_text``) are never pooled: every table and figure that groups
+runs by cell is split by dataset, as it is by reference variant, with the dataset in its file
+name, caption and title. With one dataset nothing names it, and experiments of one dataset that
+extend each other (more seeds) pool as before.
 
 ``out`` must be a new or empty folder, or one an earlier report wrote (its
 ``report-manifest.json`` says so; the files it lists are replaced, so no table of the earlier
@@ -54,7 +63,7 @@ from analysis.figures import (
     pareto_figure,
     sensitivity_figure,
 )
-from analysis.load import AnalysisError, Loaded, load_experiments
+from analysis.load import AnalysisError, Loaded, dataset_labels, load_experiments
 from analysis.tables import (
     BEST,
     ablation_table,
@@ -180,24 +189,9 @@ def build_report(
     baselines = _baselines_section(loaded, out, report, figures)
     if baselines:
         sections.append(baselines)
-    sensitivity = sensitivity_table(frame)
-    if not sensitivity.empty:
-        formatted = format_table(sensitivity, "sensitivity")
-        report.files += write_table(
-            sensitivity,
-            formatted,
-            out / "tables" / "sensitivity",
-            "Sensitivity (test, clean protocol)",
-        )
-        parts = [_table_html(formatted)]
-        for axis in dict.fromkeys(sensitivity["axis"]):
-            figure = sensitivity_figure(sensitivity, axis)
-            figures.append((f"sensitivity-{axis}", figure))
-            parts.append(_figure_placeholder(len(figures) - 1))
-            if axis == LATENCY_AXIS:
-                figures.append(("pareto-k", pareto_figure(sensitivity)))
-                parts.append(_figure_placeholder(len(figures) - 1))
-        sections.append(_section("Sensitivity", "".join(parts)))
+    sensitivity = _sensitivity_section(loaded, out, report, figures)
+    if sensitivity:
+        sections.append(sensitivity)
     points = search_points(frame)
     if not points.empty:
         points.to_csv(out / "tables" / "search-points.csv", index=False)
@@ -257,6 +251,43 @@ def build_report(
     _write_manifest(out, experiments, report)
     report.seconds = time.perf_counter() - started
     return report
+
+
+# -------------------------------------------------------------------------------- sensitivity
+
+
+def _sensitivity_section(
+    loaded: Loaded, out: Path, report: Report, figures: list[tuple[str, go.Figure]]
+) -> str:
+    """The sensitivity table and its figures, one of each per dataset ("" when none)."""
+    by_dataset = _by_dataset(loaded.frame, dataset_labels(loaded.frame))
+    tables = [(dataset, sensitivity_table(rows)) for dataset, rows in by_dataset]
+    tables = [(dataset, table) for dataset, table in tables if not table.empty]
+    if not tables:
+        return ""
+    several_datasets = len(tables) > 1
+    parts = [_several_datasets_note("table and figures")] if several_datasets else []
+    stems: set[str] = set()
+    for dataset, sensitivity in tables:
+        dataset = dataset if several_datasets else None
+        stem = _stem("sensitivity", None, dataset, stems)
+        suffix = stem.removeprefix("sensitivity")
+        formatted = format_table(sensitivity, "sensitivity")
+        report.files += write_table(
+            sensitivity,
+            formatted,
+            out / "tables" / stem,
+            f"Sensitivity{_on(dataset)} (test, clean protocol)",
+        )
+        parts += [_heading(dataset), _table_html(formatted)]
+        for axis in dict.fromkeys(sensitivity["axis"]):
+            figure = _titled(sensitivity_figure(sensitivity, axis), dataset)
+            figures.append((f"sensitivity-{axis}{suffix}", figure))
+            parts.append(_figure_placeholder(len(figures) - 1))
+            if axis == LATENCY_AXIS:
+                figures.append((f"pareto-k{suffix}", _titled(pareto_figure(sensitivity), dataset)))
+                parts.append(_figure_placeholder(len(figures) - 1))
+    return _section("Sensitivity", "".join(parts))
 
 
 # ------------------------------------------------------------------------------ output folder
@@ -330,35 +361,90 @@ def _usable_runs(frame: pd.DataFrame) -> int:
 # ----------------------------------------------------------------------------------- ablation
 
 
-def _ablation_groups(loaded: Loaded) -> dict[str, list[str]]:
-    """Ablation experiments by the variant their differences are against, in load order.
+def _ablation_groups(loaded: Loaded) -> list[tuple[str, str, list[str], pd.DataFrame]]:
+    """``(reference, dataset, experiments, runs)`` of each ablation table, in load order.
 
-    Experiments that share a reference (a study and its extensions, which add seeds) are pooled
-    into one table, as cells of the same name always were; experiments with different references
-    never are, so every Δ of a table is against the one variant its header names.
+    Runs that share a reference variant and a dataset (a study and its extensions, which add
+    seeds) are pooled into one table, as cells of the same name always were; runs with different
+    references, or of different datasets (:func:`analysis.load.dataset_labels`), never are, so
+    every Δ of a table is against the one variant its header names, on one graph.
     """
-    groups: dict[str, list[str]] = {}
+    by_reference: dict[str, list[str]] = {}
     for name, metadata in loaded.experiments.items():
         if metadata.get("kind") == "ablation" and metadata.get("reference") is not None:
-            groups.setdefault(metadata["reference"], []).append(name)
+            by_reference.setdefault(metadata["reference"], []).append(name)
+    labels = dataset_labels(loaded.frame)
+    groups = []
+    for reference, names in by_reference.items():
+        runs = loaded.frame[loaded.frame["experiment"].isin(names)]
+        for dataset, rows in _by_dataset(runs, labels):
+            found = set(rows["experiment"])
+            groups.append((reference, dataset, [n for n in names if n in found], rows))
     return groups
+
+
+def _by_dataset(frame: pd.DataFrame, labels: pd.Series) -> list[tuple[str, pd.DataFrame]]:
+    """The frame's rows split by dataset, in order of first appearance.
+
+    ``labels`` are :func:`analysis.load.dataset_labels` of the whole report's frame (a subset's
+    own could give two datasets of one name the same label).
+    """
+    labels = labels.loc[frame.index]
+    return [(label, frame[labels == label]) for label in dict.fromkeys(labels)]
+
+
+def _stem(base: str, reference: str | None, dataset: str | None, stems: set[str]) -> str:
+    """``base``, then ``-vs-<reference>`` and ``-<dataset>`` for each that is given (a report
+    with several of them), unique among ``stems`` (which it joins)."""
+    stem = base + (f"-vs-{_slug(reference)}" if reference else "")
+    stem += f"-{_slug(dataset)}" if dataset else ""
+    if stem in stems:  # two names that differ only in odd characters
+        stem = f"{stem}-{len(stems)}"
+    stems.add(stem)
+    return stem
+
+
+def _on(dataset: str | None) -> str:
+    """`` on <dataset>`` for a caption when the report has several datasets, else ``""``."""
+    return f" on {dataset}" if dataset else ""
+
+
+def _heading(*parts: str | None) -> str:
+    """An ``<h3>`` of the given parts (``""`` when none is given: one table, no heading)."""
+    text = ": ".join(part for part in parts if part)
+    return f"<h3>{html.escape(text)}</h3>" if text else ""
+
+
+def _titled(figure: go.Figure, dataset: str | None) -> go.Figure:
+    """``figure`` with the dataset after its title, when the report has several."""
+    if dataset:
+        figure.update_layout(title=f"{figure.layout.title.text} — {dataset}")
+    return figure
+
+
+def _several_datasets_note(what: str) -> str:
+    return _paragraph(
+        f"These runs are of different datasets, so each dataset has its own {what}; runs of "
+        "different datasets are never pooled (a dataset is the graph a run trained on: its "
+        "name, entity text, and content hash)."
+    )
 
 
 def _ablation_section(
     loaded: Loaded, out: Path, report: Report, figures: list[tuple[str, go.Figure]]
 ) -> str:
-    """The ablation tables (one per reference variant) and their forest plots ("" when none)."""
-    frame = loaded.frame
+    """The ablation tables (one per reference variant and dataset) and their forest plots ("" when
+    none)."""
     tables = []
-    for reference, names in _ablation_groups(loaded).items():
+    for reference, dataset, names, runs in _ablation_groups(loaded):
         order = [v for name in names for v in loaded.experiments[name].get("variant_order", [])]
-        runs = frame[frame["experiment"].isin(names)]
         table = ablation_table(runs, reference=reference, order=order)
         if not table.empty:
-            tables.append((reference, names, table))
+            tables.append((reference, dataset, names, table))
     if not tables:
         return ""
-    several = len(tables) > 1
+    several = len({reference for reference, *_ in tables}) > 1
+    several_datasets = len({dataset for _, dataset, *_ in tables}) > 1
     parts = [
         _paragraph(
             "Mean ± sample std over seeds; 95% t interval of MRR; Δ = variant − reference "
@@ -374,18 +460,18 @@ def _ablation_section(
                 "own table and forest plot; experiments that share one are pooled."
             )
         )
+    if several_datasets:
+        parts.append(_several_datasets_note("table and forest plot"))
     stems: set[str] = set()
-    for reference, names, table in tables:
-        stem = f"ablation-vs-{_slug(reference)}" if several else "ablation"
-        if stem in stems:  # two references that differ only in odd characters
-            stem = f"{stem}-{len(stems)}"
-        stems.add(stem)
+    for reference, dataset, names, table in tables:
+        dataset = dataset if several_datasets else None
+        stem = _stem("ablation", reference if several else None, dataset, stems)
         formatted = format_table(table, "ablation")
         report.files += write_table(
             table,
             formatted,
             out / "tables" / stem,
-            f"Ablation (test, clean protocol; Δ vs {reference})",
+            f"Ablation{_on(dataset)} (test, clean protocol; Δ vs {reference})",
         )
         tests = sorted(
             {t for c in ("test_mrr", "test_hits@1") if c in table for t in table[c].dropna()}
@@ -393,7 +479,8 @@ def _ablation_section(
         experiments = ", ".join(names)
         text = (
             f"Δ against <b>{html.escape(reference)}</b>, the reference variant of "
-            f"{html.escape(experiments)}; paired tests: {html.escape('; '.join(tests) or 'none')}."
+            f"{html.escape(experiments)}{html.escape(_on(dataset))}; paired tests: "
+            f"{html.escape('; '.join(tests) or 'none')}."
         )
         if "baseline" in table:
             text += (
@@ -405,12 +492,13 @@ def _ablation_section(
                 f" The reference {html.escape(reference)} has no finished run yet, so no Δ is "
                 "shown."
             )
-        if several:
-            parts.append(f"<h3>Δ vs {html.escape(reference)}</h3>")
+        parts.append(_heading(dataset, f"Δ vs {reference}" if several else None))
         parts += [_paragraph(text), _table_html(formatted)]
         forest = forest_figure(table, reference=reference)
         if forest is not None:
-            figures.append((stem.replace("ablation", "ablation-forest", 1), forest))
+            figures.append(
+                (stem.replace("ablation", "ablation-forest", 1), _titled(forest, dataset))
+            )
             parts.append(_figure_placeholder(len(figures) - 1))
     return _section("Ablation", "".join(parts))
 
@@ -432,41 +520,42 @@ BASELINES_NOTE = (
 def _baselines_section(
     loaded: Loaded, out: Path, report: Report, figures: list[tuple[str, go.Figure]]
 ) -> str:
-    """Per ablation reference with baseline runs: the baselines table and the MRR-against-time
-    figure ("" when no ablation has a finished baseline run)."""
-    frame = loaded.frame
+    """Per ablation reference and dataset with baseline runs: the baselines table and the
+    MRR-against-time figure ("" when no ablation has a finished baseline run)."""
     found = []
-    for reference, names in _ablation_groups(loaded).items():
-        runs = frame[frame["experiment"].isin(names)]
+    for reference, dataset, names, runs in _ablation_groups(loaded):
         table = baselines_table(runs, reference=reference)
         if not table.empty:
             order = [v for n in names for v in loaded.experiments[n].get("variant_order", [])]
-            found.append((reference, names, table, cost_points(runs, reference, order)))
+            found.append((reference, dataset, names, table, cost_points(runs, reference, order)))
     if not found:
         return ""
-    several = len(found) > 1
+    several = len({reference for reference, *_ in found}) > 1
+    several_datasets = len({dataset for _, dataset, *_ in found}) > 1
     parts = [_paragraph(BASELINES_NOTE)]
+    if several_datasets:
+        parts.append(_several_datasets_note("baselines table and figure"))
     stems: set[str] = set()
-    for reference, names, table, points in found:
-        stem = f"baselines-vs-{_slug(reference)}" if several else "baselines"
-        if stem in stems:
-            stem = f"{stem}-{len(stems)}"
-        stems.add(stem)
+    for reference, dataset, names, table, points in found:
+        dataset = dataset if several_datasets else None
+        stem = _stem("baselines", reference if several else None, dataset, stems)
         formatted = format_table(table, "baselines")
         report.files += write_table(
             table,
             formatted,
             out / "tables" / stem,
-            f"Baselines (test, clean protocol; beside {reference}; {BEST} best in its column)",
+            f"Baselines{_on(dataset)} (test, clean protocol; beside {reference}; {BEST} best in "
+            "its column)",
         )
-        if several:
-            parts.append(f"<h3>Beside {html.escape(reference)}</h3>")
+        parts.append(_heading(dataset, f"Beside {reference}" if several else None))
         text = f"Beside <b>{html.escape(reference)}</b>, the reference variant of "
-        parts += [_paragraph(text + html.escape(", ".join(names)) + "."), _table_html(formatted)]
+        text += html.escape(", ".join(names) + _on(dataset))
+        parts += [_paragraph(text + "."), _table_html(formatted)]
         figure = cost_figure(
             points, title=f"Test MRR against training time ({', '.join(names)}; mean over seeds)"
         )
         if figure is not None:
+            figure = _titled(figure, dataset)
             figures.append((stem.replace("baselines", "mrr-vs-time", 1), figure))
             parts.append(_figure_placeholder(len(figures) - 1))
     return _section("Baselines", "".join(parts))

@@ -54,10 +54,13 @@ def write_ablation(
     reference: str | None = None,
     seeds=(0, 1),
     queries: int = 200,
+    data: dict | None = None,
+    dataset_hash: str | None = None,
 ) -> tuple[Path, dict[str, np.ndarray]]:
     """An ablation whose variant ``v`` ranks every query ``shifts[v]`` (plus the seed) worse.
 
-    Variants are ``shifts``' keys in order; every run stores its test ranks.
+    Variants are ``shifts``' keys in order; every run stores its test ranks. ``data`` and
+    ``dataset_hash`` are every run's (:func:`write_run`).
 
     Returns:
         The experiment folder and each variant's ``(S, Q)`` reciprocal ranks, seeds in order.
@@ -69,7 +72,14 @@ def write_ablation(
         per_seed = []
         for seed in seeds:
             ranks = base + shift + seed
-            write_run(experiment, f"ablation/{variant}/seed-{seed}", seed=seed, realistic=ranks)
+            write_run(
+                experiment,
+                f"ablation/{variant}/seed-{seed}",
+                seed=seed,
+                realistic=ranks,
+                data=data,
+                results_extra={"dataset_hash": dataset_hash} if dataset_hash else None,
+            )
             per_seed.append(1 / ranks)
         arms[variant] = np.stack(per_seed)
     return experiment, arms
@@ -123,6 +133,7 @@ def write_run(
     results_extra: dict | None = None,
     status_extra: dict | None = None,
     final_stage: int = 2,
+    data: dict | None = None,
 ) -> Path:
     """A finished run: ``status.json``, ``config.json``, ``metrics.jsonl``, ``results.json``.
 
@@ -140,6 +151,7 @@ def write_run(
         timings: ``results.json``'s ``timings`` (``{"train_seconds": 1.0}`` by default).
         results_extra, status_extra: keys added to ``results.json`` and ``status.json``.
         final_stage: ``results.json``'s ``final_stage`` (its ``best_epochs`` say that stage).
+        data: ``config.json``'s ``data`` section (``{"dataset": "umls"}``; none by default).
     """
     folder = experiment / "runs" / run
     folder.mkdir(parents=True)
@@ -151,6 +163,8 @@ def write_run(
     config = {"seed": seed, "train": {"stage1_epochs": stage1_epochs, "stage2_epochs": 3}}
     if baseline is not None:
         config["baseline"] = baseline
+    if data is not None:
+        config["data"] = data
     (folder / "config.json").write_text(json.dumps(config))
     text = "".join(json.dumps(r) + "\n" for r in records) if metrics_text is None else metrics_text
     if text:
@@ -198,6 +212,8 @@ def write_baseline_run(
     train_seconds: float = 2.0,
     cpu_seconds: float = 3.0,
     matched_to: str | None = None,
+    data: dict | None = None,
+    dataset_hash: str | None = None,
 ) -> Path:
     """A finished baseline run (``ablation/pykeen-tucker/seed-0`` ...), as the contract has it.
 
@@ -212,6 +228,7 @@ def write_baseline_run(
         settings: other ``baseline.*`` values it was given (``{"lr": 0.003}``).
         train_seconds, cpu_seconds: ``results.json``'s ``timings``.
         matched_to: the reference run whose time it was given (``status.json``'s ``baseline``).
+        data, dataset_hash: ``config.json``'s ``data`` and ``results.json``'s ``dataset_hash``.
     """
     config = {
         **BASELINE_DEFAULTS,
@@ -239,7 +256,8 @@ def write_baseline_run(
                 "budget_seconds": budget_seconds,
                 "clock": clock,
                 "stopped_by": stopped_by,
-            }
+            },
+            **({"dataset_hash": dataset_hash} if dataset_hash else {}),
         },
         status_extra={
             "baseline": {
@@ -250,4 +268,5 @@ def write_baseline_run(
             }
         },
         final_stage=1,
+        data=data,
     )

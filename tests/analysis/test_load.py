@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import analysis
@@ -15,6 +16,7 @@ from analysis.load import (
     CURVE_COLUMNS,
     MEASURES,
     AnalysisError,
+    dataset_labels,
     load_experiments,
     read_json_object,
 )
@@ -412,3 +414,33 @@ def test_a_results_json_without_any_split_is_damaged(tmp_path):
     (row,) = loaded.frame.to_dict("records")
     assert row["state"] == "damaged" and not row["finished"]
     assert (str(results), "no test section") in loaded.problems
+
+
+def test_dataset_labels_tell_datasets_apart_by_hash_then_by_name():
+    frame = pd.DataFrame(
+        [
+            # config.data.dataset, config.data.entity_text, recorded dataset, dataset_hash
+            ("umls", "dataset", "umls", "aaaa1111aaaa1111"),
+            ("umls", "dataset", "umls", None),  # no hash: the one hashed umls
+            ("umls", "anonymous", "umls-anonymous", "bbbb2222bbbb2222"),
+            ("data/kg", "dataset", "kg", "cccc3333cccc3333"),
+            ("data/kg", "dataset", "kg", "dddd4444dddd4444"),  # the folder, changed
+            (None, None, "nations", None),  # no config: its recorded name
+            (None, None, None, None),
+        ],
+        columns=["config.data.dataset", "config.data.entity_text", "dataset", "dataset_hash"],
+        index=[10, 11, 12, 13, 14, 15, 16],
+    )
+    labels = dataset_labels(frame)
+    assert list(labels.index) == list(frame.index)
+    assert list(labels) == [
+        "umls",
+        "umls",
+        "umls (entity_text=anonymous)",
+        "data/kg [cccc3333]",
+        "data/kg [dddd4444]",
+        "nations",
+        "unknown dataset",
+    ]
+    # Runs that say nothing of their dataset (written before it was recorded) are one dataset.
+    assert set(dataset_labels(pd.DataFrame({"run": ["a", "b"]}))) == {"unknown dataset"}

@@ -14,7 +14,13 @@ from PIL import Image
 from analysis.load import load_experiments
 from analysis.report import build_report, find_chromium
 from diffcom.cli import main
-from tests.analysis.fake_runs import epochs, write_ablation, write_experiment, write_run
+from tests.analysis.fake_runs import (
+    epochs,
+    write_ablation,
+    write_baseline_run,
+    write_experiment,
+    write_run,
+)
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -145,6 +151,112 @@ def test_experiments_with_different_references_get_a_table_each(tmp_path):
     for figure in ("ablation-forest-vs-full", "ablation-forest-vs-no-diffusion"):
         assert f'id="figure-{figure}"' in html
     assert "name different reference variants" in html
+
+
+# Two graphs of one study file: `--set data.dataset=umls` and, with it,
+# `--set data.entity_text=anonymous`, each with the content hash its runs record.
+UMLS = {"data": {"dataset": "umls", "entity_text": "dataset"}, "dataset_hash": "aa11" * 4}
+ANONYMOUS = {"data": {"dataset": "umls", "entity_text": "anonymous"}, "dataset_hash": "bb22" * 4}
+ANONYMOUS_SLUG = "umls-entity_text-anonymous"
+
+
+def _quality(root, with_dataset: bool = True):
+    """quality-umls (seeds 0, 1), its extension quality-umls-ext1 (seed 2) and, ranked worse
+    throughout, quality-umls-anonymous (seeds 0, 1, 2); the variants' reciprocal ranks, by graph."""
+    umls, anonymous = (UMLS, ANONYMOUS) if with_dataset else ({}, {})
+    shifts = {"full": 0, "no-mgat": 2}
+    first, arms = write_ablation(root, "quality-umls", shifts, **umls)
+    extension, more = write_ablation(root, "quality-umls-ext1", shifts, seeds=(2,), **umls)
+    worse = {"full": 6, "no-mgat": 9}
+    other, other_arms = write_ablation(
+        root, "quality-umls-anonymous", worse, seeds=(0, 1, 2), **anonymous
+    )
+    umls_arms = {v: np.concatenate([arms[v], more[v]]) for v in shifts}  # seeds 0, 1, 2
+    return [first, other, extension], umls_arms, other_arms
+
+
+def test_experiments_of_different_datasets_never_pool(tmp_path):
+    experiments, umls_arms, anonymous_arms = _quality(tmp_path)
+    out = tmp_path / "out"
+    html = build_report(experiments, out, png=False).html.read_text()
+    tables = out / "tables"
+    assert not (tables / "ablation.csv").exists()
+    for slug, arms, names in (
+        ("umls", umls_arms, "quality-umls, quality-umls-ext1"),  # more seeds: pooled
+        (ANONYMOUS_SLUG, anonymous_arms, "quality-umls-anonymous"),
+    ):
+        table = pd.read_csv(tables / f"ablation-{slug}.csv")
+        assert list(table["variant"]) == ["full", "no-mgat"]
+        assert set(table["experiment"]) == {names}
+        assert list(table["seeds"]) == [3, 3]
+        for variant in ("full", "no-mgat"):
+            row = table[table["variant"] == variant].iloc[0]
+            per_seed = arms[variant].mean(axis=1)
+            assert row["mrr_mean"] == pytest.approx(per_seed.mean())
+            assert row["mrr_std"] == pytest.approx(per_seed.std(ddof=1))
+        row = table[table["variant"] == "no-mgat"].iloc[0]
+        assert row["delta_mrr"] == pytest.approx((arms["no-mgat"] - arms["full"]).mean())
+    caption = (tables / f"ablation-{ANONYMOUS_SLUG}.md").read_text().splitlines()[0]
+    assert caption == "Ablation on umls (entity_text=anonymous) (test, clean protocol; Δ vs full)"
+    assert "<h3>umls</h3>" in html and "<h3>umls (entity_text=anonymous)</h3>" in html
+    assert html.index("<h3>umls</h3>") < html.index("<h3>umls (entity_text=anonymous)</h3>")
+    assert "These runs are of different datasets" in html
+    for figure in ("ablation-forest-umls", f"ablation-forest-{ANONYMOUS_SLUG}"):
+        assert f'id="figure-{figure}"' in html
+    assert "with 95% intervals \\u2014 umls (entity_text=anonymous)" in html  # its title
+
+
+def test_a_report_of_one_dataset_names_none(tmp_path):
+    experiments, _, _ = _quality(tmp_path / "recorded")
+    plain, _, _ = _quality(tmp_path / "unrecorded", with_dataset=False)
+    for folders, out in ((experiments[::2], "recorded-out"), (plain[::2], "plain-out")):
+        build_report(folders, tmp_path / out, png=False)  # quality-umls and its extension
+    for suffix in (".csv", ".md", ".tex"):
+        recorded = (tmp_path / "recorded-out" / "tables" / f"ablation{suffix}").read_bytes()
+        assert recorded == (tmp_path / "plain-out" / "tables" / f"ablation{suffix}").read_bytes()
+    html = (tmp_path / "recorded-out" / "report.html").read_text()
+    assert 'id="figure-ablation-forest"' in html and "different datasets" not in html
+
+
+def test_baselines_and_sensitivity_are_split_by_dataset_too(tmp_path):
+    base = np.random.default_rng(0).integers(1, 20, 200).astype(float)
+    for name, dataset, shift in (("tucker-umls", UMLS, 0), ("tucker-anonymous", ANONYMOUS, 4)):
+        experiment, _ = write_ablation(tmp_path, name, {"full": shift}, seeds=(0,), **dataset)
+        write_baseline_run(
+            experiment,
+            "ablation/pykeen-tucker/seed-0",
+            seed=0,
+            model="pykeen:TuckER",
+            realistic=base + shift + 1,
+            **dataset,
+        )
+        sweep = write_experiment(tmp_path, f"k-{name}", "sensitivity")
+        for steps in (5, 10):
+            run = write_run(
+                sweep,
+                f"sensitivity/diffusion.steps={steps}/seed-0",
+                seed=0,
+                realistic=base + shift + steps,
+                data=dataset["data"],
+                results_extra={"dataset_hash": dataset["dataset_hash"]},
+            )
+            config = json.loads((run / "config.json").read_text())
+            (run / "config.json").write_text(json.dumps({**config, "diffusion": {"steps": steps}}))
+    out = tmp_path / "out"
+    folders = sorted(p for p in tmp_path.iterdir() if p.name != "out")
+    html = build_report(folders, out, png=False).html.read_text()
+    tables = out / "tables"
+    for slug, shift in (("umls", 0), (ANONYMOUS_SLUG, 4)):
+        baselines = pd.read_csv(tables / f"baselines-{slug}.csv")
+        assert list(baselines["cell"]) == ["full", "pykeen-tucker"]
+        expected = (1 / (base + shift + 1)).mean()
+        assert baselines.loc[1, "mrr_mean"] == pytest.approx(expected)
+        sensitivity = pd.read_csv(tables / f"sensitivity-{slug}.csv")
+        assert list(sensitivity["value"]) == [5, 10] and list(sensitivity["seeds"]) == [1, 1]
+        assert sensitivity.loc[0, "mrr_mean"] == pytest.approx((1 / (base + shift + 5)).mean())
+        for figure in (f"mrr-vs-time-{slug}", f"sensitivity-diffusion.steps-{slug}"):
+            assert f'id="figure-{figure}"' in html
+    assert not (tables / "baselines.csv").exists() and not (tables / "sensitivity.csv").exists()
 
 
 def test_a_reference_without_finished_runs_says_so(tmp_path):
