@@ -102,6 +102,20 @@ class Stage1Store:
         self.root = Path(root)
         self.read_only_roots = tuple(Path(r) for r in read_only_roots)
 
+    @classmethod
+    def of_experiment(cls, experiment: Path, metadata: dict) -> Stage1Store:
+        """The store of an experiment folder, its parents' stores (``metadata["parents"]``, from
+        ``experiment.json``) read-only."""
+        parents = tuple(Path(p) / STAGE1_DIR for p in metadata.get("parents", []))
+        return cls(Path(experiment) / STAGE1_DIR, parents)
+
+    def run_folder(self, key: str) -> Path | None:
+        """The folder of the finished stage-1 run of ``key`` in this store or a parent's."""
+        for root in (self.root, *self.read_only_roots):
+            if self._finished(root, key) is not None:
+                return root / key / STAGE1_RUN
+        return None
+
     def obtain(
         self,
         config: ExperimentConfig,

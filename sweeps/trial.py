@@ -32,7 +32,6 @@ from runstore import (
     EXPERIMENT,
     RESULTS,
     RUNS_DIR,
-    STAGE1_RUN,
     STATUS,
     TRIAL,
     checkpoint_path,
@@ -46,7 +45,7 @@ from sweeps.experiment import (
     read_json_object,
     write_json,
 )
-from sweeps.stage1 import STAGE1_DIR, Stage1Store, stage1_key
+from sweeps.stage1 import Stage1Store, stage1_key
 
 __all__ = [
     "MATCH_POLL_SECONDS",
@@ -117,10 +116,7 @@ def run_trial(
     """
     experiment = Path(experiment)
     metadata = read_json_object(experiment / EXPERIMENT.file)
-    store = Stage1Store(
-        experiment / STAGE1_DIR,
-        tuple(Path(p) / STAGE1_DIR for p in metadata.get("parents", [])),
-    )
+    store = Stage1Store.of_experiment(experiment, metadata)
     finished: list[dict] = []
     for spec in runs:
         run_dir = experiment / RUNS_DIR / spec.name
@@ -336,13 +332,13 @@ def _timing(results_file: Path, key: str) -> float:
 
 def _shared_stage1_run(experiment: Path, stage1: dict) -> Path:
     """The folder of the shared stage-1 run a run's ``status.json`` ``stage1`` names."""
-    parents = read_json_object(experiment / EXPERIMENT.file).get("parents", [])
     key = stage1.get("key")
     if isinstance(key, str) and key and "/" not in key:
-        for root in (experiment, *(Path(parent) for parent in parents)):
-            folder = root / STAGE1_DIR / key / STAGE1_RUN
-            if (folder / RESULTS.file).is_file():
-                return folder
+        store = Stage1Store.of_experiment(
+            experiment, read_json_object(experiment / EXPERIMENT.file)
+        )
+        if (folder := store.run_folder(key)) is not None:
+            return folder
     return Path(stage1["checkpoint"]).parent.parent  # <run>/checkpoints/last.pt
 
 

@@ -346,6 +346,12 @@ def _shared_stage1(root: Path, key: str, cpu: float, wall: float) -> dict:
     run = root / "stage1" / key / "run"
     write_json(run / "results.json", {"timings": {"train_seconds": wall, "cpu_seconds": cpu}})
     checkpoint = run / "checkpoints" / "last.pt"
+    # What the stage-1 store leaves for a finished key: its checkpoint and done.json.
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+    write_json(
+        root / "stage1" / key / "done.json", {"checkpoint": str(checkpoint), "seconds": wall}
+    )
     return {"key": key, "reused": True, "checkpoint": str(checkpoint), "train_seconds": wall}
 
 
