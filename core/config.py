@@ -44,6 +44,7 @@ __all__ = [
     "parse_override",
     "read_yaml",
     "save_config",
+    "stage1_key_values",
     "stage1_relevant",
 ]
 
@@ -71,9 +72,25 @@ def _choice(default: str, choices: tuple[str, ...], *, stage1: bool = False, reg
     return field(default=default, metadata=metadata)
 
 
-def _range(default, low=None, high=None, *, low_open=False, high_open=False, stage1=False):
+def _range(
+    default,
+    low=None,
+    high=None,
+    *,
+    low_open=False,
+    high_open=False,
+    stage1=False,
+    keyed_at_default=True,
+):
+    # keyed_at_default=False: a stage-1 field added after stage-1 stores existed, left out of
+    # the store key (sweeps.stage1.stage1_key) while at its default, so those stores stay valid.
     return field(
-        default=default, metadata={"range": (low, high, low_open, high_open), "stage1": stage1}
+        default=default,
+        metadata={
+            "range": (low, high, low_open, high_open),
+            "stage1": stage1,
+            "keyed_at_default": keyed_at_default,
+        },
     )
 
 
@@ -257,6 +274,14 @@ class TrainConfig:
     # Memory a frozen stage 2 may spend keeping each query's encoding (2·hidden_dim floats per
     # distinct (head, relation) query); above it queries are re-encoded at every use. 0: never keep.
     query_cache_mib: int = _range(4096, 0, 10_000_000)
+    # Fraction of the training triples stage 1 never sees, drawn per seed (0: it sees them all).
+    # Stage 1 learns its labels and its structure from the rest; filtered evaluation still knows
+    # every training triple.
+    holdout_fraction: float = _range(0.0, 0.0, 0.9, stage1=True, keyed_at_default=False)
+    # What stage 2 trains on: "fit", the queries stage 1 trained on (its scores are in sample);
+    # "held-out", the queries of the held-out triples, whose scores are out of sample as a test
+    # query's are, in the extractor's own hidden space (needs holdout_fraction > 0).
+    stage2_queries: str = _choice("fit", ("fit", "held-out"))
 
 
 @dataclass(frozen=True)
@@ -344,6 +369,11 @@ class ExperimentConfig:
         if self.diffusion.beta_start > self.diffusion.beta_end:
             raise ConfigError(
                 f"diffusion.beta_start={self.diffusion.beta_start} exceeds diffusion.beta_end={self.diffusion.beta_end}"
+            )
+        if self.train.stage2_queries == "held-out" and self.train.holdout_fraction == 0:
+            raise ConfigError(
+                "train.stage2_queries=held-out trains stage 2 on triples stage 1 never saw, so it "
+                "needs train.holdout_fraction > 0"
             )
         if self.diffusion.reverse == "residual" and self.diffusion.target != "epsilon":
             raise ConfigError(
@@ -618,6 +648,25 @@ def save_config(config: ExperimentConfig, path: str | Path) -> None:
     """Write the config as indented JSON, atomically (``config.json`` carries no
     ``format_version``: the config's schema is its version, see :mod:`runstore`)."""
     write_json(path, config_to_dict(config), CONFIG)
+
+
+def stage1_key_values(config: ExperimentConfig) -> dict:
+    """:func:`stage1_relevant` without the fields declared ``keyed_at_default=False`` that are at
+    their default: what a stage-1 store key hashes. A stage-1 field added later leaves the keys
+    of every config that does not use it, and so every existing store, unchanged."""
+    relevant = stage1_relevant(config)
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for inner in dataclasses.fields(value):
+            if (
+                inner.metadata.get("stage1")
+                and inner.metadata.get("keyed_at_default") is False
+                and getattr(value, inner.name) == inner.default
+            ):
+                del relevant[spec.name][inner.name]
+    return relevant
 
 
 def stage1_relevant(config: ExperimentConfig) -> dict:

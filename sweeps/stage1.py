@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import runstore as store
-from core.config import ExperimentConfig, stage1_relevant
+from core.config import ExperimentConfig, stage1_key_values, stage1_relevant
 from runstore import DONE, EVENTS, STAGE1_DIR, STAGE1_RUN, checkpoint_path
 from sweeps.experiment import now, read_json_object, write_json
 
@@ -44,8 +44,9 @@ __all__ = [
 
 
 def stage1_key(config: ExperimentConfig) -> str:
-    """A short content hash of :func:`stage1_relevant`."""
-    text = json.dumps(stage1_relevant(config), sort_keys=True)
+    """A short content hash of :func:`core.config.stage1_key_values` (:func:`stage1_relevant`
+    less the later-added fields at their defaults)."""
+    text = json.dumps(stage1_key_values(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

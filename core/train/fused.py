@@ -71,6 +71,7 @@ from core.train.checkpoint import CheckpointError, load_checkpoint, rng_state
 from core.train.trainer import (
     NonFiniteLossError,
     TrainingRun,
+    TrainingSplit,
     _check_resume_config,
     _check_stage1_compatible,
     _epoch_batches,
@@ -87,11 +88,11 @@ from core.train.trainer import (
     _scheduler,
     _seed_for,
     _stage1_metrics,
-    _training_queries,
     _validates_after,
     build_model,
     evaluate_clean,
     load_run_dataset,
+    training_split,
 )
 from runstore import CHECKPOINT_DIR, CONFIG, METRICS, RESULTS, checkpoint_path, flatten, write_json
 
@@ -181,6 +182,8 @@ def _shared_values(config: ExperimentConfig) -> dict:
     values.update(
         {f"diffusion.{key}": getattr(config.diffusion, key) for key in FUSED_SHARED_DIFFUSION_KEYS}
     )
+    # One pass over one set of training queries feeds every member.
+    values["train.stage2_queries"] = config.train.stage2_queries
     return values
 
 
@@ -513,7 +516,7 @@ def _open_member(
     out_dir: Path,
     model: DiffusionCom,
     graph: KnowledgeGraph,
-    queries: torch.Tensor,
+    split: TrainingSplit,
     accelerator: Accelerator,
     cache_queries: bool,
     reused: dict,
@@ -522,7 +525,7 @@ def _open_member(
     """Set a member up as ``train(config, out_dir, stage1_checkpoint=...)`` does: fresh from the
     stage-1 checkpoint, or resumed from its own ``last.pt``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = TrainingRun(config, graph, model, queries, accelerator, out_dir, cache_queries)
+    run = TrainingRun(config, graph, model, split, accelerator, out_dir, cache_queries)
     last = checkpoint_path(out_dir)
     resuming = last.exists()
     if resuming:
@@ -578,7 +581,7 @@ def _start_stage2(member: _Member, parameters: list[torch.Tensor], start: dict) 
     optimizer = torch.optim.AdamW(
         parameters, lr=config.train.lr_stage2, weight_decay=config.train.weight_decay
     )
-    steps_per_epoch = len(_epoch_batches(run.queries, config, 2, 0, run.accelerator))
+    steps_per_epoch = len(_epoch_batches(run.split.stage2_queries, config, 2, 0, run.accelerator))
     scheduler = _scheduler(
         optimizer,
         max(1, config.train.stage2_epochs * steps_per_epoch),
@@ -641,7 +644,8 @@ def train_fused(
     graph = load_run_dataset(first)
     # Every member shares the seed and the denoiser's shape, so build_model gives every member
     # the initial denoiser its lone run starts from; the extractor is the pack's one extractor.
-    base = build_model(first, graph, progress=progress).to(device)
+    split = training_split(first, graph)  # shared: stage-1 keys and train.stage2_queries agree
+    base = build_model(first, graph, progress=progress, structure_triples=split.fit).to(device)
     path = Path(stage1_checkpoint)
     reused = load_checkpoint(path, required=("model", "stage1"))
     _check_stage1_compatible(config_from_dict(reused["config"]), first, path)
@@ -655,7 +659,7 @@ def train_fused(
     }
     extractor.requires_grad_(False)
     _check_denoiser(base.denoiser)
-    queries = _training_queries(graph)
+    queries = split.stage2_queries
     cache_queries = all(_keeps_query_cache(config, graph, True) for config in configs)
 
     members: list[_Member] = []
@@ -670,7 +674,7 @@ def train_fused(
                 out_dir,
                 model,
                 graph,
-                queries,
+                split,
                 accelerator,
                 cache_queries,
                 reused,
@@ -751,7 +755,9 @@ def _train_epoch(
         if not active:
             break
         batch = batch.to(device)
-        labels = _labels(graph, batch.cpu(), config.loss.label_smoothing).to(device)
+        labels = _labels(
+            active[0].run.split.stage2_answers, batch.cpu(), config.loss.label_smoothing
+        ).to(device)
         with torch.no_grad():  # the frozen extractor: scores and condition once for the pack
             x0, indices, condition = shared._x0(extractor(batch[:, 0], batch[:, 1]))
         targets = labels if indices is None else labels.gather(1, indices)

@@ -37,7 +37,7 @@ from core.config import (
     save_config,
     stage1_relevant,
 )
-from core.data.graph import KnowledgeGraph
+from core.data.graph import AnswerIndex, KnowledgeGraph, with_reciprocals
 from core.data.mkgformer import LoadOptions
 from core.data.registry import load_dataset
 from core.evaluation import QueryRanks, RankingResult, evaluate
@@ -70,9 +70,11 @@ from runstore import (
 __all__ = [
     "NonFiniteLossError",
     "TrainingRun",
+    "TrainingSplit",
     "load_run_dataset",
     "stage1_loss",
     "train",
+    "training_split",
     "write_ranks",
 ]
 
@@ -83,6 +85,38 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last checkpoint is kept for inspection or resume."""
 
 
+@dataclass(frozen=True)
+class TrainingSplit:
+    """Which training triples each stage learns from (``train.holdout_fraction``,
+    ``train.stage2_queries``); without a hold-out both stages learn from all of them.
+
+    Filtered evaluation is not affected: it knows every training triple, held out or not.
+    """
+
+    fit: torch.Tensor  # (n_fit, 3) forward triples stage 1 learns labels and structure from
+    held_out: torch.Tensor  # (n_held, 3) forward triples stage 1 never sees (n_held may be 0)
+    stage1_answers: AnswerIndex  # stage 1's labels: the fit triples' answers
+    stage2_answers: AnswerIndex  # stage 2's labels: see training_split
+    stage1_queries: torch.Tensor  # (Q1, 2) unique (head, relation in [0, 2R)) fit queries
+    stage2_queries: torch.Tensor  # (Q2, 2) the queries stage 2 trains on
+
+    def queries(self, stage: int) -> torch.Tensor:
+        return self.stage1_queries if stage == 1 else self.stage2_queries
+
+    def answers(self, stage: int) -> AnswerIndex:
+        return self.stage1_answers if stage == 1 else self.stage2_answers
+
+    def summary(self, config: ExperimentConfig) -> dict:
+        """What ``results.json`` records of a run with a hold-out."""
+        return {
+            "holdout_fraction": config.train.holdout_fraction,
+            "stage1_triples": len(self.fit),
+            "held_out_triples": len(self.held_out),
+            "stage2_queries": config.train.stage2_queries,
+            "stage2_query_count": len(self.stage2_queries),
+        }
+
+
 @dataclass
 class TrainingRun:
     """What the set-up builds once and both stages use."""
@@ -90,7 +124,7 @@ class TrainingRun:
     config: ExperimentConfig
     graph: KnowledgeGraph
     model: DiffusionCom
-    queries: torch.Tensor  # (Q, 2) unique training (head, relation in [0, 2R)) queries
+    split: TrainingSplit
     accelerator: Accelerator
     out_dir: Path
     cache_queries: bool  # a frozen stage 2 keeps per-query encodings (train.query_cache_mib)
@@ -157,16 +191,20 @@ def _seed_for(seed: int, purpose: str) -> None:
 
 
 def build_model(
-    config: ExperimentConfig, graph: KnowledgeGraph, progress: bool = True
+    config: ExperimentConfig,
+    graph: KnowledgeGraph,
+    progress: bool = True,
+    structure_triples: torch.Tensor | None = None,
 ) -> DiffusionCom:
     """Extract (or reuse) frozen features and build the model for ``graph``; the initial weights
-    depend on ``config.seed`` only."""
+    depend on ``config.seed`` only. The structure encoder samples neighbourhoods from
+    ``structure_triples`` (default: all of ``graph.train``; a hold-out's fit triples)."""
     features = extract_features(graph, feature_settings(config), progress=progress)
     _seed_for(config.seed, "model-init")
     sampler = None
     if config.structure.encoder == "mgat":
         sampler = SubgraphSampler(
-            graph.train,
+            graph.train if structure_triples is None else structure_triples,
             graph.num_entities,
             graph.num_relations,
             max_nodes=config.structure.max_nodes,
@@ -188,9 +226,45 @@ def build_model(
     return DiffusionCom(extractor, config.diffusion)
 
 
-def _training_queries(graph: KnowledgeGraph) -> torch.Tensor:
-    """``(Q, 2)`` unique (head, relation) queries of the training split, both directions."""
-    return torch.unique(graph.queries("train")[:, :2], dim=0)
+def _unique_queries(triples: torch.Tensor, num_relations: int) -> torch.Tensor:
+    """``(Q, 2)`` unique (head, relation in [0, 2R)) queries of ``(n, 3)`` forward triples."""
+    return torch.unique(with_reciprocals(triples, num_relations)[:, :2], dim=0)
+
+
+def training_split(config: ExperimentConfig, graph: KnowledgeGraph) -> TrainingSplit:
+    """The training triples of each stage, a function of the graph, ``train.holdout_fraction``,
+    ``train.stage2_queries`` and the seed.
+
+    With a hold-out, ``round(fraction · n)`` training triples drawn with the run's seed (at least
+    one, and one fewer than all) are hidden from stage 1: from its labels, its queries and the
+    structure encoder's neighbourhoods. Stage 2 then trains either on the queries of the held-out
+    triples (``held-out``) with every training answer as its labels — the extractor's scores there
+    are out of sample as a test query's are — or, the in-sample control, on stage 1's own queries
+    and labels (``fit``).
+    """
+    train_triples = graph.train
+    fraction = config.train.holdout_fraction
+    if fraction > 0:
+        digest = hashlib.sha256(f"{config.seed}:holdout".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:4], "little"))
+        order = torch.randperm(len(train_triples), generator=generator)
+        count = min(max(1, round(fraction * len(train_triples))), len(train_triples) - 1)
+        held = torch.zeros(len(train_triples), dtype=torch.bool)
+        held[order[:count]] = True
+        fit, held_out = train_triples[~held], train_triples[held]
+        stage1_answers = AnswerIndex(fit, graph.num_entities, graph.num_relations)
+    else:
+        fit, held_out = train_triples, train_triples[:0]
+        stage1_answers = graph.train_answers()
+    stage1_queries = _unique_queries(fit, graph.num_relations)
+    if config.train.stage2_queries == "held-out":
+        stage2_answers = graph.train_answers()
+        stage2_queries = _unique_queries(held_out, graph.num_relations)
+    else:
+        stage2_answers, stage2_queries = stage1_answers, stage1_queries
+    return TrainingSplit(
+        fit, held_out, stage1_answers, stage2_answers, stage1_queries, stage2_queries
+    )
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
@@ -223,10 +297,10 @@ def _epoch_batches(
     return list(order.split(config.train.batch_size))
 
 
-def _labels(graph: KnowledgeGraph, batch: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """``(B, E)`` multi-hot training answers, smoothed towards ``1/E``."""
-    labels = graph.train_answers().multi_hot(batch[:, 0], batch[:, 1])
-    return labels * (1.0 - smoothing) + smoothing / graph.num_entities
+def _labels(answers: AnswerIndex, batch: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """``(B, E)`` multi-hot training answers of the ``(B, 2)`` queries, smoothed towards ``1/E``."""
+    labels = answers.multi_hot(batch[:, 0], batch[:, 1])
+    return labels * (1.0 - smoothing) + smoothing / answers.num_entities
 
 
 def stage1_loss(scores: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
@@ -445,7 +519,8 @@ def _run_stage(
     optimizer = torch.optim.AdamW(
         parameters, lr=learning_rate, weight_decay=config.train.weight_decay
     )
-    steps_per_epoch = len(_epoch_batches(run.queries, config, stage, 0, accelerator))
+    queries = run.split.queries(stage)
+    steps_per_epoch = len(_epoch_batches(queries, config, stage, 0, accelerator))
     scheduler = _scheduler(
         optimizer, max(1, epochs * steps_per_epoch), config.train.warmup_fraction
     )
@@ -460,7 +535,7 @@ def _run_stage(
     model.extractor.freeze_entity_table(frozen_extractor, cache_queries=run.cache_queries)
     if frozen_extractor:
         model.extractor.eval()
-        device_queries = run.queries.to(accelerator.device)
+        device_queries = queries.to(accelerator.device)
         model.extractor.warm_query_cache(
             device_queries[:, 0], device_queries[:, 1], config.eval.batch_size
         )
@@ -471,7 +546,7 @@ def _run_stage(
         if frozen_extractor:
             model.extractor.eval()  # frozen: no dropout either
         started, loss_sum, kl_sum, bce_sum, batches = time.perf_counter(), 0.0, 0.0, 0.0, 0
-        batches_of_epoch = _epoch_batches(run.queries, config, stage, epoch, accelerator)
+        batches_of_epoch = _epoch_batches(queries, config, stage, epoch, accelerator)
         bar = tqdm(
             batches_of_epoch,
             desc=f"stage {stage} epoch {epoch + 1}/{epochs}",
@@ -480,7 +555,7 @@ def _run_stage(
         )
         for batch in bar:
             batch = batch.to(accelerator.device)
-            labels = _labels(run.graph, batch.cpu(), config.loss.label_smoothing).to(
+            labels = _labels(run.split.answers(stage), batch.cpu(), config.loss.label_smoothing).to(
                 accelerator.device
             )
             with accelerator.autocast():
@@ -676,14 +751,18 @@ def train(
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=config.train.mixed_precision)
 
     graph = load_run_dataset(config)
-    model = build_model(config, graph, progress=progress and accelerator.is_main_process).to(
-        accelerator.device
-    )
+    split = training_split(config, graph)
+    model = build_model(
+        config,
+        graph,
+        progress=progress and accelerator.is_main_process,
+        structure_triples=split.fit,
+    ).to(accelerator.device)
     run = TrainingRun(
         config,
         graph,
         model,
-        _training_queries(graph),
+        split,
         accelerator,
         out_dir,
         cache_queries=_keeps_query_cache(config, graph, accelerator.is_main_process),
@@ -921,6 +1000,8 @@ def _final_results(
         "official-min-of-S: minimum gold rank over S stochastic passes, label-using, reported only"
     )
     results["best_epochs"] = {k: state[k]["best_epoch"] for k in ("stage1", "stage2") if k in state}
+    if config.train.holdout_fraction > 0:
+        results["training_split"] = run.split.summary(config)
     if stage2_trained and "start_mrr" in state.get("stage2", {}):
         stage2 = state["stage2"]
         results["selection"] = {

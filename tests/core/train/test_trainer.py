@@ -210,7 +210,7 @@ def test_the_seed_alone_fixes_the_run_whatever_else_drew_random_numbers(tmp_path
         trainer_module, "load_run_dataset", _drawing_first(trainer_module.load_run_dataset)
     )
     monkeypatch.setattr(
-        trainer_module, "_training_queries", _drawing_first(trainer_module._training_queries)
+        trainer_module, "training_split", _drawing_first(trainer_module.training_split)
     )
     during_set_up = train(config, tmp_path / "during", progress=False)
     expected = _run_numbers(reference, tmp_path / "reference")
