@@ -96,7 +96,13 @@ from core.train.trainer import (
 )
 from runstore import CHECKPOINT_DIR, CONFIG, METRICS, RESULTS, checkpoint_path, flatten, write_json
 
-__all__ = ["FUSED_SHARED_DIFFUSION_KEYS", "PackCallback", "train_fused"]
+__all__ = [
+    "FUSED_SHARED_DIFFUSION_KEYS",
+    "PackCallback",
+    "member_memory_mib",
+    "pack_groups",
+    "train_fused",
+]
 
 PackCallback = Callable[[int, dict], None]
 """Called with a member's index in the pack and each of its epoch records."""
@@ -601,12 +607,56 @@ def _start_stage2(member: _Member, parameters: list[torch.Tensor], start: dict) 
 # ------------------------------------------------------------------------------------------ the recipe
 
 
+def member_memory_mib(config: ExperimentConfig, denoiser: CDenoiser) -> float:
+    """MiB one member adds to a pack while it trains and is evaluated (float32), an upper estimate.
+
+    Its denoiser's ``P`` parameters are held seven times over: its own module, its row of the
+    stacked training copy, that row's gradient, AdamW's two moments, the copy of its best epoch,
+    and the buffer of a checkpoint being written. Per training batch of ``B`` queries and ``N``
+    diffused entities it holds about ten ``(B, N)`` tensors (x_0, its noised copy, the noise, the
+    prediction, the loss's softmax and sigmoid terms and their gradients) and the residual
+    stream's ``(B, W)`` activations (input, FiLM, MLP of width ``W·r`` per block); evaluation
+    holds four ``(B_eval, N)`` tensors of its reverse chain. Training and evaluation do not
+    overlap, so the larger of the two counts. The extractor and its query cache are the pack's,
+    held once whatever its size; benchmarks/bench_fused.py compares this with measured peak RSS.
+    """
+    parameters = sum(p.numel() for p in denoiser.parameters())
+    diffused, width = denoiser.num_outputs, denoiser.input_projection.out_features
+    batch, eval_batch = config.train.batch_size, config.eval.batch_size
+    ratio = denoiser.blocks[0].mlp[0].out_features // width
+    training = 10 * batch * diffused + batch * width * (4 + 8 * len(denoiser.blocks) * ratio)
+    evaluation = 4 * eval_batch * diffused
+    return 4 * (7 * parameters + max(training, evaluation)) / 2**20
+
+
+def pack_groups(member_mib: float, count: int, memory_limit_mib: float | None) -> list[range]:
+    """Consecutive groups of a pack's ``count`` members, each within ``memory_limit_mib``.
+
+    Members are independent (see the module docstring), so a pack that would not fit trains as
+    several smaller packs one after another, over the same extractor, with the same results.
+
+    Raises:
+        ConfigError: a single member needs more than the limit.
+    """
+    if memory_limit_mib is None:
+        return [range(count)]
+    size = int(memory_limit_mib // member_mib)
+    if size < 1:
+        raise ConfigError(
+            f"one fused member needs about {member_mib:,.0f} MiB, more than the pack's memory "
+            f"limit of {memory_limit_mib:,.0f} MiB; raise the limit, or lower "
+            "diffusion.denoiser_width, train.batch_size or eval.batch_size"
+        )
+    return [range(first, min(first + size, count)) for first in range(0, count, size)]
+
+
 def train_fused(
     configs: Sequence[ExperimentConfig],
     out_dirs: Sequence[str | Path],
     stage1_checkpoint: str | Path,
     callback: PackCallback | None = None,
     progress: bool = False,
+    memory_limit_mib: float | None = None,
 ) -> list[dict | BaseException]:
     """Train N stage-2 runs from one stage-1 checkpoint as one fused pack.
 
@@ -621,6 +671,9 @@ def train_fused(
         stage1_checkpoint: a finished run's ``last.pt`` whose stage-1 extractor all members reuse.
         callback: ``callback(member_index, record)`` for every epoch record of every member.
         progress: show a progress bar per epoch.
+        memory_limit_mib: the most the members may add to this process at once (estimated by
+            :func:`member_memory_mib`); a pack above it trains in consecutive groups that fit
+            (:func:`pack_groups`). None: one group.
 
     Returns:
         Per member, its ``results.json`` content, or the exception that failed it
@@ -628,7 +681,8 @@ def train_fused(
         that cannot be resumed in this pack).
 
     Raises:
-        ConfigError: the configs cannot form a pack (the message names the key and members).
+        ConfigError: the configs cannot form a pack (the message names the key and members), or
+            one member alone exceeds ``memory_limit_mib``.
     """
     cpu_started = time.process_time()
     out_dirs = [Path(out_dir).resolve() for out_dir in out_dirs]
@@ -659,12 +713,52 @@ def train_fused(
     }
     extractor.requires_grad_(False)
     _check_denoiser(base.denoiser)
-    queries = split.stage2_queries
     cache_queries = all(_keeps_query_cache(config, graph, True) for config in configs)
+    member_mib = max(member_memory_mib(config, base.denoiser) for config in configs)
+    groups = pack_groups(member_mib, len(configs), memory_limit_mib)
 
+    results: list = [None] * len(configs)
+    start: dict = {}  # the stage-2 starting valid MRR, evaluated once for every group
+    for group in groups:
+        _train_group(
+            [(index, configs[index], out_dirs[index]) for index in group],
+            base,
+            graph,
+            split,
+            accelerator,
+            cache_queries,
+            reused,
+            cpu_started,
+            start,
+            results,
+            callback,
+            progress,
+        )
+    accelerator.free_memory()
+    return results
+
+
+def _train_group(
+    group: list[tuple[int, ExperimentConfig, Path]],
+    base: DiffusionCom,
+    graph: KnowledgeGraph,
+    split: TrainingSplit,
+    accelerator: Accelerator,
+    cache_queries: bool,
+    reused: dict,
+    cpu_started: float,
+    start: dict,
+    results: list,
+    callback: PackCallback | None,
+    progress: bool,
+) -> None:
+    """Train one group of a pack to the end and put each member's results (or the exception
+    that failed it) at its index in ``results``."""
+    extractor, device, queries = base.extractor, accelerator.device, split.stage2_queries
+    first = group[0][1]
     members: list[_Member] = []
     failures: dict[int, BaseException] = {}
-    for index, (config, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
+    for index, config, out_dir in group:
         model = DiffusionCom(extractor, config.diffusion).to(device)
         model.denoiser.load_state_dict(base.denoiser.state_dict())
         try:
@@ -684,6 +778,10 @@ def train_fused(
             failures[index] = error
             continue
         members.append(member)
+    if not members:  # none could be opened: nothing to train
+        for index, error in failures.items():
+            results[index] = error
+        return
 
     # The stacked parameters (the members' training copies) and each member's slice of them as
     # the plain leaf tensors its own AdamW updates in place.
@@ -694,7 +792,6 @@ def train_fused(
         ).requires_grad_()
         for name in names
     }
-    start: dict = {}
     for row, member in enumerate(members):
         member.row = row
         _start_stage2(member, [stacked[name].detach()[row] for name in names], start)
@@ -718,7 +815,6 @@ def train_fused(
             _finish_member_epoch(member, stacked, callback, valid.get(member.index))
 
     extractor.freeze_entity_table(False)
-    results: list = [None] * len(configs)
     for index, error in failures.items():
         results[index] = error
     for member in members:
@@ -727,8 +823,6 @@ def train_fused(
     finishing = [m for m in members if m.error is None]
     for member, member_results in _final_evaluation(base, finishing, cache_queries):
         results[member.index] = member_results
-    accelerator.free_memory()
-    return results
 
 
 def _train_epoch(

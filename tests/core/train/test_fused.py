@@ -14,10 +14,11 @@ import torch
 
 import runstore as store
 from core.config import ConfigError, load_config
+from core.model.denoiser import CDenoiser
 from core.train import fused as fused_module
 from core.train.checkpoint import load_checkpoint
 from core.train.fused import train_fused
-from core.train.trainer import NonFiniteLossError, train
+from core.train.trainer import NonFiniteLossError, build_model, load_run_dataset, train
 
 TINY = [
     "data.dataset=nations",
@@ -278,3 +279,52 @@ def test_member_checkpoints_hold_the_extractor_once(stage1, lone, tmp_path):
     lone_file = lone / "0" / "checkpoints" / "last.pt"
     assert (out / "checkpoints" / "last.pt").stat().st_size < lone_file.stat().st_size
     # That the lone trainer resumes such a file: test_an_interrupted_pack_resumes_to_the_same_runs.
+
+
+def test_a_pack_above_its_memory_limit_trains_in_groups_with_the_same_results(
+    stage1, lone, tmp_path, monkeypatch
+):
+    configs = [config(*extra) for extra in MEMBERS]
+    template = build_model(configs[0], load_run_dataset(configs[0]), progress=False).denoiser
+    member_mib = max(fused_module.member_memory_mib(c, template) for c in configs)
+    groups_seen = []
+    train_group = fused_module._train_group
+
+    def spy(group, *args, **kwargs):
+        groups_seen.append([index for index, _, _ in group])
+        return train_group(group, *args, **kwargs)
+
+    monkeypatch.setattr(fused_module, "_train_group", spy)
+    outs = [tmp_path / str(index) for index in range(len(MEMBERS))]
+    records = []
+    train_fused(
+        configs,
+        outs,
+        stage1,
+        callback=lambda index, record: records.append(index),
+        memory_limit_mib=2.5 * member_mib,  # room for two members at a time
+    )
+    assert groups_seen == [[0, 1], [2]]
+    for index, out in enumerate(outs):
+        _assert_same_run(out, lone / str(index))
+    assert sorted(set(records)) == [0, 1, 2]  # callbacks keep the members' own indices
+
+
+def test_member_memory_grows_with_the_denoiser_and_the_batch():
+    base = config()
+    small = CDenoiser(num_outputs=100, condition_dim=16, width=16, depth=1)
+    wide = CDenoiser(num_outputs=100, condition_dim=16, width=64, depth=1)
+    parameters = sum(p.numel() for p in small.parameters())
+    mib = fused_module.member_memory_mib(base, small)
+    assert mib * 2**20 >= 4 * 7 * parameters  # at least seven float32 copies of its weights
+    assert fused_module.member_memory_mib(base, wide) > mib
+    bigger_batch = config("train.batch_size=4096")
+    assert fused_module.member_memory_mib(bigger_batch, small) > mib
+
+
+def test_pack_groups_split_consecutively_and_refuse_a_member_above_the_limit():
+    assert fused_module.pack_groups(10.0, 5, None) == [range(5)]
+    assert fused_module.pack_groups(10.0, 5, 25.0) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert fused_module.pack_groups(10.0, 3, 1000.0) == [range(3)]
+    with pytest.raises(ConfigError, match=r"one fused member needs about 10 MiB.*limit of 5 MiB"):
+        fused_module.pack_groups(10.0, 3, 5.0)
