@@ -44,6 +44,8 @@ costs the others time.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -101,6 +103,7 @@ __all__ = [
     "PackCallback",
     "member_memory_mib",
     "pack_groups",
+    "pack_key",
     "train_fused",
 ]
 
@@ -152,21 +155,12 @@ def _check_pack(configs: Sequence[ExperimentConfig], out_dirs: Sequence[Path]) -
         raise ConfigError("train_fused: every member needs its own out_dir; some are the same")
     for index, config in enumerate(configs):
         where = f"fused member {index} ({out_dirs[index]})"
-        required = {
-            "baseline.model": (config.baseline.model, "none"),
-            "loss.stage2_extractor": (config.loss.stage2_extractor, "frozen"),
-            "loss.stage2_objective": (config.loss.stage2_objective, "diffusion"),
-            "diffusion.enabled": (config.diffusion.enabled, True),
-            "diffusion.reverse": (config.diffusion.reverse, "ddpm"),
-            "train.mixed_precision": (config.train.mixed_precision, "no"),
-        }
-        for key, (value, expected) in required.items():
-            if value != expected:
-                raise ConfigError(
-                    f"{where}: {key}={value!r}, but fused stage 2 trains only {key}={expected!r} "
-                    "(a frozen extractor's diffusion denoiser, DDPM training, float32); train "
-                    "this config alone"
-                )
+        for key, value, expected in _unfusable(config):
+            raise ConfigError(
+                f"{where}: {key}={value!r}, but fused stage 2 trains only {key}={expected!r} "
+                "(a frozen extractor's diffusion denoiser, DDPM training, float32); train "
+                "this config alone"
+            )
     first = _shared_values(configs[0])
     for index, config in enumerate(configs[1:], start=1):
         values = _shared_values(config)
@@ -181,6 +175,33 @@ def _check_pack(configs: Sequence[ExperimentConfig], out_dirs: Sequence[Path]) -
                 f"{shown}; a pack shares every stage-1 key and the denoiser's shape "
                 f"(diffusion.{', diffusion.'.join(FUSED_SHARED_DIFFUSION_KEYS)})"
             )
+
+
+def _unfusable(config: ExperimentConfig) -> list[tuple[str, object, object]]:
+    """``(key, value, expected)`` of every setting that keeps ``config`` out of a pack."""
+    required = {
+        "baseline.model": (config.baseline.model, "none"),
+        "loss.stage2_extractor": (config.loss.stage2_extractor, "frozen"),
+        "loss.stage2_objective": (config.loss.stage2_objective, "diffusion"),
+        "diffusion.enabled": (config.diffusion.enabled, True),
+        "diffusion.reverse": (config.diffusion.reverse, "ddpm"),
+        "train.mixed_precision": (config.train.mixed_precision, "no"),
+    }
+    unfit = [
+        (key, value, expected) for key, (value, expected) in required.items() if value != expected
+    ]
+    if config.train.stage2_epochs == 0:
+        unfit.append(("train.stage2_epochs", 0, "> 0"))
+    return unfit
+
+
+def pack_key(config: ExperimentConfig) -> str | None:
+    """What a config must share with the others of a pack (its stage 1, the denoiser's shape, the
+    stage-2 queries), as a short hash; None when it cannot be fused (see :func:`train_fused`)."""
+    if _unfusable(config):
+        return None
+    text = json.dumps(_shared_values(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _shared_values(config: ExperimentConfig) -> dict:

@@ -1,0 +1,263 @@
+"""Fused trials: stage-2 runs of one stage 1 and one denoiser shape trained as one pack.
+
+A study's ``pack: N`` (default :data:`DEFAULT_PACK`) groups the runs of an expanded study
+(ablation, sensitivity, grid search) whose configs share a :func:`core.train.fused.pack_key` — the
+stage-1 config, the denoiser's shape and the stage-2 queries — into packs of up to N members. A
+pack is one Ray Tune trial that obtains the shared stage 1 once and trains every member's stage 2
+in one :func:`core.train.fused.train_fused` loop. Everything users read stays per run: each member
+keeps its own run folder (``config.json``, ``metrics.jsonl``, checkpoints, ``results.json``,
+``ranks_*.npz``), its own ``trial.json`` and its own ``status.json``, which says it trained fused
+and with whom (``fused``), so ``status``, ``watch``, reports and analysis list every member as its
+own trial. A killed pack resumes each member from its own checkpoint; a finished member is not
+trained again; a member whose loss turned non-finite fails alone (its ``status.json`` says so) and
+the pack fails after the others have finished, so the scheduler's retry trains nothing twice.
+
+Runs a pack cannot hold (a baseline, no diffusion stage, a fine-tuned extractor, the BCE control,
+mixed precision) and runs whose key no other run shares stay trials of their own. Searches that
+draw points one at a time (Optuna, random) and schedulers that stop single trials (ASHA) keep one
+run per trial: :mod:`sweeps.study` refuses ``pack`` above 1 for them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+from core.config import ExperimentConfig
+from core.train.fused import pack_key, train_fused
+from core.train.trainer import NonFiniteLossError, train
+from runstore import RESULTS, RUNS_DIR, STATUS, checkpoint_path
+from sweeps.experiment import now, read_json_object, write_json
+from sweeps.stage1 import Stage1Store, stage1_key
+from sweeps.trial import (
+    NON_FINITE,
+    Report,
+    RunSpec,
+    TrialFailed,
+    _fail,
+    _global_epoch,
+    _mean_of,
+    _progress,
+    _write_provenance,
+)
+
+__all__ = ["DEFAULT_PACK", "PACK_PREFIX", "plan_packs", "run_pack"]
+
+#: Members per pack when a study does not say: measured in BENCHMARKS.md ("Fused trials in a
+#: sweep"); ``pack: 1`` trains every run alone.
+DEFAULT_PACK = 8
+
+#: Pack trials are named ``pack/<n>``; no study trial name starts so.
+PACK_PREFIX = "pack/"
+
+#: Share of the memory available when a pack starts that its members may use together; a pack
+#: above it trains in consecutive groups that fit (:func:`core.train.fused.pack_groups`).
+MEMORY_SHARE = 0.5
+
+
+def plan_packs(configs: dict[str, ExperimentConfig], size: int) -> dict[str, list[str]]:
+    """Packs of the runs in ``configs`` (name → config, in the order trials should start).
+
+    Runs with equal :func:`~core.train.fused.pack_key` are cut, in order, into packs of up to
+    ``size``; a key with a single run, and a run that cannot be fused, form no pack. Returns
+    ``pack/<n>`` → member names, numbered in the order of each pack's first member.
+    """
+    if size <= 1:
+        return {}
+    groups: dict[str, list[str]] = {}
+    for name, config in configs.items():
+        key = pack_key(config)
+        if key is not None:
+            groups.setdefault(key, []).append(name)
+    chunks = [
+        members[start : start + size]
+        for members in groups.values()
+        for start in range(0, len(members), size)
+    ]
+    packed = [chunk for chunk in chunks if len(chunk) > 1]
+    order = {name: index for index, name in enumerate(configs)}
+    packed.sort(key=lambda chunk: order[chunk[0]])
+    width = len(str(len(packed)))
+    return {f"{PACK_PREFIX}{index:0{width}d}": chunk for index, chunk in enumerate(packed)}
+
+
+def run_pack(
+    experiment: Path,
+    pack: str,
+    runs: list[RunSpec],
+    report: Report,
+    *,
+    node: str | None = None,
+    memory_limit_mib: float | None = None,
+) -> dict:
+    """Train the members ``runs`` of ``pack`` as one fused stage 2 over their shared stage 1.
+
+    ``report`` gets every member's epoch records (with ``run`` naming the member) and, at the end,
+    the mean of the finished members' results. ``memory_limit_mib`` bounds what the members add
+    at once (default: :data:`MEMORY_SHARE` of the memory available now).
+
+    Raises:
+        TrialFailed: a member failed; the message names each, and every other member finished.
+    """
+    experiment = Path(experiment)
+    metadata = read_json_object(experiment / "experiment.json")
+    members = [spec.name for spec in runs]
+    finished: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    training: list[tuple[RunSpec, Path, dict]] = []
+    for spec in runs:
+        run_dir = experiment / RUNS_DIR / spec.name
+        status_file = run_dir / STATUS.file
+        status = read_json_object(status_file) if status_file.is_file() else {"attempts": []}
+        if status.get("state") == "finished" and (run_dir / RESULTS.file).is_file():
+            finished[spec.name] = read_json_object(run_dir / RESULTS.file)
+            continue
+        if status.get("failure") == NON_FINITE:
+            failed[spec.name] = f"{status['error']} (not retried: it would repeat)"
+            continue
+        status.update(
+            state="running",
+            seed=spec.config.seed,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            error=None,
+            failure=None,
+            fused={"pack": pack, "members": members},
+        )
+        status["attempts"].append(
+            {
+                "started": now(),
+                "host": status["host"],
+                "node": node,
+                "resumed_from": _progress(checkpoint_path(run_dir)),
+            }
+        )
+        write_json(status_file, status)
+        _write_provenance(run_dir, pack, spec, metadata)
+        training.append((spec, run_dir, status))
+
+    if training:
+        _train(experiment, pack, training, report, metadata, memory_limit_mib, finished, failed)
+    if failed:
+        shown = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+        raise TrialFailed(f"{pack}: {len(failed)} of {len(runs)} members failed: {shown}")
+    summary = _mean_of(list(finished.values()))
+    return summary | {"final": True, "runs_finished": len(finished), "runs": len(runs)}
+
+
+def _train(experiment, pack, training, report, metadata, memory_limit_mib, finished, failed):
+    """Obtain the shared stage 1 and train the members in ``training``; fills ``finished`` and
+    ``failed`` (member name → results or reason)."""
+    specs = [spec for spec, _, _ in training]
+    first = specs[0]
+    key = stage1_key(first.config)
+    for _, run_dir, status in training:
+        status["stage1"] = {"key": key, "trial": pack, "epochs": first.config.train.stage1_epochs}
+        write_json(run_dir / STATUS.file, status)
+
+    def on_shared_stage1_epoch(record: dict) -> None:
+        for spec in specs:
+            report(_epoch_report(spec, record, stage1_shared=True))
+
+    store = Stage1Store.of_experiment(experiment, metadata)
+    started = time.perf_counter()
+    try:
+        stage1 = store.obtain(
+            first.config,
+            lambda config, folder: train(
+                config, folder, progress=False, callback=on_shared_stage1_epoch
+            ),
+            trial=pack,
+        )
+    except (KeyboardInterrupt, SystemExit):
+        _stop_all(training)
+        raise
+    except Exception as error:
+        reason = f"stage 1: {type(error).__name__}: {error}"
+        for spec, run_dir, status in training:
+            _fail(status, run_dir / STATUS.file, reason, type(error).__name__, True)
+            failed[spec.name] = reason
+        return
+    for _, run_dir, status in training:
+        status["stage1"] = {
+            "key": stage1.key,
+            "reused": not stage1.trained_here,
+            "checkpoint": str(stage1.checkpoint),
+            "train_seconds": stage1.train_seconds,
+        }
+        write_json(run_dir / STATUS.file, status)
+
+    def on_member_epoch(index: int, record: dict) -> None:
+        spec, run_dir, status = training[index]
+        status["heartbeat"] = now()
+        status["last_epoch"] = [record["stage"], record["epoch"]]
+        attempt = status["attempts"][-1]
+        attempt.setdefault("first_epoch", status["heartbeat"])
+        attempt["epochs"] = attempt.get("epochs", 0) + 1
+        write_json(run_dir / STATUS.file, status)
+        report(_epoch_report(spec, record))
+
+    if memory_limit_mib is None:
+        import psutil
+
+        memory_limit_mib = MEMORY_SHARE * psutil.virtual_memory().available / 2**20
+    try:
+        outcomes = train_fused(
+            [spec.config for spec in specs],
+            [run_dir for _, run_dir, _ in training],
+            stage1.checkpoint,
+            callback=on_member_epoch,
+            memory_limit_mib=memory_limit_mib,
+        )
+    except (KeyboardInterrupt, SystemExit):
+        _stop_all(training)
+        raise
+    except Exception as error:  # the pack as a whole (set-up, a config error): every member
+        reason = f"{type(error).__name__}: {error}"
+        details = traceback.format_exc()
+        for spec, run_dir, status in training:
+            _fail(status, run_dir / STATUS.file, reason, type(error).__name__, True, details)
+            failed[spec.name] = reason
+        return
+    wall = round(time.perf_counter() - started, 2)
+    for (spec, run_dir, status), outcome in zip(training, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            failure = (
+                NON_FINITE if isinstance(outcome, NonFiniteLossError) else type(outcome).__name__
+            )
+            _fail(status, run_dir / STATUS.file, str(outcome), failure, True)
+            failed[spec.name] = str(outcome)
+            continue
+        # Wall time of the pack's attempt: every member waited for, and trained with, the others.
+        status.update(state="finished", finished=now(), wall_seconds=wall)
+        write_json(run_dir / STATUS.file, status)
+        finished[spec.name] = outcome
+        report(
+            {
+                **_mean_of([outcome]),
+                "final": True,
+                "run": spec.name,
+                "global_epoch": spec.config.train.stage1_epochs + spec.config.train.stage2_epochs,
+            }
+        )
+
+
+def _epoch_report(spec: RunSpec, record: dict, **extra) -> dict:
+    return {
+        **record,
+        "run": spec.name,
+        "seed": spec.config.seed,
+        "final": False,
+        "global_epoch": _global_epoch(spec.config, record),
+        **extra,
+    }
+
+
+def _stop_all(training) -> None:
+    """The scheduler stopped the pack or someone pressed Ctrl-C: its members are not finished."""
+    for _, run_dir, status in training:
+        status.update(state="stopped", stopped=now())
+        write_json(run_dir / STATUS.file, status)

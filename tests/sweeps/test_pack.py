@@ -1,0 +1,155 @@
+"""Fused trials without Ray: which runs pack together, and a pack's run folders, reports, failures
+and restarts."""
+
+import pytest
+
+from core.config import load_config
+from core.train.trainer import NonFiniteLossError
+from sweeps import pack as pack_module
+from sweeps.experiment import read_json, read_statuses, write_json
+from sweeps.pack import plan_packs, run_pack
+from sweeps.stage1 import Stage1Store
+from sweeps.trial import NON_FINITE, RunSpec, TrialFailed, run_trial
+from tests.smoke import SMOKE
+
+MEMBERS = {
+    "sensitivity/k=3/seed-0": ["diffusion.steps=3"],
+    "sensitivity/k=5/seed-0": ["diffusion.steps=5", "loss.w_kl=0.5"],
+    "sensitivity/k=8/seed-0": ["diffusion.steps=8", "train.lr_stage2=3e-3"],
+}
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    write_json(
+        tmp_path / "experiment.json",
+        {"name": "unit", "kind": "sensitivity", "metric": "valid.clean.mrr", "mode": "max"},
+    )
+    return tmp_path
+
+
+def _specs():
+    return [
+        RunSpec(name, load_config(overrides=[*SMOKE, *extra])) for name, extra in MEMBERS.items()
+    ]
+
+
+def test_runs_pack_by_stage1_and_denoiser_shape_in_order():
+    def config(*extra):
+        return load_config(overrides=[*SMOKE, *extra])
+
+    configs = {
+        "a": config("diffusion.steps=3"),
+        "alone": config("diffusion.enabled=false"),  # no stage 2: nothing to fuse
+        "b": config("diffusion.steps=5"),
+        "wide": config("diffusion.denoiser_width=64"),  # its own shape, and no one shares it
+        "other-seed": config("seed=7"),  # another stage 1: no one shares it either
+        "c": config("loss.w_kl=0.3"),
+        "control": config("loss.stage2_objective=extractor-bce"),
+        "d": config("train.lr_stage2=3e-3"),
+        "e": config("diffusion.steps=8"),
+    }
+    assert plan_packs(configs, 2) == {"pack/0": ["a", "b"], "pack/1": ["c", "d"]}
+    assert plan_packs(configs, 8) == {"pack/0": ["a", "b", "c", "d", "e"]}
+    assert plan_packs(configs, 1) == {}
+
+
+def test_a_pack_trains_every_member_in_its_own_folder(experiment):
+    reports = []
+    summary = run_pack(experiment, "pack/0", _specs(), reports.append, memory_limit_mib=1e6)
+    names = list(MEMBERS)
+    statuses = {s.name: s for s in read_statuses(experiment, "valid.clean.mrr")}
+    assert set(statuses) == set(names)
+    for name in names:
+        status = read_json(experiment / "runs" / name / "status.json")
+        assert status["state"] == "finished"
+        assert status["fused"] == {"pack": "pack/0", "members": names}
+        assert read_json(experiment / "runs" / name / "trial.json")["run"] == name
+        assert (experiment / "runs" / name / "results.json").is_file()
+        # Every member reported its stage-2 epochs, on the global epoch axis, and its final.
+        own = [r for r in reports if r["run"] == name and not r.get("stage1_shared")]
+        assert [(r["stage"], r["epoch"], r["global_epoch"]) for r in own[:-1]] == [
+            (2, 1, 3),
+            (2, 2, 4),
+        ]
+        assert own[-1]["final"]
+    # One stage 1 for the pack, trained once.
+    assert [e["event"] for e in Stage1Store(experiment / "stage1").events()] == [
+        "training",
+        "trained",
+    ]
+    assert summary["runs_finished"] == 3 and summary["final"]
+    mrrs = [
+        read_json(experiment / "runs" / n / "results.json")["valid"]["clean"]["mrr"] for n in names
+    ]
+    assert summary["valid.clean.mrr"] == pytest.approx(sum(mrrs) / 3)
+    # Asked again (a restarted trial), finished members are read back, not retrained.
+    reports.clear()
+    run_pack(experiment, "pack/0", _specs(), reports.append, memory_limit_mib=1e6)
+    assert reports == []
+
+
+def test_a_member_equals_its_run_as_a_lone_trial(experiment, tmp_path_factory):
+    lone = tmp_path_factory.mktemp("lone")
+    write_json(lone / "experiment.json", read_json(experiment / "experiment.json"))
+    run_pack(experiment, "pack/0", _specs(), lambda record: None, memory_limit_mib=1e6)
+    for spec in _specs():
+        run_trial(lone, spec.name, [spec], lambda record: None)
+        fused = read_json(experiment / "runs" / spec.name / "results.json")["test"]["clean"]
+        alone = read_json(lone / "runs" / spec.name / "results.json")["test"]["clean"]
+        # Several intra-op threads may sum in another order: equal within float32 rounding
+        # (tests/core/train/test_fused.py checks bitwise equality on one thread).
+        assert fused == pytest.approx(alone, rel=1e-4, abs=1e-4)
+
+
+def test_a_killed_pack_resumes_each_member_from_its_checkpoint(experiment):
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_stage2_epochs(record):
+        if record.get("stage") == 2 and record["run"] == list(MEMBERS)[-1]:
+            raise Stop  # every member has finished stage-2 epoch 1 (a pack steps them together)
+
+    with pytest.raises(TrialFailed, match=r"3 of 3 members failed"):
+        run_pack(
+            experiment, "pack/0", _specs(), stop_after_first_stage2_epochs, memory_limit_mib=1e6
+        )
+    reports = []
+    run_pack(experiment, "pack/0", _specs(), reports.append, memory_limit_mib=1e6)
+    for name in MEMBERS:
+        status = read_json(experiment / "runs" / name / "status.json")
+        assert status["state"] == "finished"
+        assert [a["resumed_from"] for a in status["attempts"]] == [None, [2, 1]]
+        own = [(r["stage"], r["epoch"]) for r in reports if r["run"] == name and not r["final"]]
+        assert own == [(2, 2)]
+
+
+def test_a_non_finite_member_fails_alone_and_is_not_retried(experiment, monkeypatch):
+    real = pack_module.train_fused
+
+    def second_member_diverges(configs, out_dirs, *args, **kwargs):
+        outcomes = real(configs, out_dirs, *args, **kwargs)
+        (out_dirs[1] / "results.json").unlink()
+        outcomes[1] = NonFiniteLossError("stage 2, epoch 2, batch 1: loss is nan")
+        return outcomes
+
+    monkeypatch.setattr(pack_module, "train_fused", second_member_diverges)
+    with pytest.raises(TrialFailed, match=r"1 of 3 members failed: sensitivity/k=5/seed-0"):
+        run_pack(experiment, "pack/0", _specs(), lambda record: None, memory_limit_mib=1e6)
+    states = {
+        name: read_json(experiment / "runs" / name / "status.json")["state"] for name in MEMBERS
+    }
+    assert states == {
+        "sensitivity/k=3/seed-0": "finished",
+        "sensitivity/k=5/seed-0": "failed",
+        "sensitivity/k=8/seed-0": "finished",
+    }
+    diverged = read_json(experiment / "runs" / "sensitivity/k=5/seed-0" / "status.json")
+    assert diverged["failure"] == NON_FINITE
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("the pack trained again")
+
+    monkeypatch.setattr(pack_module, "train_fused", must_not_train)
+    with pytest.raises(TrialFailed, match=r"not retried: it would repeat"):
+        run_pack(experiment, "pack/0", _specs(), lambda record: None, memory_limit_mib=1e6)
