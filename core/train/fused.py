@@ -100,6 +100,7 @@ from runstore import CHECKPOINT_DIR, CONFIG, METRICS, RESULTS, checkpoint_path, 
 
 __all__ = [
     "FUSED_SHARED_DIFFUSION_KEYS",
+    "DoneCallback",
     "PackCallback",
     "member_memory_mib",
     "pack_groups",
@@ -109,6 +110,9 @@ __all__ = [
 
 PackCallback = Callable[[int, dict], None]
 """Called with a member's index in the pack and each of its epoch records."""
+
+DoneCallback = Callable[[int, "dict | BaseException"], None]
+"""Called once per member, as soon as it is done: its index and its results (or what failed it)."""
 
 FUSED_SHARED_DIFFUSION_KEYS = (
     "enabled",
@@ -513,6 +517,12 @@ class _Member:
             state["torch"] = self.generator.get_state()
         return state
 
+    def trained_out(self) -> bool:
+        """Whether its stage 2 has no epoch left (all trained, or stopped early)."""
+        return self.progress.get("done", False) or (
+            self.progress.get("epoch", 0) >= self.config.train.stage2_epochs
+        )
+
     def trains_in(self, epoch: int) -> bool:
         return (
             self.error is None
@@ -631,9 +641,9 @@ def _start_stage2(member: _Member, parameters: list[torch.Tensor], start: dict) 
 def member_memory_mib(config: ExperimentConfig, denoiser: CDenoiser) -> float:
     """MiB one member adds to a pack while it trains and is evaluated (float32), an upper estimate.
 
-    Its denoiser's ``P`` parameters are held seven times over: its own module, its row of the
-    stacked training copy, that row's gradient, AdamW's two moments, the copy of its best epoch,
-    and the buffer of a checkpoint being written. Per training batch of ``B`` queries and ``N``
+    Its denoiser's ``P`` parameters are held eight times over: its own module, its row of the
+    stacked training copy, that row's gradient, AdamW's two moments and the temporaries of its
+    step, the copy of its best epoch, and the buffer of a checkpoint being written. Per training batch of ``B`` queries and ``N``
     diffused entities it holds about ten ``(B, N)`` tensors (x_0, its noised copy, the noise, the
     prediction, the loss's softmax and sigmoid terms and their gradients) and the residual
     stream's ``(B, W)`` activations (input, FiLM, MLP of width ``W·r`` per block); evaluation
@@ -647,7 +657,7 @@ def member_memory_mib(config: ExperimentConfig, denoiser: CDenoiser) -> float:
     ratio = denoiser.blocks[0].mlp[0].out_features // width
     training = 10 * batch * diffused + batch * width * (4 + 8 * len(denoiser.blocks) * ratio)
     evaluation = 4 * eval_batch * diffused
-    return 4 * (7 * parameters + max(training, evaluation)) / 2**20
+    return 4 * (8 * parameters + max(training, evaluation)) / 2**20
 
 
 def pack_groups(member_mib: float, count: int, memory_limit_mib: float | None) -> list[range]:
@@ -678,6 +688,7 @@ def train_fused(
     callback: PackCallback | None = None,
     progress: bool = False,
     memory_limit_mib: float | None = None,
+    done_callback: DoneCallback | None = None,
 ) -> list[dict | BaseException]:
     """Train N stage-2 runs from one stage-1 checkpoint as one fused pack.
 
@@ -695,6 +706,8 @@ def train_fused(
         memory_limit_mib: the most the members may add to this process at once (estimated by
             :func:`member_memory_mib`); a pack above it trains in consecutive groups that fit
             (:func:`pack_groups`). None: one group.
+        done_callback: ``done_callback(member_index, outcome)`` once per member as soon as it is
+            done (its results written, or the error that failed it), while others may train on.
 
     Returns:
         Per member, its ``results.json`` content, or the exception that failed it
@@ -751,12 +764,24 @@ def train_fused(
             reused,
             cpu_started,
             start,
-            results,
+            _Outcomes(results, done_callback),
             callback,
             progress,
         )
     accelerator.free_memory()
     return results
+
+
+class _Outcomes:
+    """Each member's results or error, at its index in the pack, announced once as it comes."""
+
+    def __init__(self, results: list, done_callback: DoneCallback | None) -> None:
+        self.results, self.done_callback = results, done_callback
+
+    def __setitem__(self, index: int, outcome) -> None:
+        self.results[index] = outcome
+        if self.done_callback is not None:
+            self.done_callback(index, outcome)
 
 
 def _train_group(
@@ -769,7 +794,7 @@ def _train_group(
     reused: dict,
     cpu_started: float,
     start: dict,
-    results: list,
+    results: _Outcomes,
     callback: PackCallback | None,
     progress: bool,
 ) -> None:
@@ -799,9 +824,9 @@ def _train_group(
             failures[index] = error
             continue
         members.append(member)
+    for index, error in failures.items():
+        results[index] = error
     if not members:  # none could be opened: nothing to train
-        for index, error in failures.items():
-            results[index] = error
         return
 
     # The stacked parameters (the members' training copies) and each member's slice of them as
@@ -817,33 +842,49 @@ def _train_group(
         member.row = row
         _start_stage2(member, [stacked[name].detach()[row] for name in names], start)
 
-    extractor.freeze_entity_table(True, cache_queries=cache_queries)
-    extractor.eval()
-    device_queries = queries.to(device)
-    extractor.warm_query_cache(device_queries[:, 0], device_queries[:, 1], first.eval.batch_size)
+    def freeze_for_training() -> None:
+        extractor.freeze_entity_table(True, cache_queries=cache_queries)
+        extractor.eval()
+        device_queries = queries.to(device)
+        extractor.warm_query_cache(
+            device_queries[:, 0], device_queries[:, 1], first.eval.batch_size
+        )
 
+    evaluated: set[int] = set()
+
+    def evaluate(finished: list[_Member]) -> None:
+        extractor.freeze_entity_table(False)
+        for member, member_results in _final_evaluation(base, finished, cache_queries):
+            results[member.index] = member_results
+        evaluated.update(member.index for member in finished)
+
+    freeze_for_training()
     last_epoch = max((m.config.train.stage2_epochs for m in members), default=0)
     for epoch in range(last_epoch):
         active = [m for m in members if m.trains_in(epoch)]
         if not active:
             continue
         _train_epoch(active, stacked, names, base.denoiser, epoch, graph, queries, progress)
+        for member in active:
+            if member.error is not None:
+                results[member.index] = member.error
         trained = [m for m in active if m.error is None]
         valid = _validate(
             base, [m for m in trained if _validates_after(m.config, 2, epoch)], stacked
         )
         for member in trained:
             _finish_member_epoch(member, stacked, callback, valid.get(member.index))
+        # A member that is done (its epochs, or early stopping) gets its results now, as its lone
+        # run would, instead of when the pack's longest member ends.
+        done = [
+            m for m in members if m.error is None and m.index not in evaluated and m.trained_out()
+        ]
+        if done and any(m.error is None and not m.trained_out() for m in members):
+            evaluate(done)
+            freeze_for_training()
 
     extractor.freeze_entity_table(False)
-    for index, error in failures.items():
-        results[index] = error
-    for member in members:
-        if member.error is not None:
-            results[member.index] = member.error
-    finishing = [m for m in members if m.error is None]
-    for member, member_results in _final_evaluation(base, finishing, cache_queries):
-        results[member.index] = member_results
+    evaluate([m for m in members if m.error is None and m.index not in evaluated])
 
 
 def _train_epoch(
