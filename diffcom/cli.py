@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 from analysis.cli import add_report_command
 from core.cli import add_core_commands
@@ -76,7 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     # starts; analysis never loads core or Ray.
     add_sweep_commands(nouns)
     add_report_command(nouns)
+    report = nouns.choices["report"]
+    report.set_defaults(handler=_logged_to_mlflow(report.get_default("handler")))
     return parser
+
+
+def _logged_to_mlflow(report_handler):
+    """``report``, then its folder logged to the MLflow parent run of every experiment that
+    recorded one (:func:`sweeps.tracking.log_report`). Here, not in ``analysis``: analysis only
+    reads files."""
+
+    def handler(args: argparse.Namespace) -> int:
+        status = report_handler(args)
+        from sweeps.tracking import log_report
+
+        log_report(args.experiments, args.storage, Path(args.out))
+        return status
+
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ A run folder (``diffcom train --out``, or ``<experiment>/runs/<trial>/``)::
     ranks_<split>.npz        per-query ranks (:func:`ranks_file`)
     trial.json, status.json  provenance and state of a sweep's run (TRIAL, STATUS)
     point.json               the drawn point of a search trial (POINT)
+    tracking.json            a sweep run's MLflow run and last logged epochs (TRACKING)
+    tensorboard/             its TensorBoard event files (TENSORBOARD_DIR)
 
 An experiment folder (``<storage>/<name>/``) holds ``experiment.json`` (EXPERIMENT),
 ``plan.json`` (PLAN), ``study.yaml`` (STUDY_COPY), ``runs/`` (RUNS_DIR) and the shared stage-1 runs
@@ -63,6 +65,8 @@ __all__ = [
     "STAGE1_RUN",
     "STATUS",
     "STUDY_COPY",
+    "TENSORBOARD_DIR",
+    "TRACKING",
     "TRIAL",
     "FileKind",
     "JsonLine",
@@ -133,11 +137,13 @@ STATUS = FileKind("status.json", "1.2", "a sweep run's state and attempts")
 TRIAL = FileKind("trial.json", "1.1", "a sweep run's provenance")
 POINT = FileKind("point.json", "1.0", "a search trial's drawn point")
 # 1.1: optuna_storage, the RDB of a search's Optuna study.
-EXPERIMENT = FileKind("experiment.json", "1.1", "what an experiment launched")
+# 1.2: tracking (the MLflow URI and parent run, TensorBoard on or off).
+EXPERIMENT = FileKind("experiment.json", "1.2", "what an experiment launched")
 PLAN = FileKind("plan.json", "1.0", "an experiment's trial configs")
 DONE = FileKind("done.json", "1.0", "a finished shared stage-1 run")
 EVENTS = FileKind("events.jsonl", "1.0", "who trained or reused a shared stage-1 run")
-KINDS = (CONFIG, METRICS, RESULTS, STATUS, TRIAL, POINT, EXPERIMENT, PLAN, DONE, EVENTS)
+TRACKING = FileKind("tracking.json", "1.0", "a sweep run's MLflow run and last logged epochs")
+KINDS = (CONFIG, METRICS, RESULTS, STATUS, TRIAL, POINT, EXPERIMENT, PLAN, DONE, EVENTS, TRACKING)
 
 RUNS_DIR = "runs"
 STAGE1_DIR = "stage1"
@@ -145,6 +151,7 @@ STAGE1_RUN = "run"
 STUDY_COPY = "study.yaml"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "last.pt"
+TENSORBOARD_DIR = "tensorboard"
 
 _TEMPORARY = re.compile(r"\..+\.[0-9]+\.[0-9a-f]{12}\.tmp")
 

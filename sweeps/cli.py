@@ -65,6 +65,12 @@ def _launch(args: argparse.Namespace) -> int:
 
     _check_new_name(args.name, "--name")
     resolve_storage(args.storage)  # an empty or file --storage, refused before the study loads
+    if args.mlflow is not None:
+        from sweeps.experiment import ExperimentError
+        from sweeps.tracking import mlflow_uri_problem
+
+        if problem := mlflow_uri_problem(args.mlflow):
+            raise ExperimentError(f"--mlflow: {problem}")
     _note_default_seeds(args.study)
     folder = launch(
         args.study,
@@ -73,6 +79,8 @@ def _launch(args: argparse.Namespace) -> int:
         storage=args.storage,
         address=args.address,
         optuna_storage=args.optuna_storage,
+        mlflow=args.mlflow,
+        tensorboard=args.tensorboard,
     )
     return _finish(folder)
 
@@ -157,6 +165,12 @@ def _status(args: argparse.Namespace) -> int:
         print("launched with: " + " ".join(f"--set {t}" for t in metadata["launch_overrides"]))
     if isinstance(metadata.get("optuna_storage"), str):
         print(f"optuna study {metadata['name']!r}: optuna-dashboard {metadata['optuna_storage']}")
+    tracking = metadata.get("tracking") if isinstance(metadata.get("tracking"), dict) else {}
+    if isinstance(tracking.get("mlflow"), dict):
+        mlflow = tracking["mlflow"]
+        print(f"mlflow: {mlflow.get('uri')} (parent run {mlflow.get('parent_run_id') or '-'})")
+    if tracking.get("tensorboard"):
+        print(f"tensorboard: tensorboard --logdir {folder / 'runs'}")
     counts = _state_counts(statuses)
     print("runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     width = max([len(s.name) for s in statuses] + [3])
@@ -371,6 +385,21 @@ def add_sweep_commands(nouns) -> None:
         help="an optuna-tpe search's Optuna study (named as the experiment) goes to this RDB "
         "URL, e.g. postgresql://user@host/db (default: sqlite:///EXPERIMENT/optuna.db); "
         "`optuna-dashboard URL` shows it live. Recorded in the experiment for resume and extend",
+    )
+    launch.add_argument(
+        "--mlflow",
+        metavar="URI",
+        help="log every run to this MLflow tracking URI (e.g. http://127.0.0.1:5000): one "
+        "child run per run folder under one parent run per experiment; in place of the "
+        "study's tracking.mlflow. Recorded in the experiment for resume and extend; an "
+        "unreachable server only warns",
+    )
+    launch.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TensorBoard event files in every run folder (default: the study's "
+        "tracking.tensorboard, on when it says nothing): tensorboard --logdir EXPERIMENT/runs",
     )
     _storage_argument(launch)
     _address_argument(launch)

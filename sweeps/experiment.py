@@ -4,7 +4,7 @@ An experiment lives in ``<storage>/<name>/``; Ray Tune keeps its own state files
 (``tuner.pkl``, ``experiment_state-*.json``, one folder per Ray trial) and this package adds::
 
     experiment.json          what was launched: study file, launch overrides (--set), kind,
-                             metric, parent, code revision, ...
+                             metric, parent, code revision, tracking (see sweeps.tracking), ...
     study.yaml               a copy of the study file as launched, a header comment naming
                              any --set
     plan.json                expanded studies: trial name -> full config; searches: the base config
@@ -237,6 +237,7 @@ _EXPERIMENT_TYPES = {
     "launch_overrides": (list, "a list of KEY=VALUE"),
     "resources": (dict, "an object"),
     "optuna_storage": (str, "a database URL"),
+    "tracking": (dict, "an object with tensorboard and mlflow (see sweeps.tracking)"),
 }
 
 

@@ -8,8 +8,8 @@ in one :func:`core.train.fused.train_fused` loop. Everything users read stays pe
 keeps its own run folder (``config.json``, ``metrics.jsonl``, checkpoints, ``results.json``,
 ``ranks_*.npz``), its own ``trial.json`` and its own ``status.json``, which says it trained fused
 and with whom (``fused``), so ``status``, ``watch``, reports and analysis list every member as its
-own trial. A killed pack resumes each member from its own checkpoint; a finished member is not
-trained again; a member whose loss turned non-finite fails alone (its ``status.json`` says so) and
+own trial, and the experiment's trackers (:mod:`sweeps.tracking`) see each member as its own run.
+A killed pack resumes each member from its own checkpoint; a finished member is not trained again; a member whose loss turned non-finite fails alone (its ``status.json`` says so) and
 the pack fails after the others have finished, so the scheduler's retry trains nothing twice.
 
 Runs a pack cannot hold (a baseline, no diffusion stage, a fine-tuned extractor, the BCE control,
@@ -20,6 +20,7 @@ run per trial: :mod:`sweeps.study` refuses ``pack`` above 1 for them.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -29,9 +30,11 @@ from pathlib import Path
 from core.config import ExperimentConfig
 from core.train.fused import pack_key, train_fused
 from core.train.trainer import NonFiniteLossError, train
-from runstore import RESULTS, RUNS_DIR, STATUS, checkpoint_path
+from runstore import METRICS, RESULTS, RUNS_DIR, STATUS, checkpoint_path
 from sweeps.experiment import now, read_json_object, write_json
 from sweeps.stage1 import Stage1Store, stage1_key
+from sweeps.study import DEFAULT_PACK
+from sweeps.tracking import RunTracker, open_run
 from sweeps.trial import (
     NON_FINITE,
     Report,
@@ -41,42 +44,51 @@ from sweeps.trial import (
     _global_epoch,
     _mean_of,
     _progress,
+    _stage1_run_of,
     _write_provenance,
 )
 
 __all__ = ["DEFAULT_PACK", "PACK_PREFIX", "plan_packs", "run_pack"]
 
-#: Members per pack when a study does not say: measured in BENCHMARKS.md ("Fused trials in a
-#: sweep"); ``pack: 1`` trains every run alone.
-DEFAULT_PACK = 8
-
 #: Pack trials are named ``pack/<n>``; no study trial name starts so.
 PACK_PREFIX = "pack/"
 
-#: Share of the memory available when a pack starts that its members may use together; a pack
-#: above it trains in consecutive groups that fit (:func:`core.train.fused.pack_groups`).
-MEMORY_SHARE = 0.5
+#: Share of the memory available when a pack starts that the packs of one node may use
+#: together; each pack's share is this over the trials the node runs at once, and a pack above it
+#: trains in consecutive groups that fit (:func:`core.train.fused.pack_groups`).
+MEMORY_SHARE = 0.8
 
 
-def plan_packs(configs: dict[str, ExperimentConfig], size: int) -> dict[str, list[str]]:
+def plan_packs(
+    configs: dict[str, ExperimentConfig], size: int, slots: int = 1
+) -> dict[str, list[str]]:
     """Packs of the runs in ``configs`` (name → config, in the order trials should start).
 
     Runs with equal :func:`~core.train.fused.pack_key` are cut, in order, into packs of up to
-    ``size``; a key with a single run, and a run that cannot be fused, form no pack. Returns
+    ``size`` members, as even in size as the count allows; a key with a single run, and a run that
+    cannot be fused, form no pack. A pack trains on one trial's resources, so with ``slots``
+    trials at once the size is also capped at ``ceil(fusable runs / slots)`` (at least 2): 16
+    runs on two slots make two packs of 8, not one of 16 beside an idle slot. Returns
     ``pack/<n>`` → member names, numbered in the order of each pack's first member.
     """
-    if size <= 1:
-        return {}
     groups: dict[str, list[str]] = {}
     for name, config in configs.items():
         key = pack_key(config)
         if key is not None:
             groups.setdefault(key, []).append(name)
-    chunks = [
-        members[start : start + size]
-        for members in groups.values()
-        for start in range(0, len(members), size)
-    ]
+    fusable = sum(len(members) for members in groups.values())
+    size = min(size, max(2, math.ceil(fusable / max(slots, 1))))
+    if size <= 1:
+        return {}
+    chunks = []
+    for members in groups.values():
+        count = math.ceil(len(members) / size)
+        base, extra = divmod(len(members), count)  # the first `extra` packs get one more
+        start = 0
+        for index in range(count):
+            end = start + base + (index < extra)
+            chunks.append(members[start:end])
+            start = end
     packed = [chunk for chunk in chunks if len(chunk) > 1]
     order = {name: index for index, name in enumerate(configs)}
     packed.sort(key=lambda chunk: order[chunk[0]])
@@ -97,7 +109,8 @@ def run_pack(
 
     ``report`` gets every member's epoch records (with ``run`` naming the member) and, at the end,
     the mean of the finished members' results. ``memory_limit_mib`` bounds what the members add
-    at once (default: :data:`MEMORY_SHARE` of the memory available now).
+    at once (default: :data:`MEMORY_SHARE` of the memory available now, over the trials this
+    node runs at once).
 
     Raises:
         TrialFailed: a member failed; the message names each, and every other member finished.
@@ -107,7 +120,7 @@ def run_pack(
     members = [spec.name for spec in runs]
     finished: dict[str, dict] = {}
     failed: dict[str, str] = {}
-    training: list[tuple[RunSpec, Path, dict]] = []
+    training: list[tuple[RunSpec, Path, dict, RunTracker]] = []
     for spec in runs:
         run_dir = experiment / RUNS_DIR / spec.name
         status_file = run_dir / STATUS.file
@@ -127,17 +140,23 @@ def run_pack(
             failure=None,
             fused={"pack": pack, "members": members},
         )
+        resumed_from = _progress(checkpoint_path(run_dir))
         status["attempts"].append(
-            {
-                "started": now(),
-                "host": status["host"],
-                "node": node,
-                "resumed_from": _progress(checkpoint_path(run_dir)),
-            }
+            {"started": now(), "host": status["host"], "node": node, "resumed_from": resumed_from}
         )
         write_json(status_file, status)
         _write_provenance(run_dir, pack, spec, metadata)
-        training.append((spec, run_dir, status))
+        tracker = open_run(
+            metadata,
+            run_dir,
+            trial=pack,
+            run=spec.name,
+            config=spec.config,
+            resumed_from=resumed_from,
+            step_of=lambda record, config=spec.config: _global_epoch(config, record),
+            stage1_run=_stage1_run_of(experiment, status) if resumed_from else None,
+        )
+        training.append((spec, run_dir, status, tracker))
 
     if training:
         _train(experiment, pack, training, report, metadata, memory_limit_mib, finished, failed)
@@ -151,15 +170,16 @@ def run_pack(
 def _train(experiment, pack, training, report, metadata, memory_limit_mib, finished, failed):
     """Obtain the shared stage 1 and train the members in ``training``; fills ``finished`` and
     ``failed`` (member name → results or reason)."""
-    specs = [spec for spec, _, _ in training]
+    specs = [spec for spec, _, _, _ in training]
     first = specs[0]
     key = stage1_key(first.config)
-    for _, run_dir, status in training:
+    for _, run_dir, status, _ in training:
         status["stage1"] = {"key": key, "trial": pack, "epochs": first.config.train.stage1_epochs}
         write_json(run_dir / STATUS.file, status)
 
     def on_shared_stage1_epoch(record: dict) -> None:
-        for spec in specs:
+        for spec, _, _, tracker in training:
+            tracker.epoch(record)
             report(_epoch_report(spec, record, stage1_shared=True))
 
     store = Stage1Store.of_experiment(experiment, metadata)
@@ -177,11 +197,12 @@ def _train(experiment, pack, training, report, metadata, memory_limit_mib, finis
         raise
     except Exception as error:
         reason = f"stage 1: {type(error).__name__}: {error}"
-        for spec, run_dir, status in training:
+        for spec, run_dir, status, tracker in training:
             _fail(status, run_dir / STATUS.file, reason, type(error).__name__, True)
+            tracker.fail(reason)
             failed[spec.name] = reason
         return
-    for _, run_dir, status in training:
+    for _, run_dir, status, tracker in training:
         status["stage1"] = {
             "key": stage1.key,
             "reused": not stage1.trained_here,
@@ -189,49 +210,34 @@ def _train(experiment, pack, training, report, metadata, memory_limit_mib, finis
             "train_seconds": stage1.train_seconds,
         }
         write_json(run_dir / STATUS.file, status)
+        if not stage1.trained_here:  # its epochs start the member's tracked curves
+            tracker.log_metrics_file(stage1.checkpoint.parent.parent / METRICS.file)
 
     def on_member_epoch(index: int, record: dict) -> None:
-        spec, run_dir, status = training[index]
+        spec, run_dir, status, tracker = training[index]
         status["heartbeat"] = now()
         status["last_epoch"] = [record["stage"], record["epoch"]]
         attempt = status["attempts"][-1]
         attempt.setdefault("first_epoch", status["heartbeat"])
         attempt["epochs"] = attempt.get("epochs", 0) + 1
         write_json(run_dir / STATUS.file, status)
+        tracker.epoch(record)
         report(_epoch_report(spec, record))
 
-    if memory_limit_mib is None:
-        import psutil
-
-        memory_limit_mib = MEMORY_SHARE * psutil.virtual_memory().available / 2**20
-    try:
-        outcomes = train_fused(
-            [spec.config for spec in specs],
-            [run_dir for _, run_dir, _ in training],
-            stage1.checkpoint,
-            callback=on_member_epoch,
-            memory_limit_mib=memory_limit_mib,
-        )
-    except (KeyboardInterrupt, SystemExit):
-        _stop_all(training)
-        raise
-    except Exception as error:  # the pack as a whole (set-up, a config error): every member
-        reason = f"{type(error).__name__}: {error}"
-        details = traceback.format_exc()
-        for spec, run_dir, status in training:
-            _fail(status, run_dir / STATUS.file, reason, type(error).__name__, True, details)
-            failed[spec.name] = reason
-        return
-    wall = round(time.perf_counter() - started, 2)
-    for (spec, run_dir, status), outcome in zip(training, outcomes, strict=True):
+    def on_member_done(index: int, outcome) -> None:
+        spec, run_dir, status, tracker = training[index]
         if isinstance(outcome, BaseException):
             failure = (
                 NON_FINITE if isinstance(outcome, NonFiniteLossError) else type(outcome).__name__
             )
             _fail(status, run_dir / STATUS.file, str(outcome), failure, True)
+            tracker.fail(str(outcome))
             failed[spec.name] = str(outcome)
-            continue
-        # Wall time of the pack's attempt: every member waited for, and trained with, the others.
+            return
+        tracker.finish(outcome)
+        # Wall time of this attempt until the member was done, stage 1 (or waiting for it)
+        # included, as a lone trial's.
+        wall = round(time.perf_counter() - started, 2)
         status.update(state="finished", finished=now(), wall_seconds=wall)
         write_json(run_dir / STATUS.file, status)
         finished[spec.name] = outcome
@@ -243,6 +249,33 @@ def _train(experiment, pack, training, report, metadata, memory_limit_mib, finis
                 "global_epoch": spec.config.train.stage1_epochs + spec.config.train.stage2_epochs,
             }
         )
+
+    if memory_limit_mib is None:
+        import psutil
+
+        cpus = read_json_object(experiment / "experiment.json").get("resources", {}).get("cpus", 1)
+        concurrent = max(1, int((os.cpu_count() or 1) // max(cpus, 1e-9)))
+        memory_limit_mib = MEMORY_SHARE * psutil.virtual_memory().available / 2**20 / concurrent
+    try:
+        train_fused(
+            [spec.config for spec in specs],
+            [run_dir for _, run_dir, _, _ in training],
+            stage1.checkpoint,
+            callback=on_member_epoch,
+            memory_limit_mib=memory_limit_mib,
+            done_callback=on_member_done,
+        )
+    except (KeyboardInterrupt, SystemExit):
+        _stop_all([entry for entry in training if entry[0].name not in finished])
+        raise
+    except Exception as error:  # the pack as a whole (set-up, a config error, a report)
+        reason = f"{type(error).__name__}: {error}"
+        details = traceback.format_exc()
+        for spec, run_dir, status, tracker in training:
+            if spec.name not in finished and spec.name not in failed:
+                _fail(status, run_dir / STATUS.file, reason, type(error).__name__, True, details)
+                tracker.fail(reason)
+                failed[spec.name] = reason
 
 
 def _epoch_report(spec: RunSpec, record: dict, **extra) -> dict:
@@ -258,6 +291,7 @@ def _epoch_report(spec: RunSpec, record: dict, **extra) -> dict:
 
 def _stop_all(training) -> None:
     """The scheduler stopped the pack or someone pressed Ctrl-C: its members are not finished."""
-    for _, run_dir, status in training:
+    for _, run_dir, status, tracker in training:
         status.update(state="stopped", stopped=now())
         write_json(run_dir / STATUS.file, status)
+        tracker.stop()

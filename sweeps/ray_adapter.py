@@ -44,6 +44,7 @@ from sweeps.experiment import (
     runs_alive_on_this_host,
     write_json,
 )
+from sweeps.pack import PACK_PREFIX, plan_packs, run_pack
 from sweeps.stage1 import interleave_by_stage1
 from sweeps.study import (
     Choice,
@@ -51,12 +52,19 @@ from sweeps.study import (
     RandInt,
     Study,
     StudyError,
+    Tracking,
     Uniform,
     expand_trials,
     load_study,
     point_config,
     study_config,
     trial_config,
+)
+from sweeps.tracking import (
+    mlflow_uri_problem,
+    reopen_parent_run,
+    set_parent_run_state,
+    start_tracking,
 )
 from sweeps.trial import RunSpec, run_trial
 
@@ -77,6 +85,8 @@ def launch(
     storage: str | Path | None = None,
     address: str | None = None,
     optuna_storage: str | None = None,
+    mlflow: str | None = None,
+    tensorboard: bool | None = None,
     verbose: int = 1,
 ) -> Path:
     """Run a study as a new experiment ``<storage>/<name>``; returns the experiment folder.
@@ -92,9 +102,21 @@ def launch(
         optuna_storage: where an Optuna search keeps its Optuna study (named as the experiment):
             an RDB URL, default ``sqlite:///<experiment>/optuna.db`` (see
             :func:`~sweeps.experiment.optuna_storage_url`); refused for other studies.
+        mlflow: an MLflow tracking URI for every run (:mod:`sweeps.tracking`), in place of the
+            study's ``tracking.mlflow``; a malformed one is refused here.
+        tensorboard: TensorBoard event files in every run, in place of the study's
+            ``tracking.tensorboard`` (``None``: as the study says).
         verbose: Tune's console verbosity (0-3).
     """
     study = load_study(study_path, overrides)  # every check before Ray starts
+    if mlflow is not None and (problem := mlflow_uri_problem(mlflow)):
+        raise ExperimentError(f"--mlflow: {problem}")
+    tracking = study.tracking
+    if mlflow is not None:
+        tracking = dataclasses.replace(tracking, mlflow=mlflow)
+    if tensorboard is not None:
+        tracking = dataclasses.replace(tracking, tensorboard=tensorboard)
+    study = dataclasses.replace(study, tracking=tracking)
     if optuna_storage is not None:
         if not _uses_optuna(study):
             what = f"{study.search.algorithm} search" if study.search else f"{study.kind} study"
@@ -143,7 +165,7 @@ def _launch(
         sets = " ".join(f"--set {shlex.quote(text)}" for text in study.launch_overrides)
         header += f"# launched with {sets} (merged into overrides below)\n"
     atomic_write_bytes(folder / STUDY_COPY, (header + study.path.read_text()).encode())
-    plan = _plan(study)
+    plan = _plan(study, _concurrency(study.resources))
     write_json(folder / PLAN_FILE, plan)
     write_json(
         folder / EXPERIMENT_FILE,
@@ -167,20 +189,46 @@ def _launch(
             "packages": package_versions(),
             "cluster_resources": _cluster_resources(),
             **({"optuna_storage": optuna_url} if optuna_url else {}),
+            "tracking": start_tracking(
+                folder,
+                study=study.name,
+                mlflow=study.tracking.mlflow,
+                tensorboard=study.tracking.tensorboard,
+                tags=_parent_run_tags(folder, study, parents),
+            ),
         },
     )
     tuner = _tuner(study, folder, plan, list(history), verbose, optuna_url)
     _fit(tuner)
+    set_parent_run_state(read_experiment(folder), "FINISHED")
     return folder
 
 
-def _plan(study: Study) -> dict[str, Any]:
+def _parent_run_tags(folder: Path, study: Study, parents: tuple[Path, ...]) -> dict[str, str]:
+    """The tags of an experiment's MLflow parent run (:func:`~sweeps.tracking.start_tracking`)."""
+    revision = code_revision()
+    tags = {
+        "diffcom.experiment": folder.name,
+        "diffcom.kind": study.kind,
+        "diffcom.folder": str(folder),
+        "diffcom.study_file": str(study.path),
+        "mlflow.source.git.commit": revision["revision"],
+    }
+    if parents:
+        tags["diffcom.extends"] = str(parents[-1])
+    return tags
+
+
+def _plan(study: Study, slots: int = 1) -> dict[str, Any]:
     """What trials run on (``plan.json``): every trial's full config, or a search's base config.
 
     Trials, ``resume`` included, build their configs from this plan, never from the study file.
     Tune starts trials in the order of ``trials``: an ablation's baselines come last (a ``match``
     baseline waits for its reference run, which must not wait behind it for a free slot);
-    ``matches`` names each such baseline's reference run.
+    ``matches`` names each such baseline's reference run. ``packs`` (with ``pack`` above 1) names
+    the runs trained together as one fused Tune trial (:mod:`sweeps.pack`; ``slots``, the trials
+    the cluster runs at once, caps their size), ``units`` the Tune trials in start order: each
+    pack where its first member would start, every other run alone.
     """
     if study.kind == "search" and study.search.algorithm != "grid":
         return {
@@ -196,6 +244,11 @@ def _plan(study: Study) -> dict[str, Any]:
     matches = {t.name: t.match_to for t in trials if t.match_to}
     if matches:
         plan["matches"] = matches
+    packs = plan_packs({name: configs[name] for name in order}, study.pack, slots)
+    if packs:
+        plan["packs"] = packs
+        member_of = {member: pack for pack, members in packs.items() for member in members}
+        plan["units"] = list(dict.fromkeys(member_of.get(name, name) for name in order))
     return plan
 
 
@@ -231,6 +284,7 @@ def resume(
         )
     _start_ray(address)
     _check_storage_visible(folder.parent)
+    reopen_parent_run(folder, metadata)
     tuner = tune.Tuner.restore(
         str(folder),
         trainable=_trainable_with_resources(folder, metadata["resources"]),
@@ -238,6 +292,7 @@ def resume(
         resume_errored=True,
     )
     _fit(tuner)
+    set_parent_run_state(metadata, "FINISHED")
     return folder
 
 
@@ -257,8 +312,9 @@ def extend(
     point of the old experiment: every completed trial of its Optuna study when that can be read,
     its own warm start included, else the finished runs of its folder); the new Optuna study
     goes to the old one's storage when that was a ``--optuna-storage`` URL. An ablation, sensitivity or grid study gets its cells on the new
-    ``seeds``. The overrides the old experiment was launched with (``--set``) apply again. Stage-1
-    checkpoints of the old experiment are reused, read-only.
+    ``seeds``. The overrides the old experiment was launched with (``--set``) apply again, and so
+    does its tracking (``--mlflow``, TensorBoard; a new MLflow parent run). Stage-1 checkpoints of
+    the old experiment are reused, read-only.
     """
     storage_root = resolve_storage(storage)
     old = experiment_dir(storage_root, name, must_exist=True)
@@ -272,6 +328,7 @@ def extend(
             "study only: launch the edited study as a new experiment instead"
         )
     study = load_study(study_file, metadata.get("launch_overrides", ()))
+    study = dataclasses.replace(study, tracking=_recorded_tracking(metadata))
     new_name = check_name(new_name or _next_name(storage_root, name))
     history: list[tuple[dict, float]] = []
     if study.kind == "search" and study.search.algorithm != "grid":
@@ -327,6 +384,10 @@ def _prepare_trial(
     """
     plan = read_json_object(folder / PLAN_FILE)
     metric = read_experiment(folder)["metric"]
+    if config.get("trial") in plan.get("packs", {}):
+        name = config["trial"]
+        members = plan["packs"][name]
+        return name, [RunSpec(m, config_from_dict(plan["trials"][m])) for m in members], metric
     if "trial" in config:
         name = config["trial"]
         match_to = plan.get("matches", {}).get(name)
@@ -363,8 +424,12 @@ def _tune_trial(config: dict, experiment: str, cpus: float) -> None:
         if metric in metrics:  # Tune needs the metric in every report: epochs without validation
             tune.report(metrics)
 
+    node = ray.get_runtime_context().get_node_id()
     try:
-        run_trial(folder, name, runs, report, node=ray.get_runtime_context().get_node_id())
+        if name.startswith(PACK_PREFIX):
+            run_pack(folder, name, runs, report, node=node)
+        else:
+            run_trial(folder, name, runs, report, node=node)
     finally:
         _release_memory()
 
@@ -474,7 +539,7 @@ def _tuner(
         reuse_actors=True,
     )
     if "trials" in plan:
-        param_space: dict = {"trial": tune.grid_search(list(plan["trials"]))}
+        param_space: dict = {"trial": tune.grid_search(plan.get("units") or list(plan["trials"]))}
     else:
         param_space = {key: _tune_distribution(d) for key, d in study.search.space}
         search = study.search
@@ -659,6 +724,17 @@ def _fit(tuner) -> None:
     failed = [r for r in results if r.error is not None]
     if failed:
         print(f"{len(failed)} of {len(results)} trials failed; see `diffcom sweep status`")
+
+
+def _recorded_tracking(metadata: dict) -> Tracking:
+    """The tracking an experiment was launched with (``--mlflow`` included), for its extension;
+    an experiment launched before tracking existed tracks nothing."""
+    recorded = metadata.get("tracking")
+    if not isinstance(recorded, dict):
+        return Tracking(mlflow=None, tensorboard=False)
+    mlflow = recorded.get("mlflow")
+    uri = mlflow.get("uri") if isinstance(mlflow, dict) else None
+    return Tracking(mlflow=uri, tensorboard=recorded.get("tensorboard") is True)
 
 
 def _next_name(storage_root: Path, name: str) -> str:

@@ -15,6 +15,12 @@ one of three kinds of study over the typed experiment config of :mod:`core.confi
     resources: {cpus: 1, gpus: 0, workers: 1}
     metric: valid.clean.mrr         # valid split, clean protocol only
     mode: max
+    pack: 8                         # optional: stage-2 runs of one stage 1 and one denoiser
+                                    # shape train as fused packs of up to N (sweeps.pack);
+                                    # 1 trains every run alone; searches other than grid: 1
+    tracking:                       # optional (sweeps.tracking); resume and extend keep it
+      mlflow: http://127.0.0.1:5000 # an MLflow tracking URI (launch --mlflow overrides it)
+      tensorboard: true             # event files in every run folder (the default)
 
     variants:                       # kind: ablation -- one cell per variant
       full: {}
@@ -109,10 +115,12 @@ from core.config import (
     parse_override,
     read_yaml,
 )
+from sweeps.tracking import mlflow_uri_problem
 
 __all__ = [
     "ALGORITHMS",
     "BASELINE_BUDGETS",
+    "DEFAULT_PACK",
     "Baseline",
     "BaselineBudget",
     "point_config",
@@ -130,6 +138,7 @@ __all__ = [
     "Search",
     "Study",
     "StudyError",
+    "Tracking",
     "Trial",
     "Uniform",
     "Variant",
@@ -150,6 +159,10 @@ BASELINE_BUDGETS = ("match", "epochs", "seconds")
 """The kinds of ``baseline_budget``."""
 
 _CLOCKS = ("cpu", "wall")
+
+DEFAULT_PACK = 8
+"""Members per fused pack when a study does not say (see :mod:`sweeps.pack`): measured in
+BENCHMARKS.md, "Fused trials in a sweep"."""
 
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 """The folder of the studies that ship with the package."""
@@ -239,6 +252,19 @@ class Resources:
     cpus: float = 1
     gpus: float = 0
     workers: int = 1
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """What a study's runs are tracked with (:mod:`sweeps.tracking`).
+
+    Attributes:
+        mlflow: an MLflow tracking URI, or ``None`` for no MLflow.
+        tensorboard: whether every run writes TensorBoard event files.
+    """
+
+    mlflow: str | None = None
+    tensorboard: bool = True
 
 
 @dataclass(frozen=True)
@@ -361,6 +387,8 @@ class Study:
         launch_overrides: the ``KEY=VALUE`` texts of ``--set`` given at launch, as given; their
             values are already merged into ``overrides``. An experiment records them, so that
             ``extend`` loads the same study.
+        pack: the most runs trained as one fused pack (:mod:`sweeps.pack`); 1: every run alone.
+        tracking: MLflow and TensorBoard (``tracking:``; launch flags override it).
     """
 
     path: Path
@@ -381,6 +409,8 @@ class Study:
     axes: tuple[Axis, ...] = ()
     defaults: tuple[tuple[str, Any], ...] = ()
     launch_overrides: tuple[str, ...] = ()
+    pack: int = 1
+    tracking: Tracking = Tracking()
 
 
 @dataclass(frozen=True)
@@ -507,6 +537,7 @@ def _read_study(
         "metric": metric,
         "mode": mode,
         "launch_overrides": launch_overrides,
+        "tracking": reader.tracking(data.get("tracking")),
     }
     if kind == "search":
         study["search"] = reader.search(data.get("search"), base_tree)
@@ -545,6 +576,7 @@ def _read_study(
         study["axes"], study["defaults"] = reader.axes(
             data.get("axes"), data.get("defaults"), base_tree
         )
+    study["pack"] = reader.pack(data.get("pack"), study)
     result = Study(**study)
     if kind != "search" or result.search.algorithm == "grid":
         _cells(result)  # names must be unique once made into directory names
@@ -819,6 +851,8 @@ class _Reader:
         "resources",
         "metric",
         "mode",
+        "pack",
+        "tracking",
     )
     _BY_KIND = {
         "search": ("search",),
@@ -994,6 +1028,39 @@ class _Reader:
         if not _is_int(workers) or workers < 1:
             raise self.error("resources.workers", f"expected an integer >= 1, got {workers!r}")
         return Resources(cpus=cpus, gpus=gpus, workers=workers)
+
+    def tracking(self, value) -> Tracking:
+        if value is None:
+            return Tracking()
+        values = self.mapping(value, "tracking", ("mlflow", "tensorboard"))
+        uri = values.get("mlflow")
+        problem = mlflow_uri_problem(uri) if uri is not None else None
+        if problem:
+            raise self.error("tracking.mlflow", problem)
+        tensorboard = values.get("tensorboard", True)
+        if not isinstance(tensorboard, bool):
+            raise self.error("tracking.tensorboard", f"expected true or false, got {tensorboard!r}")
+        return Tracking(mlflow=uri, tensorboard=tensorboard)
+
+    def pack(self, value, study: dict) -> int:
+        """``pack``: an integer >= 1; without it :data:`DEFAULT_PACK` where packs can form."""
+        search = study.get("search")
+        if search is not None and search.algorithm != "grid":
+            article = "an" if search.algorithm[0] in "aeiou" else "a"
+            reason = f"{article} {search.algorithm} search draws its trials one at a time"
+        elif search is not None and search.asha is not None:
+            reason = "ASHA stops single trials, and a pack trains its members as one"
+        elif study["resources"].workers > 1:
+            reason = "a pack trains in one process, and resources.workers asks for several"
+        else:
+            reason = None
+        if value is None:
+            return 1 if reason else DEFAULT_PACK
+        if not _is_int(value) or not 1 <= value <= 1024:
+            raise self.error("pack", f"expected an integer from 1 to 1024, got {value!r}")
+        if value > 1 and reason:
+            raise self.error("pack", f"{value}: runs cannot be packed here ({reason}); use pack: 1")
+        return value
 
     def metric(self, metric, mode) -> tuple[str, str]:
         if not isinstance(metric, str) or not _METRIC_PATTERN.fullmatch(metric):

@@ -3,7 +3,9 @@
 :func:`run_trial` is everything a Ray trial does, written without Ray: the adapter in
 :mod:`sweeps.ray_adapter` hands it a ``report`` function that forwards to Tune, tests hand it a list.
 A trial trains one config per seed (one for an ablation or sensitivity cell, one per study seed
-for a drawn search point), each in its own run folder under ``<experiment>/runs/``.
+for a drawn search point), each in its own run folder under ``<experiment>/runs/``. Each run's
+epochs and result also go to the trackers the experiment recorded (:mod:`sweeps.tracking`:
+TensorBoard, MLflow), which never stop training.
 
 A baseline run (``baseline.model`` set, see :mod:`core.baselines`) has no stage 1 to share. With
 ``baseline_budget: match`` (:attr:`RunSpec.match_to`) its budget is the cost of the reference run
@@ -30,6 +32,7 @@ from core.train.trainer import NonFiniteLossError, load_run_dataset, train
 from runstore import (
     CONFIG,
     EXPERIMENT,
+    METRICS,
     RESULTS,
     RUNS_DIR,
     STATUS,
@@ -46,6 +49,7 @@ from sweeps.experiment import (
     write_json,
 )
 from sweeps.stage1 import Stage1Store, stage1_key
+from sweeps.tracking import open_run
 
 __all__ = [
     "MATCH_POLL_SECONDS",
@@ -173,6 +177,17 @@ def run_trial(
         if is_main:
             write_json(status_file, status)
             _write_provenance(run_dir, trial, spec, metadata)
+        tracker = open_run(
+            metadata,
+            run_dir,
+            trial=trial,
+            run=spec.name,
+            config=spec.config,
+            resumed_from=resumed_from,
+            step_of=lambda record, config=spec.config: _global_epoch(config, record),
+            stage1_run=_stage1_run_of(experiment, status) if resumed_from else None,
+            is_main=is_main,
+        )
 
         def epoch_report(record: dict, spec=spec, **extra) -> dict:
             return {
@@ -184,7 +199,7 @@ def run_trial(
                 **extra,
             }
 
-        def on_epoch(record: dict, run_dir=run_dir, status=status) -> None:
+        def on_epoch(record: dict, run_dir=run_dir, status=status, tracker=tracker) -> None:
             if is_main:
                 status["heartbeat"] = now()
                 status["last_epoch"] = [record["stage"], record["epoch"]]
@@ -193,11 +208,13 @@ def run_trial(
                 attempt.setdefault("first_epoch", status["heartbeat"])
                 attempt["epochs"] = attempt.get("epochs", 0) + 1
                 write_json(run_dir / STATUS.file, status)
+            tracker.epoch(record)
             report(epoch_report(record))
 
-        def on_shared_stage1_epoch(record: dict) -> None:
+        def on_shared_stage1_epoch(record: dict, tracker=tracker) -> None:
             # This trial trains the shared stage-1 run: its epochs are this trial's progress too
-            # (schedulers such as ASHA see them).
+            # (schedulers such as ASHA see them), and the first epochs of its tracked curves.
+            tracker.epoch(record)
             report(epoch_report(record, stage1_shared=True))
 
         started = time.perf_counter()
@@ -230,6 +247,8 @@ def run_trial(
                 }
                 if is_main:
                     write_json(status_file, status)
+                # A stage 1 another trial trained: its epochs start this run's tracked curves.
+                tracker.log_metrics_file(stage1.checkpoint.parent.parent / METRICS.file)
                 print(
                     f"[{trial}] stage 1 {'trained' if stage1.trained_here else 'reused'}: "
                     f"{stage1.checkpoint} (key {stage1.key}, {stage1.train_seconds:.1f} s of training)",
@@ -248,16 +267,20 @@ def run_trial(
             status.update(state="stopped", stopped=now())
             if is_main:
                 write_json(status_file, status)
+            tracker.stop()
             raise
         except NonFiniteLossError as error:
             _fail(status, status_file, str(error), NON_FINITE, is_main)
+            tracker.fail(str(error))
             raise TrialFailed(f"{run_dir}: {error}") from error
         except Exception as error:  # recorded, then re-raised for the scheduler's retries
             reason = f"{type(error).__name__}: {error}"
             _fail(
                 status, status_file, reason, type(error).__name__, is_main, traceback.format_exc()
             )
+            tracker.fail(reason)
             raise TrialFailed(f"{run_dir}: {reason}") from error
+        tracker.finish(results)
         # Wall time of this attempt: waiting for or training stage 1, stage 2, evaluation.
         status.update(
             state="finished", finished=now(), wall_seconds=round(time.perf_counter() - started, 2)
@@ -340,6 +363,14 @@ def _shared_stage1_run(experiment: Path, stage1: dict) -> Path:
         if (folder := store.run_folder(key)) is not None:
             return folder
     return Path(stage1["checkpoint"]).parent.parent  # <run>/checkpoints/last.pt
+
+
+def _stage1_run_of(experiment: Path, status: dict) -> Path | None:
+    """The shared stage-1 run folder a run started from (``status.json``'s ``stage1``), if any."""
+    stage1 = status.get("stage1")
+    if isinstance(stage1, dict) and stage1.get("checkpoint"):
+        return _shared_stage1_run(experiment, stage1)
+    return None
 
 
 def _baseline_model(config: ExperimentConfig) -> str | None:

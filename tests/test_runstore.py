@@ -25,6 +25,7 @@ JSON_SAMPLES = {
     store.EXPERIMENT: {"name": "e", "kind": "ablation", "metric": "valid.clean.mrr", "mode": "max"},
     store.PLAN: {"trials": {"ablation/full/seed-0": {"seed": 0}}},
     store.DONE: {"checkpoint": "/x/last.pt", "seconds": 1.5, "trained_by": "t"},
+    store.TRACKING: {"mlflow": {"uri": "http://h:5000", "run_id": "abc"}, "last_step": {}},
 }
 JSONL_SAMPLES = {
     store.METRICS: [{"stage": 1, "epoch": 1, "loss": 0.7}, {"stage": 1, "epoch": 2, "loss": 0.6}],

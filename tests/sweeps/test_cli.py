@@ -43,6 +43,8 @@ def test_launch_passes_the_sets_to_the_adapter(tmp_path, monkeypatch):
                 "storage": None,
                 "address": None,
                 "optuna_storage": None,
+                "mlflow": None,
+                "tensorboard": None,
             },
         )
     ]

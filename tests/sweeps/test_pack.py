@@ -4,7 +4,6 @@ and restarts."""
 import pytest
 
 from core.config import load_config
-from core.train.trainer import NonFiniteLossError
 from sweeps import pack as pack_module
 from sweeps.experiment import read_json, read_statuses, write_json
 from sweeps.pack import plan_packs, run_pack
@@ -52,6 +51,11 @@ def test_runs_pack_by_stage1_and_denoiser_shape_in_order():
     assert plan_packs(configs, 2) == {"pack/0": ["a", "b"], "pack/1": ["c", "d"]}
     assert plan_packs(configs, 8) == {"pack/0": ["a", "b", "c", "d", "e"]}
     assert plan_packs(configs, 1) == {}
+    # As even as the count allows: 5 runs in packs of up to 4 are 3 + 2, not 4 + 1 (which
+    # would leave "e" alone).
+    assert plan_packs(configs, 4) == {"pack/0": ["a", "b", "c"], "pack/1": ["d", "e"]}
+    # Two trials at once: packs of up to ceil(7 fusable runs / 2) = 4 fill both slots.
+    assert plan_packs(configs, 8, slots=2) == {"pack/0": ["a", "b", "c"], "pack/1": ["d", "e"]}
 
 
 def test_a_pack_trains_every_member_in_its_own_folder(experiment):
@@ -125,15 +129,17 @@ def test_a_killed_pack_resumes_each_member_from_its_checkpoint(experiment):
 
 
 def test_a_non_finite_member_fails_alone_and_is_not_retried(experiment, monkeypatch):
-    real = pack_module.train_fused
+    from core.train import fused as fused_module
 
-    def second_member_diverges(configs, out_dirs, *args, **kwargs):
-        outcomes = real(configs, out_dirs, *args, **kwargs)
-        (out_dirs[1] / "results.json").unlink()
-        outcomes[1] = NonFiniteLossError("stage 2, epoch 2, batch 1: loss is nan")
-        return outcomes
+    real_loss = fused_module.stage2_loss
 
-    monkeypatch.setattr(pack_module, "train_fused", second_member_diverges)
+    def nan_for_the_second_member(x0, x0_hat, targets, loss):
+        parts = real_loss(x0, x0_hat, targets, loss)
+        if loss.w_kl == 0.5:  # sensitivity/k=5 only
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(fused_module, "stage2_loss", nan_for_the_second_member)
     with pytest.raises(TrialFailed, match=r"1 of 3 members failed: sensitivity/k=5/seed-0"):
         run_pack(experiment, "pack/0", _specs(), lambda record: None, memory_limit_mib=1e6)
     states = {
@@ -153,3 +159,24 @@ def test_a_non_finite_member_fails_alone_and_is_not_retried(experiment, monkeypa
     monkeypatch.setattr(pack_module, "train_fused", must_not_train)
     with pytest.raises(TrialFailed, match=r"not retried: it would repeat"):
         run_pack(experiment, "pack/0", _specs(), lambda record: None, memory_limit_mib=1e6)
+
+
+def test_a_member_that_is_done_is_finished_while_the_others_train(experiment):
+    specs = [
+        RunSpec("ablation/short/seed-0", load_config(overrides=SMOKE)),
+        RunSpec("ablation/long/seed-0", load_config(overrides=[*SMOKE, "train.stage2_epochs=3"])),
+    ]
+    seen = []
+
+    def report(record):
+        if record["run"] == "ablation/long/seed-0" and record.get("epoch") == 3:
+            short = experiment / "runs" / "ablation/short/seed-0"
+            seen.append(
+                (
+                    read_json(short / "status.json")["state"],
+                    short.joinpath("results.json").is_file(),
+                )
+            )
+
+    run_pack(experiment, "pack/0", specs, report, memory_limit_mib=1e6)
+    assert seen == [("finished", True)]

@@ -236,14 +236,19 @@ def test_a_stage2_sensitivity_study_end_to_end_trains_stage1_once_per_seed(tmp_p
         "sensitivity/diffusion.steps=5/seed-1",
     ]
     events = Stage1Store(experiment / "stage1").events()
-    assert [e["event"] for e in events].count("trained") == 2  # 4 trials, 2 seeds
-    assert [e["event"] for e in events].count("reused") == 2
+    assert [e["event"] for e in events].count("trained") == 2  # 4 runs, 2 seeds
+    # A seed's two runs train as one fused pack (the default pack size), which obtains it once.
+    assert [e["event"] for e in events].count("reused") == 0
     keys = {}
     for run in runs:
         provenance = read_json(run / "trial.json")
         assert {"config", "seed", "code", "packages", "dataset_hash"} <= provenance.keys()
         assert read_json(run / "config.json") == provenance["config"]
-        keys.setdefault(run.name, set()).add(read_json(run / "status.json")["stage1"]["key"])
+        status = read_json(run / "status.json")
+        keys.setdefault(run.name, set()).add(status["stage1"]["key"])
+        assert status["fused"]["members"] == [
+            f"sensitivity/diffusion.steps={steps}/{run.name}" for steps in (5, 10)
+        ]
     # Both step values of a seed share its stage-1 run; the two seeds do not share one.
     assert [len(k) for k in keys.values()] == [1, 1] and keys["seed-0"] != keys["seed-1"]
     assert keys["seed-0"] | keys["seed-1"] == {

@@ -28,6 +28,7 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(ray_adapter, "_start_ray", lambda address: None)
     monkeypatch.setattr(ray_adapter, "_check_storage_visible", lambda storage: None)
     monkeypatch.setattr(ray_adapter, "_cluster_resources", dict)
+    monkeypatch.setattr(ray_adapter, "_concurrency", lambda resources: 1)
     monkeypatch.setattr(ray_adapter, "_tuner", lambda study, *args: tuned.append(study))
     monkeypatch.setattr(ray_adapter, "_fit", lambda tuner: None)
     return tuned
@@ -241,3 +242,25 @@ def test_resume_refuses_while_a_killed_drivers_worker_still_trains_a_run(tmp_pat
     # saved state (which this stubbed launch never wrote).
     with pytest.raises(ExperimentError, match="never saved its state"):
         ray_adapter.resume(folder.name, storage=tmp_path / "store")
+
+
+def test_runs_of_one_stage1_and_denoiser_shape_are_planned_as_packs(tmp_path, no_ray):
+    folder = ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=tmp_path / "store")
+    plan = read_json(folder / "plan.json")
+    # short and long share stage 1 and the denoiser's shape; diverging has its own stage 1.
+    assert plan["packs"] == {"pack/0": ["ablation/short/seed-0", "ablation/long/seed-0"]}
+    assert plan["units"] == ["pack/0", "ablation/diverging/seed-0"]
+    assert set(plan["trials"]) == {
+        "ablation/short/seed-0",
+        "ablation/long/seed-0",
+        "ablation/diverging/seed-0",
+    }
+    name, runs, metric = ray_adapter._prepare_trial({"trial": "pack/0"}, folder, "t0")
+    assert name == "pack/0" and [r.name for r in runs] == plan["packs"]["pack/0"]
+    assert runs[1].config.train.stage2_epochs == 40 and metric == "valid.clean.mrr"
+
+    study = tmp_path / "alone.yaml"
+    study.write_text((STUDIES / "smoke-ablation.yaml").read_text() + "pack: 1\n")
+    alone = ray_adapter.launch(study, name="alone", storage=tmp_path / "store")
+    alone = read_json(alone / "plan.json")
+    assert "packs" not in alone and "units" not in alone

@@ -788,3 +788,30 @@ def test_a_bad_study_is_the_files_fault_not_the_sets(tmp_path):
         load_study(path, ["data.dataset=nations"])
     assert str(refused.value).startswith(f"{path}: variants.x.diffusion.stepz: unknown config key")
     assert "--set" not in str(refused.value)
+
+
+def test_pack_defaults_where_runs_can_pack_and_is_refused_where_they_cannot(tmp_path):
+    from sweeps.study import DEFAULT_PACK
+
+    ablation = "kind: ablation\nvariants:\n  full: {}\n"
+    assert load_study(write_study(tmp_path, ablation)).pack == DEFAULT_PACK
+    assert load_study(write_study(tmp_path, ablation + "pack: 1\n")).pack == 1
+    assert load_study(write_study(tmp_path, ablation + "pack: 16\n")).pack == 16
+    for bad in ("0", "2.5", "yes", "2000"):
+        with pytest.raises(StudyError, match=r"pack: expected an integer from 1 to 1024"):
+            load_study(write_study(tmp_path, ablation + f"pack: {bad}\n"))
+    search = """\
+        kind: search
+        search:
+          algorithm: optuna-tpe
+          num_samples: 4
+          space:
+            diffusion.steps: {type: randint, low: 5, high: 20}
+        """
+    assert load_study(write_study(tmp_path, search)).pack == 1  # drawn one at a time
+    with pytest.raises(StudyError, match=r"pack: 4: runs cannot be packed here \(an optuna-tpe"):
+        load_study(write_study(tmp_path, textwrap.dedent(search) + "pack: 4\n"))
+    workers = ablation + "resources: {cpus: 1, gpus: 0, workers: 2}\n"
+    assert load_study(write_study(tmp_path, workers)).pack == 1
+    with pytest.raises(StudyError, match=r"resources\.workers asks for several"):
+        load_study(write_study(tmp_path, workers + "pack: 2\n"))

@@ -1,0 +1,457 @@
+"""Tracking of sweep runs: MLflow runs on a real MLflow server, TensorBoard event files, resumes.
+
+The MLflow tests start ``mlflow server`` (SQLite backend, artifacts in a temporary folder) on a
+free local port once for this module and stop it at the end. The fast tests call
+:func:`sweeps.trial.run_trial` without Ray, as ``test_trial.py`` does; the one Ray test launches a
+study through the CLI.
+"""
+
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from core.config import load_config
+from diffcom.cli import main
+from runstore import METRICS, read_jsonl
+from sweeps import ray_adapter
+from sweeps.experiment import read_json, write_json
+from sweeps.stage1 import stage1_key
+from sweeps.tracking import RunTracker, mlflow_uri_problem, start_tracking
+from sweeps.trial import RunSpec, TrialFailed, run_trial
+from tests.smoke import SMOKE
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = "ablation/full/seed-0"
+
+#: How long the server may take to answer: it starts in seconds on a quiet machine, in a minute or
+#: more on a loaded 2-core one; the wait ends as soon as it answers.
+SERVER_DEADLINE_S = 300
+
+needs_mlflow = pytest.mark.skipif(
+    importlib.util.find_spec("mlflow") is None,
+    reason="mlflow is not installed: pip install -e '.[tracking]' (make test installs it)",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """The URI of a real MLflow tracking server, started for this module and stopped after it."""
+    if importlib.util.find_spec("mlflow") is None:
+        pytest.skip("mlflow is not installed: pip install -e '.[tracking]' (make test installs it)")
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = (folder / "server.log").open("wb")
+    command = [
+        *(sys.executable, "-m", "mlflow", "server"),
+        *("--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"),
+        *("--default-artifact-root", str(folder / "artifacts")),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    # Its own process group: the server's workers end with it at teardown.
+    server = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        started = time.monotonic()
+        while not _answers(url):
+            if server.poll() is not None:
+                raise AssertionError(
+                    f"mlflow server exited:\n{(folder / 'server.log').read_text()}"
+                )
+            if time.monotonic() - started > SERVER_DEADLINE_S:
+                raise AssertionError(
+                    f"mlflow server did not answer in {SERVER_DEADLINE_S} s:\n"
+                    f"{(folder / 'server.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+        yield url
+    finally:
+        # Its database and artifacts are thrown away, and it takes many seconds to shut down
+        # gracefully: the whole group is killed at once.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        log.close()
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment(folder: Path, mlflow: str | None, tensorboard: bool = True) -> Path:
+    """An experiment folder as ``launch`` writes it, enough for ``run_trial``; its MLflow
+    experiment is named after the folder so tests sharing the server do not see each other's."""
+    tracking = start_tracking(
+        folder,
+        study=f"study-{folder.name}",
+        mlflow=mlflow,
+        tensorboard=tensorboard,
+        tags={"diffcom.experiment": "unit"},
+    )
+    write_json(
+        folder / "experiment.json",
+        {
+            "name": "unit",
+            "kind": "ablation",
+            "metric": "valid.clean.mrr",
+            "mode": "max",
+            "code": {"revision": "0123abc", "dirty": True},
+            "tracking": tracking,
+        },
+    )
+    return folder
+
+
+def _child_runs(uri: str, folder: Path) -> list:
+    tracking = read_json(folder / "experiment.json")["tracking"]["mlflow"]
+    runs = _client(uri).search_runs([tracking["experiment_id"]])
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tracking["parent_run_id"]]
+
+
+def _records(metrics_file: Path) -> list[dict]:
+    return [line.value for line in read_jsonl(metrics_file, METRICS).lines]
+
+
+def _expected_losses(folder: Path, run_dir: Path, config) -> list[tuple[int, float]]:
+    """``(global epoch, loss)`` the run's curves must hold: its shared stage-1 run's epochs, then
+    its own stage-2 epochs."""
+    stage1 = folder / "stage1" / stage1_key(config) / "run" / "metrics.jsonl"
+    own = [r for r in _records(run_dir / "metrics.jsonl") if r["stage"] == 2]
+    stage1_epochs = config.train.stage1_epochs
+    return [(r["epoch"], r["loss"]) for r in _records(stage1)] + [
+        (r["epoch"] + stage1_epochs, r["loss"]) for r in own
+    ]
+
+
+def _scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return [(event.step, pytest.approx(event.value)) for event in events.Scalars(tag)]
+
+
+@needs_mlflow
+def test_a_run_is_one_child_run_with_params_metrics_tags_and_its_results(
+    mlflow_server, tmp_path, capsys
+):
+    folder = _experiment(tmp_path, mlflow_server)
+    config = load_config(overrides=SMOKE)
+    run_trial(folder, RUN, [RunSpec(RUN, config)], lambda metrics: None)
+    run_dir = folder / "runs" / RUN
+    results = read_json(run_dir / "results.json")
+
+    (child,) = _child_runs(mlflow_server, folder)
+    assert child.info.status == "FINISHED" and child.info.run_name == RUN
+    params = child.data.params
+    assert (params["model.hidden_dim"], params["data.dataset"], params["seed"]) == (
+        "32",
+        "nations",
+        "0",
+    )
+    assert params["train.stage1_epochs"] == "2" and params["structure.encoder"] == "mgat"
+    tags = child.data.tags
+    assert tags["diffcom.experiment"] == "unit" and tags["diffcom.cell"] == "full"
+    assert tags["diffcom.seed"] == "0" and tags["diffcom.stage1_key"] == stage1_key(config)
+    assert tags["diffcom.code_revision"] == "0123abc+dirty"
+    assert tags["diffcom.dataset_hash"] == results["dataset_hash"]
+    assert tags["diffcom.run_folder"] == str(run_dir)
+
+    client = _client(mlflow_server)
+    history = client.get_metric_history(child.info.run_id, "loss")
+    expected = _expected_losses(folder, run_dir, config)
+    assert [s for s, _ in expected] == [1, 2, 3, 4]  # step = global epoch, over both stages
+    assert sorted((m.step, m.value) for m in history) == expected
+    hits = client.get_metric_history(child.info.run_id, "valid.clean.hits_at_1")
+    assert sorted(m.step for m in hits) == [1, 2, 3, 4]
+    assert child.data.metrics["final.test.clean.mrr"] == results["test"]["clean"]["mrr"]
+    assert "results.json" in [a.path for a in client.list_artifacts(child.info.run_id)]
+
+    # TensorBoard: the same curve, and the hparams summary with the final metrics.
+    assert _scalars(run_dir / "tensorboard", "loss") == expected
+    hparams = EventAccumulator(str(run_dir / "tensorboard" / "hparams"))
+    hparams.Reload()
+    assert "_hparams_/session_start_info" in hparams.PluginTagToContent("hparams")
+    assert _scalars(run_dir / "tensorboard" / "hparams", "final.test.clean.mrr") == [
+        (4, results["test"]["clean"]["mrr"])
+    ]
+    assert "warning" not in capsys.readouterr().err
+
+
+@needs_mlflow
+def test_a_killed_and_resumed_run_continues_its_one_mlflow_run(mlflow_server, tmp_path):
+    folder = _experiment(tmp_path, mlflow_server)
+    config = load_config(overrides=SMOKE)
+    run_dir = folder / "runs" / RUN
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_own_epoch(metrics):
+        if metrics["stage"] == 2:  # the checkpoint holds stage 2, epoch 1 (global epoch 3)
+            raise Stop
+
+    with pytest.raises(TrialFailed):
+        run_trial(folder, RUN, [RunSpec(RUN, config)], stop_after_first_own_epoch)
+    (killed,) = _child_runs(mlflow_server, folder)
+    assert killed.info.status == "FAILED" and "Stop" in killed.data.tags["diffcom.error"]
+    # As if the kill came after TensorBoard wrote epoch 3 but before tracking.json said so: the
+    # resumed writer must drop that event and write it once more, not twice.
+    state = read_json(run_dir / "tracking.json")
+    assert state["last_step"] == {"tensorboard": 3, "mlflow": 3}
+    write_json(
+        run_dir / "tracking.json", {**state, "last_step": {**state["last_step"], "tensorboard": 2}}
+    )
+
+    run_trial(folder, RUN, [RunSpec(RUN, config)], lambda metrics: None)
+    (resumed,) = _child_runs(mlflow_server, folder)
+    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    history = _client(mlflow_server).get_metric_history(resumed.info.run_id, "loss")
+    expected = _expected_losses(folder, run_dir, config)
+    assert sorted((m.step, m.value) for m in history) == expected  # each step once
+    assert _scalars(run_dir / "tensorboard", "loss") == expected
+
+
+@needs_mlflow
+def test_an_epoch_checkpointed_but_never_logged_is_logged_on_resume(
+    mlflow_server, tmp_path, monkeypatch
+):
+    folder = _experiment(tmp_path, mlflow_server, tensorboard=False)
+    config = load_config(overrides=SMOKE)
+    run_dir = folder / "runs" / RUN
+    log_epoch = RunTracker.epoch
+
+    def killed_before_logging_stage2(tracker, record):
+        # The kill comes after the checkpoint of stage 2, epoch 1 (global epoch 3), before it
+        # reaches the trackers, as when the scheduler stops the trial there.
+        if record["stage"] == 2:
+            raise KeyboardInterrupt
+        log_epoch(tracker, record)
+
+    monkeypatch.setattr(RunTracker, "epoch", killed_before_logging_stage2)
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(folder, RUN, [RunSpec(RUN, config)], lambda metrics: None)
+    (stopped,) = _child_runs(mlflow_server, folder)
+    assert stopped.info.status == "KILLED"
+    assert read_json(run_dir / "tracking.json")["last_step"] == {"mlflow": 2}
+
+    monkeypatch.setattr(RunTracker, "epoch", log_epoch)
+    run_trial(folder, RUN, [RunSpec(RUN, config)], lambda metrics: None)
+    (resumed,) = _child_runs(mlflow_server, folder)
+    assert resumed.info.run_id == stopped.info.run_id
+    history = _client(mlflow_server).get_metric_history(resumed.info.run_id, "loss")
+    # 1-2: the shared stage 1; 3: from metrics.jsonl (the checkpoint's); 4: trained on resume.
+    assert sorted((m.step, m.value) for m in history) == _expected_losses(folder, run_dir, config)
+    assert not (run_dir / "tensorboard").exists()
+
+
+@needs_mlflow
+def test_a_run_first_tracked_on_resume_gets_its_whole_curve(mlflow_server, tmp_path):
+    unreachable = f"http://127.0.0.1:{_free_port()}"
+    folder = _experiment(tmp_path, unreachable)
+    config = load_config(overrides=SMOKE)
+    run_dir = folder / "runs" / RUN
+
+    def stop_at_own_epoch(metrics):
+        if metrics["stage"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(folder, RUN, [RunSpec(RUN, config)], stop_at_own_epoch)
+    # The server is back (here: the experiment names a reachable one) when the run resumes.
+    _experiment(tmp_path, mlflow_server)
+    run_trial(folder, RUN, [RunSpec(RUN, config)], lambda metrics: None)
+    (child,) = _child_runs(mlflow_server, folder)
+    history = _client(mlflow_server).get_metric_history(child.info.run_id, "loss")
+    # The shared stage 1's epochs and the checkpoint's come from their metrics.jsonl files.
+    assert sorted((m.step, m.value) for m in history) == _expected_losses(folder, run_dir, config)
+
+
+def test_an_unreachable_server_warns_and_training_finishes(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    folder = _experiment(tmp_path, uri)
+    assert read_json(folder / "experiment.json")["tracking"]["mlflow"]["parent_run_id"] is None
+    summary = run_trial(folder, RUN, [RunSpec(RUN, load_config(overrides=SMOKE))], lambda m: None)
+    assert summary["runs_finished"] == 1
+    assert read_json(folder / "runs" / RUN / "status.json")["state"] == "finished"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    # One line at launch, one when the run opens its trackers; nothing per epoch.
+    assert len(warnings) == 2 and all(f"MLflow at {uri} is unreachable" in w for w in warnings)
+    assert (folder / "runs" / RUN / "tensorboard").is_dir()  # TensorBoard is not held up
+
+
+@pytest.mark.parametrize(
+    ("uri", "problem"),
+    [
+        ("http://127.0.0.1:5000", None),
+        ("https://mlflow.example.org/prefix", None),
+        ("file:///abs/mlruns", None),
+        ("sqlite:////abs/mlflow.db", None),
+        ("databricks", None),
+        ("127.0.0.1:5000", "schemes: http"),
+        ("http://:5000", "no host"),
+        ("http://127.0.0.1:99999", "port"),
+        ("file://relative/mlruns", "absolute path"),
+        ("sqlite:///relative.db", "absolute path"),
+        ("ftp://host/x", "schemes: http"),
+        ("", "expected a tracking URI"),
+    ],
+)
+def test_mlflow_uris_are_checked(uri, problem):
+    found = mlflow_uri_problem(uri)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_a_bad_mlflow_uri_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    def start(address):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(ray_adapter, "_start_ray", start)
+    study = Path(__file__).parent / "studies" / "smoke-sensitivity.yaml"
+    argv = ["sweep", "launch", str(study), "--mlflow", "localhost:5000", "--storage", str(tmp_path)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert (
+        error.startswith("diffcom: error: --mlflow: expected a tracking URI") and "\n" not in error
+    )
+    assert not list(tmp_path.iterdir())
+    # The adapter itself refuses it too (it is the API the CLI calls).
+    with pytest.raises(ValueError, match="--mlflow: expected a tracking URI"):
+        ray_adapter.launch(study, storage=tmp_path, mlflow="localhost:5000")
+
+
+@pytest.mark.parametrize(
+    ("tracking", "message"),
+    [
+        ("tracking: {mlflow: 'localhost:5000'}", "tracking.mlflow: expected a tracking URI"),
+        ("tracking: {tensorboard: 'yes'}", "tracking.tensorboard: expected true or false"),
+        ("tracking: {wandb: x}", "tracking.wandb: unknown key; valid keys: mlflow, tensorboard"),
+        ("tracking: [mlflow]", "tracking: expected a mapping with keys mlflow, tensorboard"),
+    ],
+)
+def test_a_bad_tracking_key_names_the_study_file_and_key(tmp_path, tracking, message):
+    from sweeps.study import StudyError, load_study
+
+    study = tmp_path / "s.yaml"
+    base = (Path(__file__).parent / "studies" / "smoke-sensitivity.yaml").read_text()
+    study.write_text(f"{base}\n{tracking}\n")
+    with pytest.raises(StudyError) as caught:
+        load_study(study)
+    assert str(caught.value).startswith(f"{study}: {message}")
+
+
+def test_the_study_tracking_key_and_the_launch_flags(tmp_path):
+    from sweeps.study import Tracking, load_study
+
+    study = tmp_path / "s.yaml"
+    base = (Path(__file__).parent / "studies" / "smoke-sensitivity.yaml").read_text()
+    assert load_study(Path(__file__).parent / "studies" / "smoke-sensitivity.yaml").tracking == (
+        Tracking(mlflow=None, tensorboard=True)
+    )
+    study.write_text(f"{base}\ntracking: {{mlflow: 'http://h:5000', tensorboard: false}}\n")
+    assert load_study(study).tracking == Tracking(mlflow="http://h:5000", tensorboard=False)
+
+
+@needs_mlflow
+def test_the_report_is_logged_to_the_parent_run(mlflow_server, tmp_path):
+    from sweeps.tracking import log_report
+
+    folder = tmp_path / "unit"
+    folder.mkdir()
+    _experiment(folder, mlflow_server)
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.html").write_text("<html></html>")
+    log_report([str(folder)], None, out)
+    parent = read_json(folder / "experiment.json")["tracking"]["mlflow"]["parent_run_id"]
+    logged = _client(mlflow_server).list_artifacts(parent, "report")
+    assert [a.path for a in logged] == ["report/report.html"]
+
+
+@pytest.mark.ray
+@needs_mlflow
+def test_a_launched_study_has_one_parent_run_and_one_child_run_per_trial(mlflow_server, tmp_path):
+    study = tmp_path / "tracked.yaml"
+    base = (Path(__file__).parent / "studies" / "smoke-ablation.yaml").read_text()
+    # Two short cells, each its own Tune trial (pack: 1).
+    head = base.split("variants:")[0].replace(
+        "name: smoke-ablation", f"name: tracked-{os.getpid()}"
+    )
+    study.write_text(f"{head}pack: 1\nvariants:\n  short: {{}}\n  wide: {{model.hidden_dim: 48}}\n")
+    command = [
+        *(sys.executable, "-m", "diffcom", "sweep", "launch", str(study)),
+        *("--mlflow", mlflow_server, "--storage", str(tmp_path / "exp"), "--name", "tracked"),
+    ]
+    environment = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run(
+        command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    folder = tmp_path / "exp" / "tracked"
+    tracking = read_json(folder / "experiment.json")["tracking"]["mlflow"]
+    runs = _client(mlflow_server).search_runs([tracking["experiment_id"]])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert [p.info.run_id for p in parents] == [tracking["parent_run_id"]]
+    assert parents[0].info.status == "FINISHED" and parents[0].info.run_name == "tracked"
+    assert sorted(c.info.run_name for c in children) == [
+        "ablation/short/seed-0",
+        "ablation/wide/seed-0",
+    ]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == tracking["parent_run_id"]
+        assert child.info.status == "FINISHED"
+        history = _client(mlflow_server).get_metric_history(child.info.run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2, 3]  # stage 1: 2 epochs, stage 2: 1
+
+
+@needs_mlflow
+def test_each_member_of_a_fused_pack_is_its_own_tracked_run(mlflow_server, tmp_path):
+    from sweeps.pack import run_pack
+
+    folder = _experiment(tmp_path, mlflow_server)
+    members = {
+        "ablation/k3/seed-0": load_config(overrides=[*SMOKE, "diffusion.steps=3"]),
+        "ablation/k5/seed-0": load_config(overrides=SMOKE),
+    }
+    specs = [RunSpec(name, config) for name, config in members.items()]
+    run_pack(folder, "pack/0", specs, lambda metrics: None, memory_limit_mib=1e6)
+    children = {child.info.run_name: child for child in _child_runs(mlflow_server, folder)}
+    assert set(children) == set(members)
+    client = _client(mlflow_server)
+    for name, config in members.items():
+        child, run_dir = children[name], folder / "runs" / name
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["diffcom.stage1_key"] == stage1_key(config)
+        history = client.get_metric_history(child.info.run_id, "loss")
+        # Both members' curves start with the pack's one shared stage 1, then their own stage 2.
+        expected = _expected_losses(folder, run_dir, config)
+        assert sorted((m.step, m.value) for m in history) == expected
+        assert _scalars(run_dir / "tensorboard", "loss") == expected
+        results = read_json(run_dir / "results.json")
+        assert child.data.metrics["final.test.clean.mrr"] == results["test"]["clean"]["mrr"]
