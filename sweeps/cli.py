@@ -39,6 +39,14 @@ def _check_new_name(name: str | None, option: str) -> None:
     check_name(name)
 
 
+def _with_pack(status, note: str) -> str:
+    """A run of a fused pack says so while it is not finished (its pack trains it with others)."""
+    if status.fused is None or status.state == "finished":
+        return note
+    pack, members = status.fused
+    return "; ".join(part for part in (f"fused in {pack} ({members} runs)", note) if part)
+
+
 def _note_default_seeds(study: str) -> None:
     """Say so when a study sets no ``seeds:`` and every cell trains once, with seed 0.
 
@@ -187,6 +195,7 @@ def _status(args: argparse.Namespace) -> int:
             error = f"waiting for {status.waiting_for}; last heartbeat {status.heartbeat or '-'}"
         elif status.state == "running" and status.heartbeat:
             error = f"last heartbeat {status.heartbeat}"
+        error = _with_pack(status, error)
         print(
             f"{status.name:<{width}}  {_state_label(status):<11}  {_epoch_label(status):>9}  "
             f"{value:>16}  {test:>8}  {error}"
@@ -296,6 +305,7 @@ def _watch_table(folder: Path, metadata: dict, statuses: list) -> tuple[list[str
             note = f"heartbeat {status.heartbeat}"
         elif status.error:
             note = status.error.replace(f"{folder / 'runs' / status.name}/", "").splitlines()[0]
+        note = _with_pack(status, note)
         lines.append(
             f"{status.name:<{width}}  {_state_label(status):<11}  {_epoch_label(status):>9}  "
             f"{best:>{len(best_header)}}  {eta:>6}  {note[:80]}"

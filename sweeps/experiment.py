@@ -360,6 +360,8 @@ class TrialStatus:
             (evaluation included; training seconds alone after its first epoch), or ``None``.
         stage1: the shared stage-1 run a running run is training or waiting for, or ``None``.
         waiting_for: the run (under ``runs/``) a waiting run waits for, or ``None``.
+        fused: the fused pack a run trains (or trained) in and its number of members, e.g.
+            ``("pack/0", 8)`` (:mod:`sweeps.pack`), or ``None`` for a run trained alone.
     """
 
     name: str
@@ -376,6 +378,7 @@ class TrialStatus:
     seconds_per_epoch: float | None = None
     stage1: Stage1Progress | None = None
     waiting_for: str | None = None
+    fused: tuple[str, int] | None = None
 
 
 def eta_seconds(status: TrialStatus) -> float | None:
@@ -522,11 +525,20 @@ def read_statuses(
             heartbeat=heartbeat,
             best=pick(values) if values else None,
             waiting_for=status.get("waiting_for") if state == "waiting" else None,
+            fused=_fused(status.get("fused")),
             **running,
         )
     for name in planned:
         found.setdefault(name, TrialStatus(name, "pending"))
     return [found[name] for name in sorted(found)]
+
+
+def _fused(value) -> tuple[str, int] | None:
+    """``status.json``'s ``fused`` (``{"pack": ..., "members": [...]}``) as (pack, members)."""
+    if not isinstance(value, dict) or not isinstance(value.get("pack"), str):
+        return None
+    members = value.get("members")
+    return value["pack"], len(members) if isinstance(members, list) else 0
 
 
 def _planned_epochs(run: Path) -> tuple[int, int] | None:

@@ -340,3 +340,25 @@ def test_watch_reads_files_only_and_never_imports_ray(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "runs: 1 running" in done.stdout and done.stdout.rstrip().endswith("no ray")
+
+
+def test_status_and_watch_say_which_pack_a_run_trains_in(tmp_path, capsys):
+    folder = _experiment(tmp_path)
+    run = folder / "runs" / "ablation/full/seed-0"
+    members = ["ablation/full/seed-0", "ablation/k3/seed-0", "ablation/k8/seed-0"]
+    write_json(
+        run / "status.json",
+        {
+            "state": "running",
+            "host": "another-host",
+            "heartbeat": "2026-11-29T10:00:00+00:00",
+            "fused": {"pack": "pack/0", "members": members},
+            "attempts": [{}],
+        },
+    )
+    assert main(["sweep", "status", "exp", "--storage", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "full/seed-0" in line)
+    assert "fused in pack/0 (3 runs); last heartbeat 2026-11-29T10:00:00+00:00" in row
+    assert main(["sweep", "watch", "exp", "--storage", str(tmp_path), "--once"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "full/seed-0" in line)
+    assert "fused in pack/0 (3 runs)" in row
