@@ -251,11 +251,7 @@ def _train(experiment, pack, training, report, metadata, memory_limit_mib, finis
         )
 
     if memory_limit_mib is None:
-        import psutil
-
-        cpus = read_json_object(experiment / "experiment.json").get("resources", {}).get("cpus", 1)
-        concurrent = max(1, int((os.cpu_count() or 1) // max(cpus, 1e-9)))
-        memory_limit_mib = MEMORY_SHARE * psutil.virtual_memory().available / 2**20 / concurrent
+        memory_limit_mib = _memory_limit_mib(metadata.get("resources", {}))
     try:
         train_fused(
             [spec.config for spec in specs],
@@ -276,6 +272,25 @@ def _train(experiment, pack, training, report, metadata, memory_limit_mib, finis
                 _fail(status, run_dir / STATUS.file, reason, type(error).__name__, True, details)
                 tracker.fail(reason)
                 failed[spec.name] = reason
+
+
+def _memory_limit_mib(resources: dict) -> float:
+    """What a pack's members may add: :data:`MEMORY_SHARE` of the memory available now over the
+    trials that share it. On a GPU (where the pack trains when one is visible) that is the
+    device's free memory, shared by the trials on the device (``resources.gpus`` each); on a CPU
+    the host's, shared by the trials its cores hold (``resources.cpus`` each)."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        share = resources.get("gpus") or 1
+        concurrent = max(1, int(1 // share)) if share < 1 else 1
+        return MEMORY_SHARE * free / 2**20 / concurrent
+    import psutil
+
+    cpus = resources.get("cpus") or 1
+    concurrent = max(1, int((os.cpu_count() or 1) // cpus))
+    return MEMORY_SHARE * psutil.virtual_memory().available / 2**20 / concurrent
 
 
 def _epoch_report(spec: RunSpec, record: dict, **extra) -> dict:

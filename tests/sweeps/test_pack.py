@@ -180,3 +180,23 @@ def test_a_member_that_is_done_is_finished_while_the_others_train(experiment):
 
     run_pack(experiment, "pack/0", specs, report, memory_limit_mib=1e6)
     assert seen == [("finished", True)]
+
+
+def test_a_packs_memory_limit_is_a_share_of_what_the_node_has_free(monkeypatch):
+    import psutil
+    import torch
+
+    class Memory:
+        available = 16 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory())
+    monkeypatch.setattr(pack_module.os, "cpu_count", lambda: 8)
+    # 0.8 of 16 GiB, over the 4 two-CPU trials the 8 cores hold at once.
+    assert pack_module._memory_limit_mib({"cpus": 2}) == pytest.approx(0.8 * 16 * 1024 / 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (40 * 2**30, 80 * 2**30))
+    # On a GPU: its free memory, over the trials sharing it (half a GPU each: two).
+    assert pack_module._memory_limit_mib({"cpus": 2, "gpus": 0.5}) == pytest.approx(
+        0.8 * 40 * 1024 / 2
+    )
