@@ -64,9 +64,10 @@ def plan_packs(
 ) -> dict[str, list[str]]:
     """Packs of the runs in ``configs`` (name → config, in the order trials should start).
 
-    Runs with equal :func:`~core.train.fused.pack_key` are cut, in order, into packs of up to
-    ``size`` members, as even in size as the count allows; a key with a single run, and a run that
-    cannot be fused, form no pack. A pack trains on one trial's resources, so with ``slots``
+    Runs with equal :func:`~core.train.fused.pack_key` are dealt, in order, into as few packs of
+    up to ``size`` members as they fill (run ``i`` of a key into pack ``i mod count``, so sizes
+    differ by one at most); a key with a single run, and a run that cannot be fused, form no
+    pack. A pack trains on one trial's resources, so with ``slots``
     trials at once the size is also capped at ``ceil(fusable runs / slots)`` (at least 2): 16
     runs on two slots make two packs of 8, not one of 16 beside an idle slot. Returns
     ``pack/<n>`` → member names, numbered in the order of each pack's first member.
@@ -82,13 +83,10 @@ def plan_packs(
         return {}
     chunks = []
     for members in groups.values():
+        # Dealt out in turn, so each pack gets a share of every value a study varies in order
+        # (K, say, whose evaluation cost grows with it) and packs of one key end together.
         count = math.ceil(len(members) / size)
-        base, extra = divmod(len(members), count)  # the first `extra` packs get one more
-        start = 0
-        for index in range(count):
-            end = start + base + (index < extra)
-            chunks.append(members[start:end])
-            start = end
+        chunks += [members[index::count] for index in range(count)]
     packed = [chunk for chunk in chunks if len(chunk) > 1]
     order = {name: index for index, name in enumerate(configs)}
     packed.sort(key=lambda chunk: order[chunk[0]])

@@ -17,7 +17,8 @@ one of three kinds of study over the typed experiment config of :mod:`core.confi
     mode: max
     pack: 8                         # optional: stage-2 runs of one stage 1 and one denoiser
                                     # shape train as fused packs of up to N (sweeps.pack);
-                                    # 1 trains every run alone; searches other than grid: 1
+                                    # 1 (the default) trains every run alone; packs are
+                                    # refused for searches other than grid, ASHA, workers > 1
     tracking:                       # optional (sweeps.tracking); resume and extend keep it
       mlflow: http://127.0.0.1:5000 # an MLflow tracking URI (launch --mlflow overrides it)
       tensorboard: true             # event files in every run folder (the default)
@@ -160,9 +161,10 @@ BASELINE_BUDGETS = ("match", "epochs", "seconds")
 
 _CLOCKS = ("cpu", "wall")
 
-DEFAULT_PACK = 8
-"""Members per fused pack when a study does not say (see :mod:`sweeps.pack`): measured in
-BENCHMARKS.md, "Fused trials in a sweep"."""
+DEFAULT_PACK = 1
+"""Members per fused pack when a study does not say (see :mod:`sweeps.pack`). Measured
+(BENCHMARKS.md, "Fused trials in a sweep"): on CPU trials with the default denoiser (width 1024)
+packs are no faster than lone trials with stage-1 reuse, so runs train alone unless a study asks."""
 
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 """The folder of the studies that ship with the package."""

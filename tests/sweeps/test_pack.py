@@ -48,14 +48,15 @@ def test_runs_pack_by_stage1_and_denoiser_shape_in_order():
         "d": config("train.lr_stage2=3e-3"),
         "e": config("diffusion.steps=8"),
     }
-    assert plan_packs(configs, 2) == {"pack/0": ["a", "b"], "pack/1": ["c", "d"]}
     assert plan_packs(configs, 8) == {"pack/0": ["a", "b", "c", "d", "e"]}
     assert plan_packs(configs, 1) == {}
-    # As even as the count allows: 5 runs in packs of up to 4 are 3 + 2, not 4 + 1 (which
-    # would leave "e" alone).
-    assert plan_packs(configs, 4) == {"pack/0": ["a", "b", "c"], "pack/1": ["d", "e"]}
+    # Dealt in turn into as few packs as fit: each pack gets a share of the study's order (a
+    # K axis, say) and sizes differ by one at most; 5 runs in packs of up to 4 are 3 + 2.
+    assert plan_packs(configs, 4) == {"pack/0": ["a", "c", "e"], "pack/1": ["b", "d"]}
+    # Packs of up to 2: three of them, the third ("c") a single run, which trains alone.
+    assert plan_packs(configs, 2) == {"pack/0": ["a", "d"], "pack/1": ["b", "e"]}
     # Two trials at once: packs of up to ceil(7 fusable runs / 2) = 4 fill both slots.
-    assert plan_packs(configs, 8, slots=2) == {"pack/0": ["a", "b", "c"], "pack/1": ["d", "e"]}
+    assert plan_packs(configs, 8, slots=2) == {"pack/0": ["a", "c", "e"], "pack/1": ["b", "d"]}
 
 
 def test_a_pack_trains_every_member_in_its_own_folder(experiment):

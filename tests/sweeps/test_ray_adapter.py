@@ -237,7 +237,7 @@ def test_a_stage2_sensitivity_study_end_to_end_trains_stage1_once_per_seed(tmp_p
     ]
     events = Stage1Store(experiment / "stage1").events()
     assert [e["event"] for e in events].count("trained") == 2  # 4 runs, 2 seeds
-    # A seed's two runs train as one fused pack (the default pack size), which obtains it once.
+    # A seed's two runs train as one fused pack (the study's pack: 8), which obtains it once.
     assert [e["event"] for e in events].count("reused") == 0
     keys = {}
     for run in runs:

@@ -260,7 +260,7 @@ def test_runs_of_one_stage1_and_denoiser_shape_are_planned_as_packs(tmp_path, no
     assert runs[1].config.train.stage2_epochs == 40 and metric == "valid.clean.mrr"
 
     study = tmp_path / "alone.yaml"
-    study.write_text((STUDIES / "smoke-ablation.yaml").read_text() + "pack: 1\n")
+    study.write_text((STUDIES / "smoke-ablation.yaml").read_text().replace("pack: 8", "pack: 1"))
     alone = ray_adapter.launch(study, name="alone", storage=tmp_path / "store")
     alone = read_json(alone / "plan.json")
     assert "packs" not in alone and "units" not in alone
