@@ -61,6 +61,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py --threads 1
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_sweep.py
+	$(BIN)/python benchmarks/bench_fused.py
+	$(BIN)/python benchmarks/bench_fused_memory.py
 	$(BIN)/python benchmarks/bench_report.py
 
 clean:
