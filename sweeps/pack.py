@@ -9,8 +9,11 @@ keeps its own run folder (``config.json``, ``metrics.jsonl``, checkpoints, ``res
 ``ranks_*.npz``), its own ``trial.json`` and its own ``status.json``, which says it trained fused
 and with whom (``fused``), so ``status``, ``watch``, reports and analysis list every member as its
 own trial, and the experiment's trackers (:mod:`sweeps.tracking`) see each member as its own run.
-A killed pack resumes each member from its own checkpoint; a finished member is not trained again; a member whose loss turned non-finite fails alone (its ``status.json`` says so) and
-the pack fails after the others have finished, so the scheduler's retry trains nothing twice.
+A member that is done is finished at once (its results written, its status ``finished``) while
+the others train on. A killed pack resumes each member from its own checkpoint; a finished member
+is not trained again; a member whose loss turned non-finite fails alone (its ``status.json`` says
+so) and the pack fails after the others have finished, so the scheduler's retry trains nothing
+twice.
 
 Runs a pack cannot hold (a baseline, no diffusion stage, a fine-tuned extractor, the BCE control,
 mixed precision) and runs whose key no other run shares stay trials of their own. Searches that
