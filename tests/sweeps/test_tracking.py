@@ -398,10 +398,13 @@ def test_a_launched_study_has_one_parent_run_and_one_child_run_per_trial(mlflow_
     study = tmp_path / "tracked.yaml"
     base = (Path(__file__).parent / "studies" / "smoke-ablation.yaml").read_text()
     # Two short cells, each its own Tune trial (pack: 1).
-    head = base.split("variants:")[0].replace(
-        "name: smoke-ablation", f"name: tracked-{os.getpid()}"
+    head = (
+        base.split("variants:")[0]
+        .replace("name: smoke-ablation", f"name: tracked-{os.getpid()}")
+        .replace("pack: 8", "pack: 1")
     )
-    study.write_text(f"{head}pack: 1\nvariants:\n  short: {{}}\n  wide: {{model.hidden_dim: 48}}\n")
+    assert "pack: 1" in head
+    study.write_text(f"{head}variants:\n  short: {{}}\n  wide: {{model.hidden_dim: 48}}\n")
     command = [
         *(sys.executable, "-m", "diffcom", "sweep", "launch", str(study)),
         *("--mlflow", mlflow_server, "--storage", str(tmp_path / "exp"), "--name", "tracked"),
