@@ -35,7 +35,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,7 +45,8 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DIFFCOM_CACHE_DIR", tempfile.mkdtemp(prefix="bench-fused-memory-cache-"))
 
-TEXT_WIDTH, IMAGE_WIDTH = 384, 1280
+# The RSS sampler and the feature widths of the stage-2 scale benchmark (this folder).
+from bench_scale import IMAGE_WIDTH, TEXT_WIDTH, _PeakRSS  # noqa: E402
 
 
 def _spec(args):
@@ -96,31 +96,6 @@ def _random_features(num_entities: int):
     image = torch.randn(num_entities, IMAGE_WIDTH, generator=generator).abs()
     mask = torch.ones(num_entities, dtype=torch.bool)
     return SimpleNamespace(text=text, text_mask=mask, image=image, image_mask=mask)
-
-
-class _PeakRSS:
-    """Samples this process's RSS every 2 ms in a thread; keeps the maximum."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._process = psutil.Process()
-        self._stop = threading.Event()
-        self.peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            time.sleep(0.002)
-
-    def __enter__(self) -> _PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _child(args) -> None:

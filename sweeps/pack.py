@@ -37,17 +37,18 @@ from runstore import METRICS, RESULTS, RUNS_DIR, STATUS, checkpoint_path
 from sweeps.experiment import now, read_json_object, write_json
 from sweeps.stage1 import Stage1Store, stage1_key
 from sweeps.study import DEFAULT_PACK
-from sweeps.tracking import RunTracker, open_run
+from sweeps.tracking import RunTracker
 from sweeps.trial import (
     NON_FINITE,
     Report,
     RunSpec,
     TrialFailed,
+    _epoch_report,
     _fail,
-    _global_epoch,
     _mean_of,
+    _open_tracker,
     _progress,
-    _stage1_run_of,
+    _record_epoch,
     _write_provenance,
 )
 
@@ -147,16 +148,7 @@ def run_pack(
         )
         write_json(status_file, status)
         _write_provenance(run_dir, pack, spec, metadata)
-        tracker = open_run(
-            metadata,
-            run_dir,
-            trial=pack,
-            run=spec.name,
-            config=spec.config,
-            resumed_from=resumed_from,
-            step_of=lambda record, config=spec.config: _global_epoch(config, record),
-            stage1_run=_stage1_run_of(experiment, status) if resumed_from else None,
-        )
+        tracker = _open_tracker(experiment, metadata, run_dir, pack, spec, status, resumed_from)
         training.append((spec, run_dir, status, tracker))
 
     if training:
@@ -216,12 +208,7 @@ def _train(experiment, pack, training, report, metadata, memory_limit_mib, finis
 
     def on_member_epoch(index: int, record: dict) -> None:
         spec, run_dir, status, tracker = training[index]
-        status["heartbeat"] = now()
-        status["last_epoch"] = [record["stage"], record["epoch"]]
-        attempt = status["attempts"][-1]
-        attempt.setdefault("first_epoch", status["heartbeat"])
-        attempt["epochs"] = attempt.get("epochs", 0) + 1
-        write_json(run_dir / STATUS.file, status)
+        _record_epoch(run_dir, status, record)
         tracker.epoch(record)
         report(_epoch_report(spec, record))
 
@@ -292,17 +279,6 @@ def _memory_limit_mib(resources: dict) -> float:
     cpus = resources.get("cpus") or 1
     concurrent = max(1, int((os.cpu_count() or 1) // cpus))
     return MEMORY_SHARE * psutil.virtual_memory().available / 2**20 / concurrent
-
-
-def _epoch_report(spec: RunSpec, record: dict, **extra) -> dict:
-    return {
-        **record,
-        "run": spec.name,
-        "seed": spec.config.seed,
-        "final": False,
-        "global_epoch": _global_epoch(spec.config, record),
-        **extra,
-    }
 
 
 def _stop_all(training) -> None:

@@ -177,45 +177,21 @@ def run_trial(
         if is_main:
             write_json(status_file, status)
             _write_provenance(run_dir, trial, spec, metadata)
-        tracker = open_run(
-            metadata,
-            run_dir,
-            trial=trial,
-            run=spec.name,
-            config=spec.config,
-            resumed_from=resumed_from,
-            step_of=lambda record, config=spec.config: _global_epoch(config, record),
-            stage1_run=_stage1_run_of(experiment, status) if resumed_from else None,
-            is_main=is_main,
+        tracker = _open_tracker(
+            experiment, metadata, run_dir, trial, spec, status, resumed_from, is_main
         )
 
-        def epoch_report(record: dict, spec=spec, **extra) -> dict:
-            return {
-                **record,
-                "run": spec.name,
-                "seed": spec.config.seed,
-                "final": False,
-                "global_epoch": _global_epoch(spec.config, record),
-                **extra,
-            }
-
-        def on_epoch(record: dict, run_dir=run_dir, status=status, tracker=tracker) -> None:
+        def on_epoch(record: dict, spec=spec, run_dir=run_dir, status=status, tracker=tracker):
             if is_main:
-                status["heartbeat"] = now()
-                status["last_epoch"] = [record["stage"], record["epoch"]]
-                # The attempt's epoch rate, for the ETA of `diffcom sweep watch`.
-                attempt = status["attempts"][-1]
-                attempt.setdefault("first_epoch", status["heartbeat"])
-                attempt["epochs"] = attempt.get("epochs", 0) + 1
-                write_json(run_dir / STATUS.file, status)
+                _record_epoch(run_dir, status, record)
             tracker.epoch(record)
-            report(epoch_report(record))
+            report(_epoch_report(spec, record))
 
-        def on_shared_stage1_epoch(record: dict, tracker=tracker) -> None:
+        def on_shared_stage1_epoch(record: dict, spec=spec, tracker=tracker) -> None:
             # This trial trains the shared stage-1 run: its epochs are this trial's progress too
             # (schedulers such as ASHA see them), and the first epochs of its tracked curves.
             tracker.epoch(record)
-            report(epoch_report(record, stage1_shared=True))
+            report(_epoch_report(spec, record, stage1_shared=True))
 
         started = time.perf_counter()
         try:
@@ -417,6 +393,53 @@ def _wait_for_budget(
             write_json(status_file, status)
         time.sleep(MATCH_POLL_SECONDS)
     return budget
+
+
+def _epoch_report(spec: RunSpec, record: dict, **extra) -> dict:
+    """What the scheduler gets of one epoch record of the run ``spec``."""
+    return {
+        **record,
+        "run": spec.name,
+        "seed": spec.config.seed,
+        "final": False,
+        "global_epoch": _global_epoch(spec.config, record),
+        **extra,
+    }
+
+
+def _record_epoch(run_dir: Path, status: dict, record: dict) -> None:
+    """A finished epoch in the run's ``status.json``: its heartbeat, the epoch, and the
+    attempt's epoch count (its rate gives ``diffcom sweep watch`` an ETA)."""
+    status["heartbeat"] = now()
+    status["last_epoch"] = [record["stage"], record["epoch"]]
+    attempt = status["attempts"][-1]
+    attempt.setdefault("first_epoch", status["heartbeat"])
+    attempt["epochs"] = attempt.get("epochs", 0) + 1
+    write_json(run_dir / STATUS.file, status)
+
+
+def _open_tracker(
+    experiment: Path,
+    metadata: dict,
+    run_dir: Path,
+    trial: str,
+    spec: RunSpec,
+    status: dict,
+    resumed_from: list[int] | None,
+    is_main: bool = True,
+):
+    """The run's trackers (:func:`sweeps.tracking.open_run`), its epochs on the global axis."""
+    return open_run(
+        metadata,
+        run_dir,
+        trial=trial,
+        run=spec.name,
+        config=spec.config,
+        resumed_from=resumed_from,
+        step_of=lambda record, config=spec.config: _global_epoch(config, record),
+        stage1_run=_stage1_run_of(experiment, status) if resumed_from else None,
+        is_main=is_main,
+    )
 
 
 def _global_epoch(config: ExperimentConfig, record: dict) -> int:
