@@ -14,8 +14,21 @@ import sys
 from pathlib import Path
 
 from runstore import EXPERIMENT, default_storage
+from runstore.bucket import Bucket, BucketUri, Mirror, is_bucket_uri, pull_results, scratch_folder
 
 __all__ = ["add_report_command"]
+
+
+def _from_bucket(experiment: str, storage: str) -> Path:
+    """A local copy of the files a report reads of an experiment in a bucket (no checkpoints)."""
+    from analysis.load import AnalysisError
+
+    root = BucketUri.parse(storage)
+    bucket = Bucket(root.child(experiment))
+    if "/" in experiment or not bucket.exists(EXPERIMENT.file):
+        raise AnalysisError(f"no experiment named so in {root}", experiment)
+    mirror = Mirror(bucket, scratch_folder(bucket.uri, "report") / experiment, read_only=True)
+    return pull_results(mirror).local
 
 
 def _storage(value: str | None) -> Path:
@@ -34,6 +47,8 @@ def _storage(value: str | None) -> Path:
 def _resolve(experiment: str, storage: str | None) -> Path:
     from analysis.load import AnalysisError
 
+    if is_bucket_uri(storage):
+        return _from_bucket(experiment, storage)
     path = Path(experiment)
     if (path / EXPERIMENT.file).is_file():
         return path.resolve()
@@ -50,7 +65,7 @@ def _resolve(experiment: str, storage: str | None) -> Path:
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import build_report
 
-    if args.storage is not None:
+    if args.storage is not None and not is_bucket_uri(args.storage):
         _storage(args.storage)  # an empty --storage is refused even when no name needs it
     folders = [_resolve(e, args.storage) for e in args.experiments]
     report = build_report(folders, args.out, png=not args.no_png, force=args.force)

@@ -132,7 +132,9 @@ def _finish(folder: Path) -> int:
     metadata = read_experiment(folder)
     counts = _state_counts(read_statuses(folder, metadata["metric"]))
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-    print(f"experiment {folder}: {summary}; see `diffcom sweep status {folder.name}`")
+    where = _where(folder, metadata)
+    storage = f" --storage {where.rsplit('/', 1)[0]}" if where.startswith("s3://") else ""
+    print(f"experiment {where}: {summary}; see `diffcom sweep status {folder.name}{storage}`")
     # Runs the scheduler stopped early (ASHA) ended as designed; failed ones did not.
     return 1 if counts.keys() - {"finished", "stopped"} else 0
 
@@ -142,12 +144,33 @@ def _state_counts(statuses) -> dict[str, int]:
 
 
 def _read(args: argparse.Namespace) -> tuple[Path, dict, list]:
-    """The experiment folder, its ``experiment.json`` and every run's status (files only)."""
+    """The experiment folder, its ``experiment.json`` and every run's status (files only). An
+    experiment in a bucket is read from a local copy of its files (no checkpoints), which
+    :func:`_refresh` brings up to date."""
     from sweeps.experiment import experiment_dir, read_experiment, resolve_storage
 
-    folder = experiment_dir(resolve_storage(args.storage), args.name, must_exist=True)
+    root = resolve_storage(args.storage)
+    if isinstance(root, Path):
+        folder = experiment_dir(root, args.name, must_exist=True)
+    else:
+        from sweeps.remote import experiment_in_bucket, pull_view
+
+        folder = pull_view(experiment_in_bucket(root, args.name, must_exist=True)).folder
     metadata = read_experiment(folder)
     return folder, metadata, _statuses(folder, metadata)
+
+
+def _refresh(folder: Path) -> None:
+    """A local copy of an experiment in a bucket brought up to date (changed files only)."""
+    from sweeps.remote import refresh_view
+
+    refresh_view(folder)
+
+
+def _where(folder: Path, metadata: dict) -> str:
+    """Where an experiment lives, for people: its bucket URI, or its folder."""
+    storage = metadata.get("storage")
+    return storage if isinstance(storage, str) and storage.startswith("s3://") else str(folder)
 
 
 def _statuses(folder: Path, metadata: dict) -> list:
@@ -166,7 +189,7 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps([dataclasses.asdict(s) for s in statuses], indent=2))
         return 0
     metric = metadata["metric"]
-    print(f"experiment {metadata['name']} ({metadata['kind']}) in {folder}")
+    print(f"experiment {metadata['name']} ({metadata['kind']}) in {_where(folder, metadata)}")
     if metadata.get("parents"):
         print(f"extends: {', '.join(metadata['parents'])}")
     if metadata.get("launch_overrides"):
@@ -281,7 +304,7 @@ def _watch_table(folder: Path, metadata: dict, statuses: list) -> tuple[list[str
     counts = _state_counts(statuses)
     if unstarted:
         counts["pending"] = counts.get("pending", 0) + unstarted
-    lines = [f"experiment {metadata['name']} ({metadata['kind']}) in {folder}"]
+    lines = [f"experiment {metadata['name']} ({metadata['kind']}) in {_where(folder, metadata)}"]
     lines.append("runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     if unstarted:
         lines.append(f"({unstarted} search trial(s) not started yet)")
@@ -355,6 +378,7 @@ def _watch(args: argparse.Namespace) -> int:
                 print(flush=True)
             ended_before = ended
             time.sleep(args.interval)
+            _refresh(folder)
             statuses = _statuses(folder, metadata)
     except KeyboardInterrupt:
         return 130

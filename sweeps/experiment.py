@@ -50,6 +50,7 @@ from runstore import (
     default_storage,
     describe_json,
 )
+from runstore.bucket import BucketUri, is_bucket_uri
 
 __all__ = [
     "EXPERIMENT_FILE",
@@ -62,6 +63,7 @@ __all__ = [
     "code_revision",
     "eta_seconds",
     "default_storage",
+    "event_files",
     "experiment_dir",
     "optuna_storage_url",
     "package_versions",
@@ -98,26 +100,29 @@ class ExperimentError(StoreError):
         super().__init__(message)
 
 
-def resolve_storage(storage: str | Path | None) -> Path:
-    """An absolute storage directory from a path, a ``file://`` URI or ``None`` (the default).
+def resolve_storage(storage: str | Path | None) -> Path | BucketUri:
+    """Where experiments live: an absolute folder from a path, a ``file://`` URI or ``None`` (the
+    default), or a bucket location from an ``s3://bucket/prefix`` URI (:mod:`sweeps.remote`).
 
     Trials change into their own directories, so relative paths are resolved here, once.
 
     Raises:
-        ExperimentError: for object-store URIs (``s3://``, ``gs://``...): trials write their runs
-            and the shared stage-1 checkpoints with ordinary file operations, so the storage must
-            be a path every node mounts (NFS, or a bucket mounted with a FUSE driver).
+        ExperimentError: for other URI schemes (``gs://``, ``hdfs://``...), naming what works.
+        runstore.bucket.BucketError: for a malformed ``s3://`` URI.
     """
     if storage is None:
         return _storage_folder(default_storage().resolve(), "storage")
     text = str(storage)
+    if is_bucket_uri(text):
+        return BucketUri.parse(text)
     if text.startswith("file://"):
         text = text[len("file://") :]
     elif "://" in text:
         scheme = text.split("://", 1)[0]
         raise ExperimentError(
-            f"--storage {text}: {scheme}:// storage is not supported; mount it on every node "
-            "(NFS, or a FUSE mount of the bucket) and pass the mounted path"
+            f"--storage {text}: {scheme}:// storage is not supported; use an s3:// bucket (AWS, or an "
+            "S3-compatible server such as MinIO or Ceph named by AWS_ENDPOINT_URL), or a folder "
+            "every node mounts"
         )
     if not text.strip():
         # An empty path would be the current directory: experiments there are easily lost.
@@ -584,6 +589,13 @@ def _seconds_between(start: str, end: str) -> float | None:
         return None
 
 
+def event_files(key_folder: Path) -> list[Path]:
+    """The events files of a shared stage-1 key (``stage1/<key>/``): ``events.jsonl``, and one
+    per trial under ``events/`` when the experiment lives in a bucket (:mod:`sweeps.remote`)."""
+    single = key_folder / EVENTS.file
+    return ([single] if single.is_file() else []) + sorted((key_folder / "events").glob("*.jsonl"))
+
+
 def _stage1_progress(experiment: Path, recorded: Any) -> Stage1Progress | None:
     """The shared stage-1 run a running run waits for, from ``status.json``'s ``stage1``.
 
@@ -606,12 +618,13 @@ def _stage1_progress(experiment: Path, recorded: Any) -> Stage1Progress | None:
             if isinstance(line.value, dict) and line.value.get("stage") == 1
         ]
     trainer = None
-    with contextlib.suppress(StoreError):
-        for line in store.read_jsonl(folder / EVENTS.file, EVENTS).lines:
-            if isinstance(line.value, dict) and line.value.get("event") == "training":
-                trainer = line.value.get("trial")
+    for events in event_files(folder):
+        with contextlib.suppress(StoreError):
+            for line in store.read_jsonl(events, EVENTS).lines:
+                if isinstance(line.value, dict) and line.value.get("event") == "training":
+                    trainer = line.value.get("trial")
     heartbeat = None
-    for file in (metrics_file, folder / EVENTS.file):
+    for file in (metrics_file, *event_files(folder)):
         with contextlib.suppress(OSError):
             stamp = file.stat().st_mtime
             heartbeat = datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).isoformat(

@@ -28,6 +28,7 @@ from typing import Any
 
 from core.config import config_from_dict, config_to_dict
 from runstore import POINT, RESULTS, RUNS_DIR, STATUS, STUDY_COPY, atomic_write_bytes
+from runstore.bucket import Bucket, BucketUri, is_bucket_uri
 from sweeps.experiment import (
     EXPERIMENT_FILE,
     PLAN_FILE,
@@ -45,6 +46,7 @@ from sweeps.experiment import (
     write_json,
 )
 from sweeps.pack import PACK_PREFIX, plan_packs, run_pack
+from sweeps.remote import RemoteExperiment, experiment_in_bucket, open_trial, pull_view
 from sweeps.stage1 import interleave_by_stage1
 from sweeps.study import (
     Choice,
@@ -69,6 +71,9 @@ from sweeps.tracking import (
 from sweeps.trial import RunSpec, run_trial
 
 __all__ = ["extend", "launch", "resume"]
+
+#: Seconds between Ray Tune's uploads of its experiment state to a bucket.
+BUCKET_SYNC_SECONDS = 15
 
 #: Retries of a failed trial (a lost node, a killed worker) from its last checkpoint.
 MAX_FAILURES = 2
@@ -126,14 +131,35 @@ def launch(
                 "only such a search has an Optuna study"
             )
         optuna_storage_url(Path("."), optuna_storage)  # a malformed URL, refused here
+    root = resolve_storage(storage)
+    if isinstance(root, BucketUri):
+        _check_bucket_study(root, study, optuna_storage)
     return _launch(
         study,
         name,
-        resolve_storage(storage),
+        root,
         address,
         optuna_storage=optuna_storage,
         verbose=verbose,
     )
+
+
+def _check_bucket_study(root: BucketUri, study: Study, optuna_storage: str | None) -> None:
+    """Refuse, before Ray starts, a bucket that cannot be used and what a bucket cannot hold."""
+    Bucket(root).check()
+    if study.resources.workers > 1:
+        raise ExperimentError(
+            f"--storage {root}: trials with workers > 1 ({study.path}: resources.workers = "
+            f"{study.resources.workers}) share their run folder between processes, which needs "
+            "a folder every node mounts; use such a folder, or workers: 1"
+        )
+    if _uses_optuna(study) and optuna_storage is None:
+        raise ExperimentError(
+            f"--storage {root}: an Optuna search keeps its Optuna study in a database; its "
+            "default, a SQLite file in the experiment folder, cannot live in a bucket: give "
+            "--optuna-storage URL (e.g. postgresql://user@host/db, or sqlite:////abs/path.db on "
+            "the machine that runs the driver)"
+        )
 
 
 def _uses_optuna(study: Study) -> bool:
@@ -143,23 +169,33 @@ def _uses_optuna(study: Study) -> bool:
 def _launch(
     study: Study,
     name: str | None,
-    storage_root: Path,
+    storage_root: Path | BucketUri,
     address: str | None,
     *,
-    parents: tuple[Path, ...] = (),
+    parents: tuple[Path | str, ...] = (),
     history: list[tuple[dict, float]] = (),
     extension: dict | None = None,
     optuna_storage: str | None = None,
     verbose: int = 1,
 ) -> Path:
-    folder = experiment_dir(storage_root, check_name(name or study.name), must_exist=False)
+    remote = None
+    if isinstance(storage_root, BucketUri):
+        # The driver writes the experiment's own files in a mirror and pushes them; trials and
+        # Ray Tune's state go to the bucket (sweeps.remote).
+        uri = experiment_in_bucket(storage_root, name or study.name, must_exist=False)
+        remote = RemoteExperiment(uri, "driver")
+        folder, location = remote.folder, str(uri)
+    else:
+        folder = experiment_dir(storage_root, check_name(name or study.name), must_exist=False)
+        location = str(folder)
     optuna_url = optuna_storage_url(folder, optuna_storage) if _uses_optuna(study) else None
     if optuna_storage is not None:
-        _check_new_optuna_study(optuna_url, folder.name)
+        _check_new_optuna_study(optuna_url, check_name(name or study.name))
     _start_ray(address)
-    _check_storage_visible(storage_root)
+    if remote is None:
+        _check_storage_visible(storage_root)
 
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=remote is not None)
     header = f"# extended from {parents[-1]}: {extension}\n" if extension else ""
     if study.launch_overrides:
         sets = " ".join(f"--set {shlex.quote(text)}" for text in study.launch_overrides)
@@ -170,7 +206,7 @@ def _launch(
     write_json(
         folder / EXPERIMENT_FILE,
         {
-            "name": folder.name,
+            "name": check_name(name or study.name),
             "kind": study.kind,
             "description": study.description,
             "study_file": str(study.path),
@@ -185,6 +221,7 @@ def _launch(
             "parents": [str(p) for p in parents],
             "created": now(),
             "address": address,
+            "storage": location,
             "code": code_revision(),
             "packages": package_versions(),
             "cluster_resources": _cluster_resources(),
@@ -194,23 +231,33 @@ def _launch(
                 study=study.name,
                 mlflow=study.tracking.mlflow,
                 tensorboard=study.tracking.tensorboard,
-                tags=_parent_run_tags(folder, study, parents),
+                tags=_parent_run_tags(folder, location, study, parents),
             ),
         },
     )
-    tuner = _tuner(study, folder, plan, list(history), verbose, optuna_url)
-    _fit(tuner)
+    if remote is not None:
+        remote.push()
+    tuner = _tuner(study, folder, plan, list(history), verbose, optuna_url, location)
+    try:
+        _fit(tuner)
+    finally:
+        if remote is not None:
+            remote.close()
+    if remote is not None:
+        folder = pull_view(BucketUri.parse(location)).folder
     set_parent_run_state(read_experiment(folder), "FINISHED")
     return folder
 
 
-def _parent_run_tags(folder: Path, study: Study, parents: tuple[Path, ...]) -> dict[str, str]:
+def _parent_run_tags(
+    folder: Path, location: str, study: Study, parents: tuple[Path | str, ...]
+) -> dict[str, str]:
     """The tags of an experiment's MLflow parent run (:func:`~sweeps.tracking.start_tracking`)."""
     revision = code_revision()
     tags = {
         "diffcom.experiment": folder.name,
         "diffcom.kind": study.kind,
-        "diffcom.folder": str(folder),
+        "diffcom.folder": location,
         "diffcom.study_file": str(study.path),
         "mlflow.source.git.commit": revision["revision"],
     }
@@ -263,35 +310,49 @@ def resume(
     Tune's console verbosity comes back with the rest of the saved run settings. Trials read their
     configs from the experiment's ``plan.json``, so launch overrides (``--set``) hold as launched.
     """
-    folder = experiment_dir(resolve_storage(storage), name, must_exist=True)
+    root = resolve_storage(storage)
+    remote = None
+    if isinstance(root, BucketUri):
+        Bucket(root).check()
+        remote = pull_view(experiment_in_bucket(root, name, must_exist=True))
+        folder, location = remote.folder, str(remote.uri)
+    else:
+        folder = experiment_dir(root, name, must_exist=True)
+        location = str(folder)
     metadata = read_experiment(folder, required=("resources",))
     alive = runs_alive_on_this_host(folder)
     if alive:
         shown = ", ".join(f"{run} (pid {pid})" for run, pid in alive[:3])
         more = f" and {len(alive) - 3} more" if len(alive) > 3 else ""
         raise ExperimentError(
-            f"{folder}: still being trained by processes of this host: {shown}{more} (workers "
+            f"{location}: still being trained by processes of this host: {shown}{more} (workers "
             "of a driver that was killed keep running); resuming now would train them twice in "
             "the same folders: wait for them to end, or stop them (kill PID), then resume"
         )
 
     from ray import tune
 
-    if not tune.Tuner.can_restore(str(folder)):
+    if not tune.Tuner.can_restore(location):
         raise ExperimentError(
-            f"{folder}: Ray Tune never saved its state here (the launch stopped before the first "
-            "trial started); launch the study again under a new --name"
+            f"{location}: Ray Tune never saved its state here (the launch stopped before the "
+            "first trial started); launch the study again under a new --name"
         )
     _start_ray(address)
-    _check_storage_visible(folder.parent)
+    if remote is None:
+        _check_storage_visible(folder.parent)
     reopen_parent_run(folder, metadata)
+    if remote is not None:
+        remote.mirror.read_only = False
+        remote.push(EXPERIMENT_FILE)  # the reopened MLflow parent run
     tuner = tune.Tuner.restore(
-        str(folder),
-        trainable=_trainable_with_resources(folder, metadata["resources"]),
+        location,
+        trainable=_trainable_with_resources(location, metadata["resources"]),
         resume_unfinished=True,
         resume_errored=True,
     )
     _fit(tuner)
+    if remote is not None:
+        folder = pull_view(remote.uri, into=remote).folder
     set_parent_run_state(metadata, "FINISHED")
     return folder
 
@@ -317,7 +378,13 @@ def extend(
     the old experiment are reused, read-only.
     """
     storage_root = resolve_storage(storage)
-    old = experiment_dir(storage_root, name, must_exist=True)
+    if isinstance(storage_root, BucketUri):
+        Bucket(storage_root).check()
+        view = pull_view(experiment_in_bucket(storage_root, name, must_exist=True))
+        old, old_location = view.folder, str(view.uri)
+    else:
+        old = experiment_dir(storage_root, name, must_exist=True)
+        old_location = old
     metadata = read_experiment(old, required=("study_file", "study_sha256", "seeds", "resources"))
     study_file = Path(metadata["study_file"])
     if not study_file.is_file():
@@ -363,7 +430,7 @@ def extend(
         new_name,
         storage_root,
         address,
-        parents=(*[Path(p) for p in metadata.get("parents", [])], old),
+        parents=(*metadata.get("parents", []), old_location),
         history=history,
         extension=extension,
         optuna_storage=_shared_optuna_storage(old, metadata),
@@ -411,27 +478,40 @@ def _plain(value):
 
 
 def _tune_trial(config: dict, experiment: str, cpus: float) -> None:
-    """A Tune function trainable: one trial in this process."""
-    import ray
+    """A Tune function trainable: one trial in this process (its experiment a folder, or an
+    ``s3://`` URI it works on through a local mirror: :func:`sweeps.remote.open_trial`)."""
     import torch
-    from ray import tune
 
     torch.set_num_threads(max(1, int(cpus)))
-    folder = Path(experiment)
+    try:
+        if is_bucket_uri(experiment):
+            with open_trial(experiment) as remote:
+                _run_tune_trial(config, remote.folder, sync=remote.sync, pull=remote.pull_runs)
+        else:
+            _run_tune_trial(config, Path(experiment))
+    finally:
+        _release_memory()
+
+
+def _run_tune_trial(config: dict, folder: Path, *, sync=None, pull=None) -> None:
+    import ray
+    from ray import tune
+
     name, runs, metric = _prepare_trial(config, folder, _trial_id())
+    if pull is not None:
+        pull([spec.name for spec in runs])  # a retried or resumed run's checkpoint and files
 
     def report(metrics: dict) -> None:
+        if sync is not None:
+            sync()  # the epoch's files to the bucket, before Tune may stop the trial
         if metric in metrics:  # Tune needs the metric in every report: epochs without validation
             tune.report(metrics)
 
     node = ray.get_runtime_context().get_node_id()
-    try:
-        if name.startswith(PACK_PREFIX):
-            run_pack(folder, name, runs, report, node=node)
-        else:
-            run_trial(folder, name, runs, report, node=node)
-    finally:
-        _release_memory()
+    if name.startswith(PACK_PREFIX):
+        run_pack(folder, name, runs, report, node=node)
+    else:
+        run_trial(folder, name, runs, report, node=node)
 
 
 def _release_memory() -> None:
@@ -524,9 +604,13 @@ def _tuner(
     history: list,
     verbose: int,
     optuna_storage: str | None = None,
+    location: str | None = None,
 ):
+    """The Tuner of a new experiment; ``location`` is where it lives when not ``folder`` (an
+    ``s3://`` URI, ``folder`` being the driver's mirror of it)."""
     from ray import tune
 
+    location = location or str(folder)
     resources = study.resources
     tune_config = tune.TuneConfig(
         metric=study.metric,
@@ -576,28 +660,37 @@ def _tuner(
             )
     run_config = tune.RunConfig(
         name=folder.name,
-        storage_path=str(folder.parent),
+        # An s3:// location: Tune keeps its state in the bucket itself (pyarrow's S3 client,
+        # which reads the same AWS_* settings as boto3).
+        storage_path=location.rsplit("/", 1)[0] if is_bucket_uri(location) else str(folder.parent),
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+        # Tune uploads its state to a bucket at most every sync_period (default 300 s): a driver
+        # killed before the first upload leaves nothing to resume. Trials resume from their run
+        # folders, so a state a little old costs only a finished trial's quick re-check.
+        sync_config=tune.SyncConfig(sync_period=BUCKET_SYNC_SECONDS)
+        if is_bucket_uri(location)
+        else None,
         verbose=verbose,
     )
     return tune.Tuner(
-        _trainable_with_resources(folder, vars(resources)),
+        _trainable_with_resources(location, vars(resources)),
         param_space=param_space,
         tune_config=tune_config,
         run_config=run_config,
     )
 
 
-def _trainable_with_resources(folder: Path, resources: dict):
-    """The trainable bound to its experiment folder, with the resources it asks Ray for."""
+def _trainable_with_resources(location: str | Path, resources: dict):
+    """The trainable bound to its experiment (a folder, or an ``s3://`` URI), with the resources
+    it asks Ray for."""
     from ray import tune
 
     cpus, gpus, workers = resources["cpus"], resources["gpus"], resources["workers"]
     if workers == 1:
-        trainable = tune.with_parameters(_tune_trial, experiment=str(folder), cpus=cpus)
+        trainable = tune.with_parameters(_tune_trial, experiment=str(location), cpus=cpus)
         return tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus})
     trainable = tune.with_parameters(
-        _multi_worker_trial, experiment=str(folder), cpus=cpus, gpus=gpus, workers=workers
+        _multi_worker_trial, experiment=str(location), cpus=cpus, gpus=gpus, workers=workers
     )
     # The trial's own process only waits for its workers, which reserve the real resources
     # (any CPU it kept would be missing when the workers need the whole machine); Ray refuses
@@ -737,9 +830,14 @@ def _recorded_tracking(metadata: dict) -> Tracking:
     return Tracking(mlflow=uri, tensorboard=recorded.get("tensorboard") is True)
 
 
-def _next_name(storage_root: Path, name: str) -> str:
+def _next_name(storage_root: Path | BucketUri, name: str) -> str:
+    def taken(candidate: str) -> bool:
+        if isinstance(storage_root, BucketUri):
+            return Bucket(storage_root.child(candidate)).exists(EXPERIMENT_FILE)
+        return (storage_root / candidate).exists()
+
     index = 1
-    while (storage_root / f"{name}-ext{index}").exists():
+    while taken(f"{name}-ext{index}"):
         index += 1
     return f"{name}-ext{index}"
 

@@ -10,6 +10,9 @@ loss weights and every other stage-2 knob do not change it. Trials whose stage-1
     stage1/<key>/done.json   written last: the checkpoint to reuse and what training it cost
     stage1/<key>/events.jsonl  one line per trial that trained or reused it
 
+In a bucket (:mod:`sweeps.remote`) the same layout holds, with a lease object ``stage1/<key>.lease``
+in place of the lock and one events file per trial under ``stage1/<key>/events/``.
+
 Two trials asking for the same key at once are safe: the second waits on the lock and then
 reuses. A trial killed while training leaves no ``done.json`` and releases the lock (the kernel
 drops it with the process); the next trial to ask resumes that partial run from its checkpoint.
@@ -31,7 +34,7 @@ from pathlib import Path
 import runstore as store
 from core.config import ExperimentConfig, stage1_key_values, stage1_relevant
 from runstore import DONE, EVENTS, STAGE1_DIR, STAGE1_RUN, checkpoint_path
-from sweeps.experiment import now, read_json_object, write_json
+from sweeps.experiment import event_files, now, read_json_object, write_json
 
 __all__ = [
     "STAGE1_DIR",
@@ -93,6 +96,9 @@ class Stage1Checkpoint:
 class Stage1Store:
     """Find or train the stage-1 run of a config, once per key across all trials.
 
+    The folders are local; a store whose runs live elsewhere (a bucket) overrides
+    :meth:`_fetch` (bring a key's files here), :meth:`_lock` and :meth:`_events_file`.
+
     Args:
         root: ``<experiment>/stage1``.
         read_only_roots: stores of parent experiments (``diffcom sweep extend``), searched for a
@@ -106,7 +112,12 @@ class Stage1Store:
     @classmethod
     def of_experiment(cls, experiment: Path, metadata: dict) -> Stage1Store:
         """The store of an experiment folder, its parents' stores (``metadata["parents"]``, from
-        ``experiment.json``) read-only."""
+        ``experiment.json``) read-only; the bucket's (:mod:`sweeps.remote`) when the folder is a
+        mirror of an experiment in a bucket."""
+        from sweeps.remote import stage1_store_of
+
+        if (remote := stage1_store_of(experiment, metadata)) is not None:
+            return remote
         parents = tuple(Path(p) / STAGE1_DIR for p in metadata.get("parents", []))
         return cls(Path(experiment) / STAGE1_DIR, parents)
 
@@ -154,6 +165,8 @@ class Stage1Store:
             # Another trial may have trained it while this one waited for the lock.
             if (reused := finished_in(self.root)) is not None:
                 return reused
+            if is_main:
+                self._fetch(self.root, key, run=True)  # a partial run to resume, if any
             run_dir = self.root / key / STAGE1_RUN
             if is_main:
                 self._event(key, "training", trial)
@@ -179,7 +192,8 @@ class Stage1Store:
     def events(self) -> list[dict]:
         """Every ``trained``/``reused``/``training`` event of every key, oldest first."""
         events = []
-        for path in sorted(self.root.glob(f"*/{EVENTS.file}")):
+        keys = [folder for folder in sorted(self.root.glob("*")) if folder.is_dir()]
+        for path in [file for key in keys for file in event_files(key)]:
             events += [
                 line.value
                 for line in store.read_jsonl(path, EVENTS).lines
@@ -187,8 +201,8 @@ class Stage1Store:
             ]
         return sorted(events, key=lambda event: event["precise_time"])
 
-    @staticmethod
-    def _finished(root: Path, key: str) -> dict | None:
+    def _finished(self, root: Path, key: str) -> dict | None:
+        self._fetch(root, key, run=False)
         done = root / key / DONE.file
         if not done.is_file():
             return None
@@ -196,6 +210,10 @@ class Stage1Store:
         # The store may have been moved or mounted elsewhere since: trust the layout.
         found["checkpoint"] = str(checkpoint_path(root / key / STAGE1_RUN))
         return found if Path(found["checkpoint"]).is_file() else None
+
+    def _fetch(self, root: Path, key: str, *, run: bool) -> None:
+        """Bring a key's ``done.json`` (and its run once done, or with ``run``) to ``root``:
+        nothing to do in a folder every trial sees."""
 
     @contextlib.contextmanager
     def _lock(self, key: str, *, enabled: bool) -> Iterator[None]:
@@ -212,4 +230,7 @@ class Stage1Store:
 
     def _event(self, key: str, event: str, trial: str, **extra) -> None:
         record = {"time": now(), "precise_time": time.time(), "event": event, "trial": trial}
-        store.append_jsonl(self.root / key / EVENTS.file, {**record, **extra})
+        store.append_jsonl(self._events_file(key, trial), {**record, **extra})
+
+    def _events_file(self, key: str, trial: str) -> Path:
+        return self.root / key / EVENTS.file

@@ -198,10 +198,14 @@ def log_report(experiments: Iterable[str], storage: str | None, out: Path) -> No
     for given in experiments:
         folder = Path(given)
         try:
-            if not (folder / EXPERIMENT.file).is_file():
-                folder = resolve_storage(storage) / given
-            metadata = read_json_object(folder / EXPERIMENT.file)
-        except ExperimentError:
+            if (folder / EXPERIMENT.file).is_file():
+                metadata = read_json_object(folder / EXPERIMENT.file)
+            elif isinstance(root := resolve_storage(storage), Path):
+                folder = root / given
+                metadata = read_json_object(folder / EXPERIMENT.file)
+            else:  # a bucket: its experiment.json is all this needs
+                metadata = _metadata_in_bucket(root.child(given))
+        except StoreError:  # ExperimentError and BucketError among them
             continue
         target = _mlflow_target(metadata)
         if target is None or not target.get("parent_run_id"):
@@ -215,6 +219,17 @@ def log_report(experiments: Iterable[str], storage: str | None, out: Path) -> No
             _warn(f"MLflow at {target['uri']}: the report was not logged: {_reason(error)}")
             continue
         print(f"report logged to MLflow run {target['parent_run_id']} at {target['uri']}")
+
+
+def _metadata_in_bucket(uri) -> dict:
+    """The ``experiment.json`` of an experiment in a bucket (``StoreError`` when unreadable)."""
+    from runstore.bucket import Bucket
+
+    found = Bucket(uri).read(EXPERIMENT.file)
+    data = json.loads(found[0]) if found else None
+    if not isinstance(data, dict):
+        raise StoreError(f"{uri}: no readable {EXPERIMENT.file}")
+    return data
 
 
 def _mlflow_target(metadata: dict) -> dict | None:

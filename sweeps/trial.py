@@ -294,6 +294,9 @@ def matched_budget(experiment: Path, reference: str, clock: str) -> float | None
     Raises:
         TrialFailed: the reference run failed, or its files lack the seconds to match.
     """
+    from sweeps.remote import refresh
+
+    refresh(experiment, f"{RUNS_DIR}/{reference}")  # from the bucket, when it lives in one
     run = Path(experiment) / RUNS_DIR / reference
     status_file = run / STATUS.file
     if not status_file.is_file():

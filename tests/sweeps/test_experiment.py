@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from runstore.bucket import BucketError, BucketUri
 from sweeps.experiment import (
     ExperimentError,
     check_name,
@@ -42,8 +43,11 @@ def test_storage_paths_uris_and_the_default(tmp_path, monkeypatch):
     assert resolve_storage(f"file://{tmp_path}/x") == tmp_path / "x"
     monkeypatch.setenv("DIFFCOM_STORAGE", str(tmp_path / "store"))
     assert resolve_storage(None) == tmp_path / "store"
-    with pytest.raises(ExperimentError, match=r"s3:// storage is not supported; mount it"):
-        resolve_storage("s3://bucket/experiments")
+    assert resolve_storage("s3://bucket/experiments/") == BucketUri("bucket", "experiments")
+    with pytest.raises(ExperimentError, match=r"gs:// storage is not supported; use an s3://"):
+        resolve_storage("gs://bucket/experiments")
+    with pytest.raises(BucketError, match=r"'B' is not a bucket name"):
+        resolve_storage("s3://B/x")
 
 
 def test_existing_names_are_never_reused_and_missing_ones_are_listed(tmp_path):

@@ -1,0 +1,555 @@
+"""Experiments in an S3 bucket: the folder layout as objects, local mirrors, leases.
+
+An experiment stored at ``s3://BUCKET/PREFIX/<name>/`` holds exactly the files of an experiment
+folder (:mod:`runstore`), each as one object under the same relative path. Nothing reads or writes
+the bucket object by object while it trains: every process works in a local folder, a
+:class:`Mirror` of (part of) the experiment, with the ordinary atomic file writes, and
+
+* :meth:`Mirror.pull` downloads what changed in the bucket (size or ETag) under a path;
+* :meth:`Mirror.push` uploads what changed locally since the last pull or push, metrics before
+  checkpoints and ``status.json`` last, so the bucket never holds a checkpoint newer than the
+  metrics beside it (the trainer drops metric records newer than the checkpoint it resumes).
+
+An S3 PUT replaces an object whole, so a reader never sees half a checkpoint. A :class:`Lease`
+is an object created with ``If-None-Match: *`` (only one creator wins) and renewed with
+``If-Match: <etag>``; a holder that stops renewing (killed, lost node) loses it after ``ttl``
+seconds of the server's clock, when the next asker replaces it (again ``If-Match``, so only one
+taker wins). AWS S3 and the S3-compatible servers (MinIO, Ceph, moto) honour both conditions.
+
+The endpoint is AWS's, or an S3-compatible server's named by ``$AWS_ENDPOINT_URL`` (or
+``$AWS_ENDPOINT_URL_S3``), which boto3 here and pyarrow in Ray Tune both read; credentials come
+from the usual chain (``$AWS_ACCESS_KEY_ID``, ``$AWS_PROFILE``, an instance role). This module
+imports the standard library only; boto3 loads when a bucket is first used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runstore import (
+    CHECKPOINT_DIR,
+    EXPERIMENT,
+    PLAN,
+    RUNS_DIR,
+    STAGE1_DIR,
+    STATUS,
+    STUDY_COPY,
+    TENSORBOARD_DIR,
+    StoreError,
+    atomic_write,
+    is_temporary,
+)
+
+__all__ = [
+    "SCHEME",
+    "Bucket",
+    "BucketError",
+    "BucketUri",
+    "MARKER",
+    "Lease",
+    "Mirror",
+    "is_bucket_uri",
+    "pull_results",
+    "scratch_folder",
+]
+
+#: The one object-store scheme experiments can live in.
+SCHEME = "s3://"
+
+#: The file that marks a local folder as a mirror (it names the bucket location); never pushed.
+MARKER = ".bucket.json"
+
+#: Folders a reader of results never needs: checkpoints (the bulk of an experiment) and
+#: TensorBoard's event files. Ray Tune's own files are never pulled either (see
+#: :func:`pull_results`).
+HEAVY_PARTS = (f"{CHECKPOINT_DIR}/", f"{TENSORBOARD_DIR}/")
+
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+
+
+class BucketError(StoreError):
+    """The bucket cannot be used: missing, denied, unreachable, or a malformed URI."""
+
+
+def is_bucket_uri(text: object) -> bool:
+    """Whether a storage argument names an S3 location (``s3://...``)."""
+    return isinstance(text, str) and text.startswith(SCHEME)
+
+
+@dataclass(frozen=True)
+class BucketUri:
+    """``s3://bucket/prefix``: a bucket and a key prefix (no leading or trailing ``/``)."""
+
+    bucket: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> BucketUri:
+        if not is_bucket_uri(text):
+            raise BucketError(f"{text!r}: expected s3://BUCKET[/PREFIX]")
+        bucket, _, prefix = text[len(SCHEME) :].partition("/")
+        if not _BUCKET_NAME.fullmatch(bucket):
+            raise BucketError(
+                f"{text}: {bucket!r} is not a bucket name (3-63 lower-case letters, digits, "
+                "'.' or '-')"
+            )
+        prefix = prefix.strip("/")
+        if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+            raise BucketError(f"{text}: the prefix {prefix!r} has an empty, '.' or '..' part")
+        return cls(bucket, prefix)
+
+    def child(self, name: str) -> BucketUri:
+        return BucketUri(self.bucket, f"{self.prefix}/{name}" if self.prefix else name)
+
+    @property
+    def name(self) -> str:
+        """The last part of the prefix (an experiment's name)."""
+        return self.prefix.rsplit("/", 1)[-1]
+
+    def key(self, relative: str = "") -> str:
+        relative = relative.strip("/")
+        if not self.prefix:
+            return relative
+        return f"{self.prefix}/{relative}" if relative else self.prefix
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"{SCHEME}{self.bucket}"
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """What a listing says of one object: its size, ETag (quotes removed) and modification
+    time (seconds since the epoch)."""
+
+    size: int
+    etag: str
+    modified: float
+
+
+class Bucket:
+    """The objects under one :class:`BucketUri`, addressed by paths relative to its prefix."""
+
+    def __init__(self, uri: BucketUri | str):
+        self.uri = uri if isinstance(uri, BucketUri) else BucketUri.parse(uri)
+        self._client = None
+
+    def child(self, name: str) -> Bucket:
+        child = Bucket(self.uri.child(name))
+        child._client = self._client
+        return child
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.session.Session().client(
+                "s3",
+                config=Config(
+                    retries={"max_attempts": 5, "mode": "standard"},
+                    connect_timeout=10,
+                    read_timeout=120,
+                ),
+            )
+        return self._client
+
+    def where(self) -> str:
+        """The URI and, when not AWS's default, the endpoint: for error messages."""
+        url = self.client.meta.endpoint_url
+        return f"{self.uri} (endpoint {url})"
+
+    # -------------------------------------------------------------------------------- checks
+
+    def check(self) -> None:
+        """Refuse a bucket that does not exist, cannot be reached, or cannot be written.
+
+        Raises:
+            BucketError: naming the bucket, the endpoint and what failed.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.uri.bucket)
+        except ClientError as error:
+            code = _code(error)
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise BucketError(
+                    f"{self.where()}: the bucket {self.uri.bucket!r} does not exist; create it "
+                    "first (aws s3 mb s3://BUCKET) or check the name"
+                ) from None
+            if code in ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId"):
+                raise BucketError(
+                    f"{self.where()}: access to the bucket {self.uri.bucket!r} is denied ({code}); "
+                    "check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket policy"
+                ) from None
+            raise BucketError(f"{self.where()}: {error}") from None
+        except BotoCoreError as error:
+            raise BucketError(f"{self.where()}: cannot reach the storage ({error})") from None
+        probe = f".diffcom-probe-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        try:
+            self.write(probe, b"write check\n")
+            self.delete(probe)
+        except ClientError as error:
+            raise BucketError(
+                f"{self.where()}: cannot write to the bucket ({_code(error)}): experiments need "
+                "read and write access"
+            ) from None
+
+    # ------------------------------------------------------------------------------- objects
+
+    def listing(self, under: str = "") -> dict[str, RemoteObject]:
+        """Every object under ``under`` (a relative folder, ``""`` for all), by relative path."""
+        prefix = self.uri.key(under)
+        prefix = f"{prefix}/" if prefix else ""
+        found: dict[str, RemoteObject] = {}
+        pages = self.client.get_paginator("list_objects_v2")
+        for page in pages.paginate(Bucket=self.uri.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                relative = item["Key"][len(self.uri.key()) :].lstrip("/")
+                found[relative] = RemoteObject(
+                    item["Size"], item["ETag"].strip('"'), item["LastModified"].timestamp()
+                )
+        return found
+
+    def exists(self, relative: str) -> bool:
+        return self.head(relative) is not None
+
+    def head(self, relative: str) -> tuple[str, float, float] | None:
+        """``(etag, last modified, server's now)`` in server seconds, or ``None`` if absent."""
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.head_object(Bucket=self.uri.bucket, Key=self.uri.key(relative))
+        except ClientError as error:
+            if _code(error) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return answer["ETag"].strip('"'), answer["LastModified"].timestamp(), _server_now(answer)
+
+    def read(self, relative: str) -> tuple[bytes, str, float] | None:
+        """An object's bytes, ETag and modification time, or ``None`` if absent."""
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=self.uri.bucket, Key=self.uri.key(relative))
+        except ClientError as error:
+            if _code(error) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return answer["Body"].read(), answer["ETag"].strip('"'), answer["LastModified"].timestamp()
+
+    def download(self, relative: str, path: Path) -> None:
+        """An object into ``path``, atomically (a reader of ``path`` never sees half of it)."""
+        with atomic_write(path) as stream:
+            self.client.download_fileobj(self.uri.bucket, self.uri.key(relative), stream)
+
+    def upload(self, path: Path, relative: str) -> None:
+        self.client.upload_file(str(path), self.uri.bucket, self.uri.key(relative))
+
+    def write(self, relative: str, payload: bytes) -> str:
+        answer = self.client.put_object(
+            Bucket=self.uri.bucket, Key=self.uri.key(relative), Body=payload
+        )
+        return answer["ETag"].strip('"')
+
+    def create(self, relative: str, payload: bytes) -> str | None:
+        """Write an object only if none exists; its ETag, or ``None`` if one already did."""
+        return self._conditional_put(relative, payload, IfNoneMatch="*")
+
+    def replace(self, relative: str, payload: bytes, etag: str) -> str | None:
+        """Overwrite an object only if its ETag is still ``etag``; the new ETag, or ``None``."""
+        return self._conditional_put(relative, payload, IfMatch=f'"{etag}"')
+
+    def delete(self, relative: str) -> None:
+        self.client.delete_object(Bucket=self.uri.bucket, Key=self.uri.key(relative))
+
+    def _conditional_put(self, relative: str, payload: bytes, **condition) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.put_object(
+                Bucket=self.uri.bucket, Key=self.uri.key(relative), Body=payload, **condition
+            )
+        except ClientError as error:
+            # 409: a concurrent conditional write to the same key is in flight (AWS asks to retry).
+            if _code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return None
+            if _code(error) in ("404", "NoSuchKey") and "IfMatch" in condition:
+                return None  # deleted meanwhile: the caller's ETag no longer names it
+            raise
+        return answer["ETag"].strip('"')
+
+
+def _code(error) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _server_now(answer: dict) -> float:
+    """The server's clock from a response's ``Date`` header (the local clock if missing)."""
+    from email.utils import parsedate_to_datetime
+
+    date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    return parsedate_to_datetime(date).timestamp() if date else time.time()
+
+
+# ---------------------------------------------------------------------------------- mirrors
+
+
+def scratch_folder(uri: BucketUri, role: str) -> Path:
+    """A new local folder for a mirror of ``uri``: ``$DIFFCOM_SCRATCH`` (default: the system's
+    temporary folder) ``/diffcom-<hash of the URI>/<role>-<unique>``."""
+    base = Path(os.environ.get("DIFFCOM_SCRATCH") or tempfile.gettempdir())
+    digest = hashlib.sha256(str(uri).encode()).hexdigest()[:12]
+    parent = base / f"diffcom-{digest}"
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{role}-", dir=parent))
+
+
+class Mirror:
+    """A local folder that mirrors (part of) one bucket location.
+
+    Args:
+        bucket: the location (an experiment's ``s3://.../<name>``).
+        local: the local folder (created).
+        read_only: a mirror that only pulls (a parent experiment's shared stage 1, a report's
+            copy): :meth:`push` refuses.
+    """
+
+    def __init__(self, bucket: Bucket, local: Path, *, read_only: bool = False):
+        self.bucket = bucket
+        self.local = Path(local)
+        self.local.mkdir(parents=True, exist_ok=True)
+        (self.local / MARKER).write_text(json.dumps({"uri": str(bucket.uri)}) + "\n")
+        self.read_only = read_only
+        # relative path -> (remote etag, local size, local mtime_ns) as last pulled or pushed
+        self._known: dict[str, tuple[str, int, int]] = {}
+        self._lock = threading.Lock()
+        self.uploaded_bytes = 0
+        self.uploaded_files = 0
+
+    def pull(self, under: str = "", *, skip: tuple[str, ...] = ()) -> int:
+        """Download every object under ``under`` whose ETag changed since this mirror last saw
+        it; files whose relative path contains one of ``skip`` (e.g. :data:`HEAVY_PARTS`) are
+        left out. Local files this process changed and has not pushed are kept. Returns how many
+        files were downloaded."""
+        downloaded = 0
+        with self._lock:
+            for relative, item in sorted(self.bucket.listing(under).items()):
+                if any(part in relative for part in skip) or not _mirrored(relative):
+                    continue
+                path = self.local / relative
+                known = self._known.get(relative)
+                if known is not None and path.is_file():
+                    if known[0] == item.etag:
+                        continue
+                    if _stat(path) != known[1:]:
+                        continue  # changed here since: this process owns the newer version
+                    if not known[0] and known[1] == item.size:
+                        # Pushed from here (an upload's ETag is not returned): the same file.
+                        self._known[relative] = (item.etag, *known[1:])
+                        continue
+                self.bucket.download(relative, path)
+                self._known[relative] = (item.etag, *_dated(path, item.modified))
+                downloaded += 1
+        return downloaded
+
+    def pull_file(self, relative: str) -> bool:
+        """Download one object if it changed; whether it exists in the bucket."""
+        with self._lock:
+            found = self.bucket.read(relative)
+            if found is None:
+                return False
+            payload, etag, modified = found
+            known = self._known.get(relative)
+            path = self.local / relative
+            if known is None or known[0] != etag or not path.is_file():
+                with atomic_write(path) as stream:
+                    stream.write(payload)
+                self._known[relative] = (etag, *_dated(path, modified))
+            return True
+
+    def push(self, under: str = "", *, names: tuple[str, ...] = ()) -> int:
+        """Upload every file under ``under`` (only those named ``names``, when given) that
+        changed locally since the last pull or push: checkpoints after the other files,
+        ``status.json`` files last. Returns the count."""
+        if self.read_only:
+            raise BucketError(f"{self.bucket.uri}: this mirror is read-only")
+        with self._lock:
+            root = self.local / under if under else self.local
+            changed = []
+            for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+                relative = path.relative_to(self.local).as_posix()
+                if not path.is_file() or not _mirrored(relative):
+                    continue
+                if names and path.name not in names:
+                    continue
+                known = self._known.get(relative)
+                if known is None or known[1:] != _stat(path):
+                    changed.append(relative)
+
+            def order(relative: str) -> int:
+                if Path(relative).name == STATUS.file:
+                    return 2
+                return 1 if f"{CHECKPOINT_DIR}/" in relative else 0
+
+            for relative in sorted(changed, key=order):
+                path = self.local / relative
+                before = _stat(path)
+                self.bucket.upload(path, relative)
+                # The ETag is not known without another request; an upload's own ETag is only
+                # needed to skip downloading it again, and a fresh listing gives it then.
+                self._known[relative] = ("", *before)
+                self.uploaded_bytes += before[0]
+                self.uploaded_files += 1
+            return len(changed)
+
+
+def _mirrored(relative: str) -> bool:
+    """Whether a file belongs in the bucket: not the marker, not a write in flight."""
+    name = relative.rsplit("/", 1)[-1]
+    return relative != MARKER and not is_temporary(name)
+
+
+def _dated(path: Path, modified: float) -> tuple[int, int]:
+    """Give a downloaded file the object's modification time (readers date heartbeats by it);
+    its size and new mtime."""
+    os.utime(path, (modified, modified))
+    return _stat(path)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+# ----------------------------------------------------------------------------------- leases
+
+
+class Lease:
+    """An exclusive, expiring lease on one key, held in the bucket (see the module docstring).
+
+    Used as a context manager: entering waits until the lease is held (``poll`` seconds between
+    tries), leaving releases it. While held, a thread renews it every ``ttl / 4`` seconds. A lease
+    whose object the server has not seen renewed for ``ttl`` seconds belongs to a dead holder and
+    is taken over.
+
+    Args:
+        bucket: where the lease object lives.
+        relative: its path (e.g. ``stage1/<key>.lease``).
+        holder: who asks (written into the object; shown to whoever waits).
+        ttl: seconds without renewal after which the lease is taken over.
+        poll: seconds between two tries while another holder has it.
+        on_wait: called with the holder's record each time this one waits on it.
+    """
+
+    def __init__(
+        self,
+        bucket: Bucket,
+        relative: str,
+        holder: str,
+        *,
+        ttl: float = 120.0,
+        poll: float = 2.0,
+        on_wait=None,
+    ):
+        self.bucket, self.relative, self.holder = bucket, relative, holder
+        self.ttl, self.poll, self.on_wait = ttl, poll, on_wait
+        self.took_over: dict | None = None
+        self.lost = False
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        record = {
+            "holder": self.holder,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "ttl": self.ttl,
+            "renewed": time.time(),
+        }
+        return json.dumps(record).encode()
+
+    def acquire(self) -> None:
+        while True:
+            etag = self.bucket.create(self.relative, self._record())
+            if etag is not None:
+                break
+            found = self.bucket.head(self.relative)
+            if found is None:
+                continue  # released between the two requests
+            current, modified, server_now = found
+            held_by = self._read_holder()
+            if server_now - modified > self.ttl:
+                etag = self.bucket.replace(self.relative, self._record(), current)
+                if etag is not None:
+                    self.took_over = held_by
+                    break
+                continue  # another asker took it over first
+            if self.on_wait is not None:
+                self.on_wait(held_by)
+            time.sleep(self.poll)
+        self._etag = etag
+        self._stop.clear()
+        self._renewer = threading.Thread(target=self._renew, name="lease-renewer", daemon=True)
+        self._renewer.start()
+
+    def _read_holder(self) -> dict:
+        found = self.bucket.read(self.relative)
+        if found is None:
+            return {}
+        with contextlib.suppress(ValueError):
+            record = json.loads(found[0])
+            if isinstance(record, dict):
+                return record
+        return {}
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                etag = self.bucket.replace(self.relative, self._record(), self._etag)
+            except Exception:  # a network error: try again at the next beat
+                continue
+            if etag is None:
+                self.lost = True  # taken over: this holder looked dead to another asker
+                return
+            self._etag = etag
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+            self._renewer = None
+        if not self.lost:
+            found = self.bucket.head(self.relative)
+            if found is not None and found[0] == self._etag:
+                self.bucket.delete(self.relative)
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.release()
+
+
+def pull_results(mirror: Mirror) -> Mirror:
+    """Bring a mirror of an experiment up to date for reading its results (``status``,
+    ``watch``, ``report``): its own files, runs and shared stage-1 runs, without
+    :data:`HEAVY_PARTS`; changed files only."""
+    for name in (EXPERIMENT.file, PLAN.file, STUDY_COPY):
+        mirror.pull_file(name)
+    for under in (RUNS_DIR, STAGE1_DIR):
+        mirror.pull(under, skip=HEAVY_PARTS)
+    return mirror

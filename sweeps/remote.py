@@ -1,0 +1,317 @@
+"""Experiments that live in an S3 bucket (``--storage s3://bucket/prefix``); no Ray here.
+
+The bucket holds the experiment's folder layout object by object (:mod:`runstore.bucket`). Each
+process works in a local mirror of the part it needs, so the trainer, the trial runner and the
+readers keep their ordinary file code:
+
+* a **trial** (:func:`open_trial`) pulls ``experiment.json`` and ``plan.json``, then the folders of
+  its runs (a retried or resumed run continues from the checkpoint there), trains in its mirror and
+  pushes what changed after every epoch (the report of the epoch), every
+  :data:`STATUS_PUSH_SECONDS` (``status.json`` only: heartbeats of waits), and when it ends. Its
+  mirror is deleted then: everything it made is in the bucket.
+* the **shared stage 1** (:class:`BucketStage1Store`) is found by its ``done.json`` in the bucket
+  and trained under a lease object ``stage1/<key>.lease`` (:class:`runstore.bucket.Lease`) in
+  place of ``flock``: two trials never train one key at once, and a dead holder's lease expires
+  after :data:`LEASE_TTL_SECONDS` without renewal, when the next asker resumes its partial run
+  from the checkpoint it pushed. The holder pushes the finished run and ``done.json`` before it
+  releases the lease.
+* a **driver** (launch, resume, extend) writes the experiment's own files into its mirror and
+  pushes them; Ray Tune keeps its state in the bucket itself.
+* a **reader** (``status``, ``watch``, ``report``) pulls everything but checkpoints and
+  TensorBoard files (:func:`pull_view`), again on every refresh, changed files only.
+
+Code that only has the mirror's folder (:meth:`sweeps.stage1.Stage1Store.of_experiment`, a
+baseline's wait for its reference run) finds the bucket behind it among this process's open
+mirrors; the folder's marker file (:data:`runstore.bucket.MARKER`) names it for a person.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from runstore import (
+    EXPERIMENT,
+    PLAN,
+    RUNS_DIR,
+    STAGE1_DIR,
+    STAGE1_RUN,
+    STATUS,
+    STUDY_COPY,
+)
+from runstore.bucket import (
+    HEAVY_PARTS,
+    Bucket,
+    BucketError,
+    BucketUri,
+    Lease,
+    Mirror,
+    is_bucket_uri,
+    pull_results,
+    scratch_folder,
+)
+from sweeps.experiment import ExperimentError, check_name
+from sweeps.stage1 import Stage1Store
+
+__all__ = [
+    "LEASE_TTL_SECONDS",
+    "BucketStage1Store",
+    "RemoteExperiment",
+    "open_trial",
+    "pull_view",
+    "refresh",
+    "refresh_view",
+]
+
+#: Seconds a stage-1 lease lives without renewal (renewed every quarter of it): a trial killed
+#: while training a shared stage 1 holds it up for at most this long.
+LEASE_TTL_SECONDS = 120.0
+
+#: Seconds between two uploads of changed ``status.json`` files while a trial runs (its
+#: heartbeat while it waits for a stage 1 or a reference run; epochs push on their own).
+STATUS_PUSH_SECONDS = 15.0
+
+# The open mirrors of this process, by local folder: a store or a refresh finds its mirror here.
+_OPEN: dict[Path, RemoteExperiment] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+class RemoteExperiment:
+    """One experiment in a bucket and this process's local mirror of it.
+
+    Args:
+        uri: ``s3://bucket/prefix/<name>``.
+        role: names the mirror's scratch folder (``driver``, ``trial``, ``view``...).
+        read_only: a mirror that never pushes (readers, parents of an extension).
+    """
+
+    def __init__(self, uri: BucketUri, role: str, *, read_only: bool = False):
+        self.uri = uri
+        self.bucket = Bucket(uri)
+        # Named as the experiment, so the folder's name is the experiment's name everywhere.
+        self._scratch = scratch_folder(uri, role)
+        self.mirror = Mirror(self.bucket, self._scratch / uri.name, read_only=read_only)
+        with _OPEN_LOCK:
+            _OPEN[self.folder.resolve()] = self
+
+    @property
+    def folder(self) -> Path:
+        return self.mirror.local
+
+    @property
+    def name(self) -> str:
+        return self.uri.name
+
+    def exists(self) -> bool:
+        return self.bucket.exists(EXPERIMENT.file)
+
+    def pull_metadata(self) -> None:
+        """``experiment.json``, ``plan.json`` and the study copy."""
+        for name in (EXPERIMENT.file, PLAN.file, STUDY_COPY):
+            self.mirror.pull_file(name)
+
+    def push(self, under: str = "") -> int:
+        return self.mirror.push(under)
+
+    def close(self) -> None:
+        """Forget the mirror and delete its folder (everything in it is in the bucket)."""
+        with _OPEN_LOCK:
+            _OPEN.pop(self.folder.resolve(), None)
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def experiment_in_bucket(root: BucketUri, name: str, *, must_exist: bool) -> BucketUri:
+    """``root/name`` after checking the name and whether an experiment is there (as
+    :func:`sweeps.experiment.experiment_dir` does for folders)."""
+    uri = root.child(check_name(name))
+    bucket = Bucket(uri)
+    try:
+        present = bucket.exists(EXPERIMENT.file)
+    except Exception as error:
+        raise BucketError(f"{uri}: cannot read it ({error})") from None
+    if must_exist and not present:
+        known = sorted(
+            relative.split("/")[0]
+            for relative in Bucket(root).listing()
+            if relative.count("/") == 1 and relative.endswith(f"/{EXPERIMENT.file}")
+        )
+        listing = f"; experiments there: {', '.join(known)}" if known else ""
+        raise ExperimentError(f"no experiment {name!r} in {root}{listing}")
+    if not must_exist and present:
+        raise ExperimentError(
+            f"experiment {name!r} already exists in {root}: continue it with "
+            f"`diffcom sweep resume {name}`, add trials with `diffcom sweep extend {name}`, "
+            "or launch under another --name"
+        )
+    return uri
+
+
+def pull_view(uri: BucketUri, *, into: RemoteExperiment | None = None) -> RemoteExperiment:
+    """A read-only local copy of an experiment for ``status``, ``watch`` and ``report``: every
+    file but checkpoints and TensorBoard events; with ``into``, that copy brought up to date
+    (changed files only)."""
+    view = into or RemoteExperiment(uri, "view", read_only=True)
+    pull_results(view.mirror)
+    return view
+
+
+def refresh_view(folder: Path) -> None:
+    """Bring a :func:`pull_view` copy up to date; nothing for an ordinary folder."""
+    with _OPEN_LOCK:
+        remote = _OPEN.get(Path(folder).resolve())
+    if remote is not None:
+        pull_view(remote.uri, into=remote)
+
+
+def refresh(folder: Path, under: str) -> None:
+    """Bring ``folder/under`` up to date from the bucket when ``folder`` is a mirror (results,
+    no checkpoints); nothing for an ordinary folder."""
+    with _OPEN_LOCK:
+        remote = _OPEN.get(Path(folder).resolve())
+    if remote is not None:
+        remote.mirror.pull(under, skip=HEAVY_PARTS)
+
+
+def stage1_store_of(folder: Path, metadata: dict) -> Stage1Store | None:
+    """The stage-1 store of a mirror folder (``None`` for an ordinary folder)."""
+    with _OPEN_LOCK:
+        remote = _OPEN.get(Path(folder).resolve())
+    if remote is None:
+        return None
+    return BucketStage1Store(remote, metadata.get("parents", []))
+
+
+class BucketStage1Store(Stage1Store):
+    """:class:`~sweeps.stage1.Stage1Store` over a bucket: keys fetched on demand, a lease in
+    place of the lock, one events file per trial (concurrent trials never overwrite each
+    other's lines). Parents of an extension (``s3://`` URIs, or folders) are read-only."""
+
+    def __init__(self, remote: RemoteExperiment, parents: list[str]):
+        self.remote = remote
+        self.parents: dict[Path, Mirror] = {}
+        roots = []
+        for parent in parents:
+            if is_bucket_uri(parent):
+                mirror = _parent_mirror(BucketUri.parse(parent))
+                self.parents[mirror.local / STAGE1_DIR] = mirror
+                roots.append(mirror.local / STAGE1_DIR)
+            else:
+                roots.append(Path(parent) / STAGE1_DIR)
+        super().__init__(remote.folder / STAGE1_DIR, tuple(roots))
+        self.trial = "trial"
+
+    def _mirror_of(self, root: Path) -> Mirror | None:
+        if root == self.root:
+            return self.remote.mirror
+        return self.parents.get(root)
+
+    def _fetch(self, root: Path, key: str, *, run: bool) -> None:
+        mirror = self._mirror_of(root)
+        if mirror is None:
+            return
+        done = mirror.pull_file(f"{STAGE1_DIR}/{key}/done.json")
+        if done or run:
+            mirror.pull(f"{STAGE1_DIR}/{key}/{STAGE1_RUN}")
+
+    @contextlib.contextmanager
+    def _lock(self, key: str, *, enabled: bool) -> Iterator[None]:
+        if not enabled:
+            yield
+            return
+        lease = Lease(
+            self.remote.bucket,
+            f"{STAGE1_DIR}/{key}.lease",
+            holder=self.trial,
+            ttl=LEASE_TTL_SECONDS,
+            poll=2.0,
+        )
+        with lease:
+            if lease.took_over:
+                print(
+                    f"[{self.trial}] stage 1 {key}: took over the lease of "
+                    f"{lease.took_over.get('holder', 'an unknown holder')}, which stopped renewing "
+                    "it; resuming its run from the last checkpoint it pushed",
+                    flush=True,
+                )
+            try:
+                yield
+            finally:
+                # What was trained (the run, done.json, the events) is in the bucket before any
+                # other trial can take the lease and look for it.
+                self.remote.push(f"{STAGE1_DIR}/{key}")
+
+    def _events_file(self, key: str, trial: str) -> Path:
+        safe = trial.replace("/", "__")
+        return self.root / key / "events" / f"{safe}.jsonl"
+
+    def obtain(self, config, train_stage1, *, trial, is_main=True, share=lambda value: value):
+        self.trial = trial
+        found = super().obtain(config, train_stage1, trial=trial, is_main=is_main, share=share)
+        if is_main:
+            self.remote.push(f"{STAGE1_DIR}/{found.key}")  # a reuse event
+        return found
+
+
+_PARENTS: dict[str, Mirror] = {}
+
+
+def _parent_mirror(uri: BucketUri) -> Mirror:
+    """One read-only mirror per parent experiment in this process (pulled keys stay pulled)."""
+    key = str(uri)
+    if key not in _PARENTS:
+        _PARENTS[key] = RemoteExperiment(uri, "parent", read_only=True).mirror
+    return _PARENTS[key]
+
+
+@dataclasses.dataclass
+class RemoteTrial:
+    """What a trial of a bucket experiment works with (see :func:`open_trial`)."""
+
+    remote: RemoteExperiment
+
+    @property
+    def folder(self) -> Path:
+        return self.remote.folder
+
+    def pull_runs(self, names: list[str]) -> None:
+        """The folders of the trial's runs, checkpoints included (a retry resumes from them)."""
+        for name in names:
+            self.remote.mirror.pull(f"{RUNS_DIR}/{name}")
+
+    def sync(self) -> None:
+        """Push what changed (an epoch boundary, the end of a run)."""
+        self.remote.push()
+
+
+@contextlib.contextmanager
+def open_trial(uri: str) -> Iterator[RemoteTrial]:
+    """A trial's mirror of the experiment at ``uri``: metadata pulled, ``status.json`` files
+    pushed every :data:`STATUS_PUSH_SECONDS` while it runs, everything changed pushed when it
+    ends (an error included), the mirror deleted after."""
+    remote = RemoteExperiment(BucketUri.parse(uri), "trial")
+    stop = threading.Event()
+
+    def push_statuses() -> None:
+        while not stop.wait(STATUS_PUSH_SECONDS):
+            with contextlib.suppress(Exception):  # the next beat, or the final push, retries
+                remote.mirror.push(names=(STATUS.file,))
+
+    beat = threading.Thread(target=push_statuses, name="status-push", daemon=True)
+    try:
+        remote.pull_metadata()
+        if not (remote.folder / EXPERIMENT.file).is_file():
+            raise ExperimentError(f"{uri}: no {EXPERIMENT.file} in the bucket")
+        beat.start()
+        yield RemoteTrial(remote)
+    finally:
+        stop.set()
+        if beat.is_alive():
+            beat.join()
+        try:
+            remote.push()
+        finally:
+            remote.close()

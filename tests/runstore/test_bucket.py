@@ -1,0 +1,163 @@
+"""runstore.bucket against a real S3-compatible server on localhost (tests/s3.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from runstore.bucket import Bucket, BucketError, BucketUri, Lease, Mirror
+from tests.s3 import new_bucket, start_server
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    yield from start_server(tmp_path_factory.mktemp("s3"))
+
+
+@pytest.fixture
+def bucket(s3):
+    return Bucket(f"s3://{new_bucket()}/experiments/exp")
+
+
+def test_uri_parsing_and_refusals():
+    uri = BucketUri.parse("s3://my-bucket/a/b/")
+    assert (uri.bucket, uri.prefix, uri.name, str(uri)) == (
+        "my-bucket",
+        "a/b",
+        "b",
+        "s3://my-bucket/a/b",
+    )
+    assert uri.child("exp").key("runs/x") == "a/b/exp/runs/x"
+    assert BucketUri.parse("s3://my-bucket").key("x") == "x"
+    for bad, words in [
+        ("s3://", "not a bucket name"),
+        ("s3://UPPER/x", "not a bucket name"),
+        ("s3://ok-bucket/a//b", "empty"),
+        ("s3://ok-bucket/a/../b", "'..'"),
+        ("gs://bucket", "expected s3://"),
+    ]:
+        with pytest.raises(BucketError, match=words):
+            BucketUri.parse(bad)
+
+
+def test_a_missing_bucket_is_named(s3):
+    with pytest.raises(BucketError, match="'no-such-bucket' does not exist.*") as caught:
+        Bucket("s3://no-such-bucket/x").check()
+    assert s3 in str(caught.value)  # the endpoint is named
+
+
+def test_a_bucket_that_denies_access_is_named(tmp_path):
+    for _ in start_server(tmp_path, require_auth=True):
+        with pytest.raises(BucketError, match="access to the bucket 'any-bucket' is denied"):
+            Bucket("s3://any-bucket/x").check()
+
+
+def test_check_passes_and_leaves_nothing(bucket):
+    bucket.check()
+    assert bucket.listing() == {}
+
+
+def test_push_uploads_what_changed_and_pull_downloads_what_changed(bucket, tmp_path):
+    writer = Mirror(bucket, tmp_path / "writer")
+    run = writer.local / "runs" / "a"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (run / "checkpoints" / "last.pt").write_bytes(b"x" * 1000)
+    (run / "status.json").write_text("{}")
+    (run / ".status.json.1.0123456789ab.tmp").write_text("half")  # a write in flight: never sent
+    assert writer.push() == 3
+    assert writer.push() == 0
+    assert set(bucket.listing()) == {
+        "runs/a/metrics.jsonl",
+        "runs/a/checkpoints/last.pt",
+        "runs/a/status.json",
+    }
+
+    reader = Mirror(bucket, tmp_path / "reader", read_only=True)
+    assert reader.pull(skip=("checkpoints/",)) == 2
+    assert not (reader.local / "runs/a/checkpoints/last.pt").exists()
+    assert reader.pull(skip=("checkpoints/",)) == 0
+    time.sleep(0.01)
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    assert writer.push() == 1
+    assert reader.pull("runs/a", skip=("checkpoints/",)) == 1
+    assert (reader.local / "runs/a/metrics.jsonl").read_text().count("epoch") == 2
+    assert reader.pull("runs/a") == 1  # the checkpoint, now that it is asked for
+    assert writer.pull() == 0  # its own uploads are not downloaded back
+    with pytest.raises(BucketError, match="read-only"):
+        reader.push()
+
+
+def test_pull_keeps_a_file_changed_here_and_not_yet_pushed(bucket, tmp_path):
+    first, second = Mirror(bucket, tmp_path / "1"), Mirror(bucket, tmp_path / "2")
+    (first.local / "f").write_text("one")
+    first.push()
+    second.pull()
+    (second.local / "f").write_text("mine")
+    (first.local / "f").write_text("theirs!")
+    first.push()
+    second.pull()
+    assert (second.local / "f").read_text() == "mine"
+
+
+def test_conditional_writes(bucket):
+    etag = bucket.create("lease", b"a")
+    assert etag and bucket.create("lease", b"b") is None
+    assert bucket.replace("lease", b"c", "wrong") is None
+    new = bucket.replace("lease", b"c", etag)
+    assert new and bucket.read("lease") == (b"c", new)
+
+
+def test_a_lease_is_held_by_one_holder_at_a_time(bucket):
+    inside, overlaps, order = [], [], []
+
+    def hold(name: str) -> None:
+        with Lease(bucket, "stage1/k.lease", name, ttl=30, poll=0.05):
+            inside.append(name)
+            if len(inside) > 1:
+                overlaps.append(list(inside))
+            order.append(name)
+            time.sleep(0.3)
+            inside.remove(name)
+
+    threads = [threading.Thread(target=hold, args=(f"t{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(order) == ["t0", "t1", "t2"] and overlaps == []
+    assert not bucket.exists("stage1/k.lease")  # released by the last holder
+
+
+def test_a_renewed_lease_is_not_taken_over(bucket):
+    waits = []
+    holder = Lease(bucket, "l", "alive", ttl=2.0)
+    holder.acquire()
+    try:
+        asker = Lease(bucket, "l", "asker", ttl=2.0, poll=0.2, on_wait=waits.append)
+        got = threading.Event()
+        thread = threading.Thread(target=lambda: (asker.acquire(), got.set()), daemon=True)
+        thread.start()
+        assert not got.wait(6.0)  # three times the ttl: renewals kept it
+        assert waits and waits[-1]["holder"] == "alive"
+    finally:
+        holder.release()
+    assert got.wait(60) and asker.took_over is None and not holder.lost
+    asker.release()
+
+
+def test_a_dead_holders_lease_is_taken_over(bucket):
+    dead = Lease(bucket, "l", "dead-trial", ttl=1.0)
+    assert bucket.create("l", dead._record())  # created, then never renewed: its holder died
+    deadline = time.monotonic() + 120
+    taker = Lease(bucket, "l", "taker", ttl=1.0, poll=0.2)
+    taker.acquire()
+    try:
+        assert time.monotonic() < deadline
+        assert taker.took_over["holder"] == "dead-trial"
+        # The dead holder, were it to come back, finds the lease gone from it.
+        assert bucket.replace("l", b"x", "stale-etag") is None
+    finally:
+        taker.release()

@@ -1,0 +1,232 @@
+"""Experiments in a bucket (sweeps.remote) against a real S3-compatible server on localhost
+(tests/s3.py): the shared stage 1 under a lease, a trial's mirror, launch and its refusals. The
+end-to-end study on Ray (a killed driver, resume, status and report from the bucket) is in
+test_ray_remote.py."""
+
+from __future__ import annotations
+
+import functools
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from core.config import load_config
+from runstore.bucket import Bucket, BucketError
+from sweeps import ray_adapter, remote
+from sweeps.experiment import ExperimentError, read_json
+from sweeps.remote import BucketStage1Store, RemoteExperiment, open_trial, pull_view
+from sweeps.stage1 import stage1_key
+from sweeps.trial import RunSpec, run_trial
+from tests.s3 import CREDENTIALS, new_bucket, start_server
+from tests.smoke import SMOKE
+
+STUDIES = Path(__file__).parent / "studies"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    yield from start_server(tmp_path_factory.mktemp("s3"))
+
+
+@pytest.fixture
+def uri(s3) -> str:
+    """A new experiment's location in a fresh bucket."""
+    return f"s3://{new_bucket()}/experiments/exp"
+
+
+def _config(*overrides):
+    return load_config(overrides=["data.dataset=nations", *overrides])
+
+
+def _fake_stage1(log: str, config, folder: Path) -> dict:
+    """Stands in for core training: takes a while, writes the checkpoint, counts itself."""
+    with open(log, "a") as stream:
+        stream.write(f"{config.seed}\n")
+    time.sleep(1.0)
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (folder / "checkpoints" / "last.pt").write_bytes(b"weights")
+    return {"timings": {"train_seconds": 1.0}}
+
+
+def _ask(environment: dict, uri: str, log: str, seed: int, trial: str) -> bool:
+    os.environ.update(environment)
+    experiment = RemoteExperiment(remote.BucketUri.parse(uri), "trial")
+    try:
+        store = BucketStage1Store(experiment, [])
+        found = store.obtain(
+            _config(f"seed={seed}"), functools.partial(_fake_stage1, log), trial=trial
+        )
+        return found.trained_here
+    finally:
+        experiment.close()
+
+
+def _environment() -> dict:
+    return {key: os.environ[key] for key in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
+
+
+def test_trials_racing_for_a_key_in_a_bucket_train_it_once(uri, tmp_path):
+    log = str(tmp_path / "trainings.log")
+    asks = [
+        (_environment(), uri, log, seed, f"trial-{i}-seed-{seed}")
+        for i in range(3)
+        for seed in (0, 1)
+    ]
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        trained = pool.starmap(_ask, asks)
+    assert sum(trained) == 2  # one per seed, whatever the interleaving
+    assert sorted(Path(log).read_text().split()) == ["0", "1"]
+    bucket = Bucket(uri)
+    listing = bucket.listing("stage1")
+    for seed in (0, 1):
+        key = stage1_key(_config(f"seed={seed}"))
+        assert f"stage1/{key}/done.json" in listing
+        assert f"stage1/{key}/run/checkpoints/last.pt" in listing
+        assert f"stage1/{key}.lease" not in listing  # released
+    # One events file per trial: concurrent trials never overwrite each other's lines.
+    view = pull_view(bucket.uri)
+    events = BucketStage1Store(view, []).events()
+    assert sorted(e["event"] for e in events) == ["reused"] * 4 + ["trained"] * 2 + ["training"] * 2
+
+
+def _die_while_training(environment: dict, uri: str) -> None:
+    """A trial that trains stage 1, pushes a partial checkpoint, and dies holding the lease."""
+    os.environ.update(environment)
+    experiment = RemoteExperiment(remote.BucketUri.parse(uri), "trial")
+
+    def crash(config, folder):
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "last.pt").write_bytes(b"half")
+        experiment.push()  # an epoch boundary
+        os._exit(17)  # no release, no cleanup: a SIGKILL or a lost node
+
+    BucketStage1Store(experiment, []).obtain(_config(), crash, trial="first")
+
+
+def test_a_dead_holders_lease_is_taken_over_and_its_partial_run_resumed(uri, monkeypatch, capsys):
+    process = multiprocessing.get_context("spawn").Process(
+        target=_die_while_training, args=(_environment(), uri)
+    )
+    process.start()
+    process.join(timeout=600)
+    assert process.exitcode == 17
+    key = stage1_key(_config())
+    assert Bucket(uri).exists(f"stage1/{key}.lease")  # still there: its holder never released it
+
+    monkeypatch.setattr(remote, "LEASE_TTL_SECONDS", 1.0)
+    experiment = RemoteExperiment(remote.BucketUri.parse(uri), "trial")
+    resumed_from = []
+
+    def resume(config, folder):
+        resumed_from.append((folder / "checkpoints" / "last.pt").read_bytes())
+        (folder / "checkpoints" / "last.pt").write_bytes(b"weights")
+        return {"timings": {"train_seconds": 1.0}}
+
+    try:
+        found = BucketStage1Store(experiment, []).obtain(_config(), resume, trial="second")
+    finally:
+        experiment.close()
+    assert found.trained_here and resumed_from == [b"half"]
+    assert "took over the lease of first" in capsys.readouterr().out
+    done = json.loads(Bucket(uri).read(f"stage1/{key}/done.json")[0])
+    assert done["trained_by"] == "second"
+    assert Bucket(uri).read(f"stage1/{key}/run/checkpoints/last.pt")[0] == b"weights"
+
+
+def test_a_parent_experiment_in_a_bucket_is_read_and_never_written(uri, tmp_path):
+    parent_uri = uri + "-parent"
+    log = str(tmp_path / "trainings.log")
+    assert _ask(_environment(), parent_uri, log, 0, "old")
+    before = Bucket(parent_uri).listing()
+    experiment = RemoteExperiment(remote.BucketUri.parse(uri), "trial")
+    try:
+        store = BucketStage1Store(experiment, [parent_uri])
+        found = store.obtain(_config("seed=0"), functools.partial(_fake_stage1, log), trial="new")
+        assert not found.trained_here and found.checkpoint.read_bytes() == b"weights"
+    finally:
+        experiment.close()
+    assert Bucket(parent_uri).listing() == before
+    assert Path(log).read_text().split() == ["0"]
+
+
+def test_a_trial_in_a_bucket_trains_in_its_mirror_and_leaves_everything_in_the_bucket(uri):
+    bucket = Bucket(uri)
+    bucket.write(
+        "experiment.json",
+        json.dumps(
+            {"name": "exp", "kind": "ablation", "metric": "valid.clean.mrr", "mode": "max"}
+        ).encode(),
+    )
+    config = load_config(overrides=SMOKE)
+    reports = []
+    with open_trial(uri) as trial:
+        folder = trial.folder
+
+        def report(metrics):
+            trial.sync()
+            reports.append(
+                sorted(
+                    name
+                    for name in bucket.listing("runs")
+                    if name.endswith(("metrics.jsonl", "last.pt"))
+                )
+            )
+
+        run_trial(folder, "ablation/full/seed-0", [RunSpec("ablation/full/seed-0", config)], report)
+    assert not folder.exists()  # the mirror is gone; the bucket has it all
+    listing = bucket.listing()
+    run = "runs/ablation/full/seed-0"
+    for name in (
+        "results.json",
+        "metrics.jsonl",
+        "checkpoints/last.pt",
+        "status.json",
+        "trial.json",
+        "config.json",
+    ):
+        assert f"{run}/{name}" in listing, name
+    # Each stage-2 epoch's report found that epoch's files in the bucket already.
+    assert [f"{run}/checkpoints/last.pt", f"{run}/metrics.jsonl"] in reports
+    view = pull_view(bucket.uri)
+    status = read_json(view.folder / run / "status.json")
+    assert status["state"] == "finished" and status["stage1"]["reused"] is False
+    assert not (view.folder / run / "checkpoints").exists()  # a reader's copy: no checkpoints
+    key = stage1_key(config)
+    assert f"stage1/{key}/done.json" in listing
+
+
+def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_cannot_hold(
+    uri, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(ray_adapter, "_start_ray", lambda address: pytest.fail("Ray started"))
+    root = uri.rsplit("/", 1)[0]
+    with pytest.raises(BucketError, match="'no-such-bucket' does not exist"):
+        ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage="s3://no-such-bucket/x")
+    with pytest.raises(ExperimentError, match="workers > 1 .* resources.workers = 2"):
+        ray_adapter.launch(STUDIES / "smoke-two-workers.yaml", storage=root)
+    with pytest.raises(ExperimentError, match="cannot live in a bucket: give --optuna-storage"):
+        ray_adapter.launch(STUDIES / "smoke-search.yaml", storage=root)
+
+    tuned = []
+    monkeypatch.setattr(ray_adapter, "_start_ray", lambda address: None)
+    monkeypatch.setattr(ray_adapter, "_cluster_resources", dict)
+    monkeypatch.setattr(ray_adapter, "_concurrency", lambda resources: 1)
+    monkeypatch.setattr(ray_adapter, "_tuner", lambda *args: tuned.append(args))
+    monkeypatch.setattr(ray_adapter, "_fit", lambda tuner: None)
+    folder = ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=root)
+    listing = Bucket(f"{root}/smoke-ablation").listing()
+    assert {"experiment.json", "plan.json", "study.yaml"} <= set(listing)
+    metadata = read_json(folder / "experiment.json")
+    assert metadata["name"] == "smoke-ablation" and metadata["storage"] == f"{root}/smoke-ablation"
+    (study, mirror, plan, history, verbose, optuna, location) = tuned[0]
+    assert location == f"{root}/smoke-ablation" and mirror.name == "smoke-ablation"
+    with pytest.raises(ExperimentError, match="'smoke-ablation' already exists in s3://"):
+        ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=root)
+    with pytest.raises(
+        ExperimentError, match="no experiment 'other' in s3://.*there: smoke-ablation"
+    ):
+        ray_adapter.resume("other", storage=root)
