@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import secrets
 import shutil
 import threading
 from collections.abc import Iterator
@@ -187,8 +188,8 @@ def stage1_store_of(folder: Path, metadata: dict) -> Stage1Store | None:
 
 class BucketStage1Store(Stage1Store):
     """:class:`~sweeps.stage1.Stage1Store` over a bucket: keys fetched on demand, a lease in
-    place of the lock, one events file per trial (concurrent trials never overwrite each
-    other's lines). Parents of an extension (``s3://`` URIs, or folders) are read-only."""
+    place of the lock, one events file per trial attempt (concurrent trials never overwrite
+    each other's lines). Parents of an extension (``s3://`` URIs, or folders) are read-only."""
 
     def __init__(self, remote: RemoteExperiment, parents: list[str]):
         self.remote = remote
@@ -203,6 +204,7 @@ class BucketStage1Store(Stage1Store):
                 roots.append(Path(parent) / STAGE1_DIR)
         super().__init__(remote.folder / STAGE1_DIR, tuple(roots))
         self.trial = "trial"
+        self._attempt = secrets.token_hex(4)
 
     def _mirror_of(self, root: Path) -> Mirror | None:
         if root == self.root:
@@ -245,8 +247,10 @@ class BucketStage1Store(Stage1Store):
                 self.remote.push(f"{STAGE1_DIR}/{key}")
 
     def _events_file(self, key: str, trial: str) -> Path:
+        # One file per trial attempt: an attempt starts from a fresh mirror without the files
+        # of earlier attempts, and must not replace their lines in the bucket.
         safe = trial.replace("/", "__")
-        return self.root / key / "events" / f"{safe}.jsonl"
+        return self.root / key / "events" / f"{safe}.{self._attempt}.jsonl"
 
     def obtain(self, config, train_stage1, *, trial, is_main=True, share=lambda value: value):
         self.trial = trial

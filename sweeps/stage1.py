@@ -11,7 +11,7 @@ loss weights and every other stage-2 knob do not change it. Trials whose stage-1
     stage1/<key>/events.jsonl  one line per trial that trained or reused it
 
 In a bucket (:mod:`sweeps.remote`) the same layout holds, with a lease object ``stage1/<key>.lease``
-in place of the lock and one events file per trial under ``stage1/<key>/events/``.
+in place of the lock and one events file per trial attempt under ``stage1/<key>/events/``.
 
 Two trials asking for the same key at once are safe: the second waits on the lock and then
 reuses. A trial killed while training leaves no ``done.json`` and releases the lock (the kernel
