@@ -22,6 +22,9 @@ CLUSTER_FILE = REPO / "cluster.yaml"
 # The on-premises variant is the commented block between these two lines of cluster.yaml.
 LOCAL_START = "# --- on-premises variant ---"
 LOCAL_END = "# --- end ---"
+# The bucket variant (experiments in S3, no EFS) is the commented block between these two.
+BUCKET_START = "# --- bucket variant ---"
+BUCKET_END = "# --- end of bucket variant ---"
 
 LAUNCH = re.compile(
     r"diffcom sweep launch (?P<study>\S+) --address auto --storage (?P<storage>\S+)"
@@ -40,12 +43,13 @@ def comment_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.lstrip().startswith("#")]
 
 
-def local_variant_text(text: str) -> str:
-    """The on-premises block with one comment marker ('#' and an optional space) removed per line."""
+def local_variant_text(text: str, start_line: str = LOCAL_START, end_line: str = LOCAL_END) -> str:
+    """The on-premises block (or another variant's, between ``start_line`` and ``end_line``) with
+    one comment marker ('#' and an optional space) removed per line."""
     lines = text.splitlines()
-    assert lines.count(LOCAL_START) == 1, f"expected one line {LOCAL_START!r}"
-    assert lines.count(LOCAL_END) == 1, f"expected one line {LOCAL_END!r}"
-    start, end = lines.index(LOCAL_START), lines.index(LOCAL_END)
+    assert lines.count(start_line) == 1, f"expected one line {start_line!r}"
+    assert lines.count(end_line) == 1, f"expected one line {end_line!r}"
+    start, end = lines.index(start_line), lines.index(end_line)
     assert start < end
     block = lines[start + 1 : end]
     assert block, "the on-premises block is empty"
@@ -87,8 +91,15 @@ def local_config(text) -> dict:
     return yaml.safe_load(local_variant_text(text))
 
 
-@pytest.fixture(params=["aws", "on-premises"])
+@pytest.fixture
+def bucket_config(text) -> dict:
+    return yaml.safe_load(local_variant_text(text, BUCKET_START, BUCKET_END))
+
+
+@pytest.fixture(params=["aws", "on-premises", "bucket"])
 def any_config(request, text) -> dict:
+    if request.param == "bucket":
+        return yaml.safe_load(local_variant_text(text, BUCKET_START, BUCKET_END))
     return yaml.safe_load(text if request.param == "aws" else local_variant_text(text))
 
 
@@ -214,8 +225,6 @@ def test_comments_launch_a_study_on_the_mounted_efs_storage(text, config):
     assert mounts, "the AWS variant mounts no EFS file system"
     launches = [m for line in comment_lines(text) if (m := LAUNCH.search(line))]
     assert launches
-    # `diffcom sweep launch --storage` takes mounted paths only (no object-store URIs).
-    assert not [m for m in launches if "://" in m["storage"]]
     on_efs = [m for m in launches if m["storage"].startswith(mounts[0].rstrip("/") + "/")]
     assert on_efs, f"no `diffcom sweep launch ... --storage` under the EFS mount {mounts}"
     assert all((REPO / m["study"]).is_file() for m in on_efs)
@@ -239,3 +248,28 @@ def test_comments_launch_the_on_premises_variant_on_nfs(text, local_config):
     ]
     assert on_nfs, f"no `diffcom sweep launch ... --storage` under the NFS mount {mounts}"
     assert all((REPO / m["study"]).is_file() for m in on_nfs)
+
+
+def test_bucket_variant_is_valid_and_launches_into_a_bucket_the_workers_can_reach(
+    text, bucket_config, schema
+):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    jsonschema.validate(bucket_config, schema)
+    validate_config(prepare_config(copy.deepcopy(bucket_config)))
+    assert bucket_config["provider"]["type"] == "aws"
+    # No file system to mount: the bucket is the shared storage.
+    assert not [c for c in all_commands(bucket_config) if "mount" in c]
+    head = bucket_config["head_node_type"]
+    workers = [t for name, t in bucket_config["available_node_types"].items() if name != head]
+    assert workers and all(
+        t["node_config"]["IamInstanceProfile"]["Arn"].endswith("instance-profile/ray-autoscaler-v1")
+        for t in workers
+    ), "trials run on the workers, which need the bucket's credentials"
+    launches = [m for line in comment_lines(text) if (m := LAUNCH.search(line))]
+    in_bucket = [m for m in launches if m["storage"].startswith("s3://")]
+    assert in_bucket, "no `diffcom sweep launch ... --storage s3://...` for the bucket variant"
+    assert all((REPO / m["study"]).is_file() for m in in_bucket)
+    from runstore.bucket import BucketUri
+
+    assert all(BucketUri.parse(m["storage"].replace("BUCKET", "my-bucket")) for m in in_bucket)

@@ -1,0 +1,295 @@
+"""Experiments in a bucket (``--storage s3://...``): what they upload and what they cost.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_bucket.py [--part volume|overhead|both] [--repeats N]
+
+The bucket is moto's S3-compatible server on localhost (``moto[server]``, which ``make test``
+installs), started and stopped here and reached over HTTP by the same boto3 and pyarrow clients
+users run against AWS. Localhost has no network cost, so the overhead measured is the mirror's own
+work (listing, hashing, copying, uploading through the S3 protocol); over a real network add the
+volume divided by the bandwidth.
+
+* ``volume``: the bytes a trial uploads per epoch at FB15k-237 size. A real run trains through
+  ``core.train.trainer.train`` on a synthetic graph with FB15k-237-IMG's entity and relation counts
+  (14,541 and 237; fewer training triples, which the checkpoint does not depend on, so an epoch is
+  short), random frozen 384-wide text and 1,280-wide image features as ``bench_scale.py`` injects
+  them, and the model ``bench_scale.py`` measures (width 256, MGAT, denoiser 1024 x 1, K = 20).
+  After every epoch the run folder is pushed as a trial pushes it (:class:`runstore.bucket.Mirror`)
+  and the uploaded bytes, files and seconds are recorded, by stage.
+* ``overhead``: the demo study (``sweeps/studies/demo.yaml``, what ``make demo`` runs) launched
+  into a local folder and into the bucket, alternately, ``--repeats`` times each, in one session;
+  the ratio of the median wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("DIFFCOM_CACHE_DIR", tempfile.mkdtemp(prefix="bench-bucket-cache-"))
+
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+TEXT_WIDTH, IMAGE_WIDTH = 384, 1280  # as bench_scale.py: MiniLM text, EfficientNet-Lite0 images
+
+
+# ------------------------------------------------------------------------------ the S3 server
+
+
+def _start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (folder / "s3-server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
+                break
+        except OSError:
+            if server.poll() is not None or time.monotonic() - started > 300:
+                raise SystemExit(
+                    f"the S3 server did not start: see {folder / 's3-server.log'}"
+                ) from None
+            time.sleep(0.3)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=url,
+    )
+    return server, url
+
+
+def _bucket(name: str) -> str:
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+# ------------------------------------------------------------------------------ volume
+
+
+def _volume_child(args) -> None:
+    """One real run at FB15k-237 size, pushed after every epoch; prints ``RESULT {json}``."""
+    import torch
+
+    import core.train.trainer as trainer
+    from core.config import load_config
+    from core.data.registry import synthetic_dataset_folder
+    from core.data.synthetic import SyntheticSpec
+    from runstore.bucket import Bucket, Mirror
+
+    spec = SyntheticSpec.preset(
+        "fb15k-237-img",
+        num_train=args.train_triples,
+        num_valid=500,
+        num_test=500,
+        images_per_entity=0,
+    )
+    spec = dataclasses.replace(spec, name="synthetic-fb15k-237-img-bucket")
+    folder = synthetic_dataset_folder(spec)
+    generator = torch.Generator().manual_seed(0)
+    entities = spec.num_entities
+    mask = torch.ones(entities, dtype=torch.bool)
+    features = SimpleNamespace(
+        text=torch.nn.functional.normalize(torch.randn(entities, TEXT_WIDTH, generator=generator)),
+        text_mask=mask,
+        image=torch.randn(entities, IMAGE_WIDTH, generator=generator).abs(),
+        image_mask=mask,
+    )
+    trainer.extract_features = lambda graph, settings, progress=True: features
+    config = load_config(
+        None,
+        [
+            f"data.dataset={folder}",
+            "features.text_encoder=none",
+            "features.image_encoder=none",
+            "structure.encoder=mgat",
+            "diffusion.steps=20",
+            "diffusion.denoiser_width=1024",
+            "diffusion.denoiser_depth=1",
+            "train.batch_size=128",
+            f"train.stage1_epochs={args.epochs}",
+            f"train.stage2_epochs={args.epochs}",
+            "train.patience=0",
+        ],
+    )
+    mirror = Mirror(Bucket(f"s3://{_bucket('bench-volume')}/exp"), Path(args.scratch) / "exp")
+    run_dir = mirror.local / "runs" / "fb15k-237-size"
+    epochs = []
+
+    def on_epoch(record: dict) -> None:
+        before_bytes, before_files = mirror.uploaded_bytes, mirror.uploaded_files
+        started = time.perf_counter()
+        mirror.push()
+        epochs.append(
+            {
+                "stage": record["stage"],
+                "epoch": record["epoch"],
+                "bytes": mirror.uploaded_bytes - before_bytes,
+                "files": mirror.uploaded_files - before_files,
+                "push_seconds": round(time.perf_counter() - started, 3),
+                "epoch_seconds": record.get("train_seconds"),
+                "checkpoint_bytes": (run_dir / "checkpoints" / "last.pt").stat().st_size,
+            }
+        )
+
+    trainer.train(config, run_dir, callback=on_epoch, progress=False)
+    before = mirror.uploaded_bytes
+    mirror.push()  # the end of the run: results.json, ranks
+    result = {
+        "entities": entities,
+        "relations": spec.num_relations,
+        "train_triples": args.train_triples,
+        "epochs": epochs,
+        "final_push_bytes": mirror.uploaded_bytes - before,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _volume(args, scratch: Path) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "volume",
+        "--scratch",
+        str(scratch),
+        "--epochs",
+        str(args.epochs),
+        "--train-triples",
+        str(args.train_triples),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"the volume run failed:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+# ------------------------------------------------------------------------------ overhead
+
+
+def _launch(storage: str, name: str) -> float:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "diffcom", "sweep", "launch", "sweeps/studies/demo.yaml"]
+        + ["--name", name, "--storage", storage],
+        cwd=_REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"launch into {storage} failed:\n{done.stderr[-4000:]}")
+    return seconds
+
+
+def _overhead(args, scratch: Path) -> dict:
+    bucket = _bucket("bench-overhead")
+    local, remote = [], []
+    for repeat in range(args.repeats):
+        # Alternate which goes first, so a machine that gets busier or quieter favours neither.
+        sides = [("local", str(scratch / "local")), ("bucket", f"s3://{bucket}/exps")]
+        for side, storage in sides if repeat % 2 == 0 else sides[::-1]:
+            seconds = _launch(storage, f"demo-{repeat}")
+            (local if side == "local" else remote).append(seconds)
+            print(f"  demo study into the {side}: {seconds:.1f} s", flush=True)
+    return {
+        "local_seconds": local,
+        "bucket_seconds": remote,
+        "ratio_of_medians": statistics.median(remote) / statistics.median(local),
+    }
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:,.1f} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("volume", "overhead", "both"), default="both")
+    parser.add_argument("--repeats", type=int, default=2, help="demo launches per side")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per stage (volume)")
+    parser.add_argument("--train-triples", type=int, default=15000, help="(volume)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "volume":
+        _volume_child(args)
+        return
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-bucket-"))
+    server, url = _start_server(scratch)
+    os.environ["DIFFCOM_SCRATCH"] = str(scratch / "mirrors")
+    results: dict = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs), {platform.platform()}",
+        "s3_endpoint": url,
+        "loadavg_start": os.getloadavg(),
+    }
+    try:
+        if args.part in ("volume", "both"):
+            volume = _volume(args, scratch)
+            results["volume"] = volume
+            print(
+                f"upload per trial-epoch at {volume['entities']:,} entities / "
+                f"{volume['relations']} relations:"
+            )
+            for epoch in volume["epochs"]:
+                print(
+                    f"  stage {epoch['stage']} epoch {epoch['epoch']}: {_mib(epoch['bytes'])} in "
+                    f"{epoch['files']} files ({_mib(epoch['checkpoint_bytes'])} checkpoint), "
+                    f"push {epoch['push_seconds']:.2f} s vs epoch {epoch['epoch_seconds'] or 0:.1f} s"
+                )
+            print(f"  end of the run: {_mib(volume['final_push_bytes'])}")
+        if args.part in ("overhead", "both"):
+            overhead = _overhead(args, scratch)
+            results["overhead"] = overhead
+            print(
+                f"demo study, bucket / local folder: {overhead['ratio_of_medians']:.2f}x "
+                f"(medians {statistics.median(overhead['bucket_seconds']):.1f} s and "
+                f"{statistics.median(overhead['local_seconds']):.1f} s)"
+            )
+    finally:
+        server.terminate()
+        results["loadavg_end"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
