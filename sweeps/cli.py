@@ -201,7 +201,7 @@ def _status(args: argparse.Namespace) -> int:
         mlflow = tracking["mlflow"]
         print(f"mlflow: {mlflow.get('uri')} (parent run {mlflow.get('parent_run_id') or '-'})")
     if tracking.get("tensorboard"):
-        print(f"tensorboard: tensorboard --logdir {folder / 'runs'}")
+        print(f"tensorboard: tensorboard --logdir {_where(folder, metadata)}/runs")
     counts = _state_counts(statuses)
     print("runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     width = max([len(s.name) for s in statuses] + [3])

@@ -55,6 +55,7 @@ from runstore import (
     EXPERIMENT,
     METRICS,
     RESULTS,
+    RUNS_DIR,
     TENSORBOARD_DIR,
     TRACKING,
     TRIAL,
@@ -555,6 +556,15 @@ class RunTracker:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _tag_values(tags).items()])
 
 
+def _run_location(metadata: dict, run_dir: Path, run: str) -> str:
+    """Where a run lives for a reader: its folder, or its place in a bucket (the folder being
+    then a trial's temporary copy)."""
+    storage = metadata.get("storage")
+    if isinstance(storage, str) and storage.startswith("s3://"):
+        return f"{storage}/{RUNS_DIR}/{run}"
+    return str(run_dir)
+
+
 def _run_tags(
     metadata: dict, run_dir: Path, trial: str, run: str, config: ExperimentConfig
 ) -> dict[str, str]:
@@ -571,7 +581,7 @@ def _run_tags(
         "diffcom.seed": str(config.seed),
         "diffcom.code_revision": revision + ("+dirty" if code.get("dirty") else ""),
         "mlflow.source.git.commit": revision,
-        "diffcom.run_folder": str(run_dir),
+        "diffcom.run_folder": _run_location(metadata, run_dir, run),
     }
     if config.baseline.model == "none":
         tags["diffcom.stage1_key"] = stage1_key(config)

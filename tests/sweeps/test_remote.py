@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from core.config import load_config
+from diffcom.cli import main
 from runstore.bucket import Bucket, BucketError
 from sweeps import ray_adapter, remote
 from sweeps.experiment import ExperimentError, read_json
 from sweeps.remote import BucketStage1Store, RemoteExperiment, open_trial, pull_view
-from sweeps.stage1 import stage1_key
+from sweeps.stage1 import Stage1Store, stage1_key
 from sweeps.trial import RunSpec, run_trial
 from tests.s3 import CREDENTIALS, new_bucket, start_server
 from tests.smoke import SMOKE
@@ -230,3 +231,74 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
         ExperimentError, match="no experiment 'other' in s3://.*there: smoke-ablation"
     ):
         ray_adapter.resume("other", storage=root)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Launches write and push the experiment but neither start Ray nor run a Tuner."""
+    tuned = []
+    monkeypatch.setattr(ray_adapter, "_start_ray", lambda address: None)
+    monkeypatch.setattr(ray_adapter, "_cluster_resources", dict)
+    monkeypatch.setattr(ray_adapter, "_concurrency", lambda resources: 1)
+    monkeypatch.setattr(ray_adapter, "_tuner", lambda *args: tuned.append(args))
+    monkeypatch.setattr(ray_adapter, "_fit", lambda tuner: None)
+    return tuned
+
+
+def test_extend_in_a_bucket_links_the_new_experiment_to_the_old_one_there(uri, no_ray, tmp_path):
+    root = uri.rsplit("/", 1)[0]
+    study = tmp_path / "smoke-sensitivity.yaml"
+    study.write_text((STUDIES / "smoke-sensitivity.yaml").read_text())
+    ray_adapter.launch(study, storage=root)
+    new = ray_adapter.extend("smoke-sensitivity", seeds=(2,), storage=root)
+    assert new.name == "smoke-sensitivity-ext1"
+    metadata = json.loads(Bucket(f"{root}/smoke-sensitivity-ext1").read("experiment.json")[0])
+    assert metadata["parents"] == [f"{root}/smoke-sensitivity"]
+    assert metadata["extension"] == {"seeds": [2]}
+    assert no_ray[-1][-1] == f"{root}/smoke-sensitivity-ext1"  # the Tuner's location
+    # A trial of the extension reuses the parent's stage 1 from the bucket, read-only.
+    parent = RemoteExperiment(remote.BucketUri.parse(f"{root}/smoke-sensitivity"), "trial")
+    log = str(tmp_path / "trainings.log")
+    try:
+        BucketStage1Store(parent, []).obtain(
+            _config("seed=0"), functools.partial(_fake_stage1, log), trial="old"
+        )
+        parent.push()
+    finally:
+        parent.close()
+    child = RemoteExperiment(remote.BucketUri.parse(f"{root}/smoke-sensitivity-ext1"), "trial")
+    try:
+        store = Stage1Store.of_experiment(child.folder, metadata)
+        assert isinstance(store, BucketStage1Store)
+        found = store.obtain(_config("seed=0"), functools.partial(_fake_stage1, log), trial="new")
+        assert not found.trained_here
+    finally:
+        child.close()
+    assert Path(log).read_text().split() == ["0"]
+
+
+def test_status_and_watch_read_an_experiment_in_the_bucket(uri, no_ray, capsys):
+    def main_output(root: str) -> str:
+        main(["sweep", "status", "smoke-ablation", "--storage", root])
+        return capsys.readouterr().out
+
+    root = uri.rsplit("/", 1)[0]
+    ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=root)
+    bucket = Bucket(f"{root}/smoke-ablation")
+    bucket.write(
+        "runs/ablation/short/seed-0/status.json",
+        json.dumps(
+            {"state": "running", "heartbeat": "2026-01-01T00:00:00+00:00", "attempts": []}
+        ).encode(),
+    )
+    assert main(["sweep", "status", "smoke-ablation", "--storage", root]) == 0
+    shown = capsys.readouterr().out
+    assert f"in {root}/smoke-ablation" in shown and "2 pending, 1 running" in shown
+    bucket.write(
+        "runs/ablation/short/seed-0/status.json",
+        json.dumps({"state": "failed", "error": "boom", "attempts": []}).encode(),
+    )
+    assert main(["sweep", "watch", "smoke-ablation", "--storage", root, "--once"]) == 0
+    shown = capsys.readouterr().out
+    assert "1 failed, 2 pending" in shown and "boom" in shown
+    assert f"tensorboard --logdir {root}/smoke-ablation/runs" in main_output(root)
