@@ -379,10 +379,12 @@ class Mirror:
                 self._known[relative] = (etag, *_dated(path, modified))
             return True
 
-    def push(self, under: str = "", *, names: tuple[str, ...] = ()) -> int:
-        """Upload every file under ``under`` (only those named ``names``, when given) that
-        changed locally since the last pull or push: checkpoints after the other files,
-        ``status.json`` files last. Returns the count."""
+    def push(
+        self, under: str = "", *, names: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+    ) -> int:
+        """Upload every file under ``under`` (only those named ``names``, when given; none whose
+        relative path contains one of ``skip``) that changed locally since the last pull or push:
+        checkpoints after the other files, ``status.json`` files last. Returns the count."""
         if self.read_only:
             raise BucketError(f"{self.bucket.uri}: this mirror is read-only")
         with self._lock:
@@ -393,6 +395,8 @@ class Mirror:
                 if not path.is_file() or not _mirrored(relative):
                     continue
                 if names and path.name not in names:
+                    continue
+                if any(part in relative for part in skip):
                     continue
                 known = self._known.get(relative)
                 if known is None or known[1:] != _stat(path):

@@ -89,6 +89,7 @@ def _launch(args: argparse.Namespace) -> int:
         optuna_storage=args.optuna_storage,
         mlflow=args.mlflow,
         tensorboard=args.tensorboard,
+        checkpoint_every=args.checkpoint_every,
     )
     return _finish(folder)
 
@@ -434,6 +435,14 @@ def add_sweep_commands(nouns) -> None:
         default=None,
         help="TensorBoard event files in every run folder (default: the study's "
         "tracking.tensorboard, on when it says nothing): tensorboard --logdir EXPERIMENT/runs",
+    )
+    launch.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="with an s3:// --storage: upload each run's checkpoint every N epochs and when it "
+        "ends (default 1; metrics and status go up every epoch). A resumed run repeats at most "
+        "N - 1 epochs; see BENCHMARKS.md for the checkpoint sizes that call for it",
     )
     _storage_argument(launch)
     _address_argument(launch)

@@ -46,7 +46,13 @@ from sweeps.experiment import (
     write_json,
 )
 from sweeps.pack import PACK_PREFIX, plan_packs, run_pack
-from sweeps.remote import RemoteExperiment, experiment_in_bucket, open_trial, pull_view
+from sweeps.remote import (
+    RemoteExperiment,
+    checkpoint_every_of,
+    experiment_in_bucket,
+    open_trial,
+    pull_view,
+)
 from sweeps.stage1 import interleave_by_stage1
 from sweeps.study import (
     Choice,
@@ -92,6 +98,7 @@ def launch(
     optuna_storage: str | None = None,
     mlflow: str | None = None,
     tensorboard: bool | None = None,
+    checkpoint_every: int | None = None,
     verbose: int = 1,
 ) -> Path:
     """Run a study as a new experiment ``<storage>/<name>``; returns the experiment folder.
@@ -111,6 +118,8 @@ def launch(
             study's ``tracking.mlflow``; a malformed one is refused here.
         tensorboard: TensorBoard event files in every run, in place of the study's
             ``tracking.tensorboard`` (``None``: as the study says).
+        checkpoint_every: in a bucket, upload each run's checkpoint every N epochs (default 1;
+            metrics and status go up every epoch); refused for a folder.
         verbose: Tune's console verbosity (0-3).
     """
     study = load_study(study_path, overrides)  # every check before Ray starts
@@ -134,11 +143,22 @@ def launch(
     root = resolve_storage(storage)
     if isinstance(root, BucketUri):
         _check_bucket_study(root, study, optuna_storage)
+    if checkpoint_every is not None and (
+        not isinstance(root, BucketUri)
+        or isinstance(checkpoint_every, bool)
+        or checkpoint_every < 1
+    ):
+        problem = "an integer >= 1" if isinstance(root, BucketUri) else "an s3:// --storage"
+        raise ExperimentError(
+            f"--checkpoint-every {checkpoint_every}: needs {problem} (runs in a folder keep every "
+            "epoch's checkpoint where they are; only uploads to a bucket are thinned)"
+        )
     return _launch(
         study,
         name,
         root,
         address,
+        checkpoint_every=checkpoint_every,
         optuna_storage=optuna_storage,
         verbose=verbose,
     )
@@ -176,6 +196,7 @@ def _launch(
     history: list[tuple[dict, float]] = (),
     extension: dict | None = None,
     optuna_storage: str | None = None,
+    checkpoint_every: int | None = None,
     verbose: int = 1,
 ) -> Path:
     remote = None
@@ -222,6 +243,7 @@ def _launch(
             "created": now(),
             "address": address,
             "storage": location,
+            **({"bucket": {"checkpoint_every": checkpoint_every or 1}} if remote else {}),
             "code": code_revision(),
             "packages": package_versions(),
             "cluster_resources": _cluster_resources(),
@@ -434,6 +456,7 @@ def extend(
         history=history,
         extension=extension,
         optuna_storage=_shared_optuna_storage(old, metadata),
+        checkpoint_every=checkpoint_every_of(metadata),
         verbose=verbose,
     )
 
@@ -503,7 +526,7 @@ def _run_tune_trial(config: dict, folder: Path, *, sync=None, pull=None) -> None
 
     def report(metrics: dict) -> None:
         if sync is not None:
-            sync()  # the epoch's files to the bucket, before Tune may stop the trial
+            sync(metrics)  # the epoch's files to the bucket, before Tune may stop the trial
         if metric in metrics:  # Tune needs the metric in every report: epochs without validation
             tune.report(metrics)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import secrets
 import shutil
 import threading
@@ -115,8 +116,8 @@ class RemoteExperiment:
         for name in (EXPERIMENT.file, PLAN.file, STUDY_COPY):
             self.mirror.pull_file(name)
 
-    def push(self, under: str = "") -> int:
-        return self.mirror.push(under)
+    def push(self, under: str = "", *, skip: tuple[str, ...] = ()) -> int:
+        return self.mirror.push(under, skip=skip)
 
     def close(self) -> None:
         """Forget the mirror and delete its folder (everything in it is in the bucket)."""
@@ -273,9 +274,15 @@ def _parent_mirror(uri: BucketUri) -> Mirror:
 
 @dataclasses.dataclass
 class RemoteTrial:
-    """What a trial of a bucket experiment works with (see :func:`open_trial`)."""
+    """What a trial of a bucket experiment works with (see :func:`open_trial`).
+
+    ``checkpoint_every``: checkpoints go up at every N-th epoch (the experiment's
+    ``checkpoint_every``, see :func:`checkpoint_every_of`) and when a run ends; metrics and status
+    at every epoch. A run resumed after a kill repeats at most N - 1 epochs.
+    """
 
     remote: RemoteExperiment
+    checkpoint_every: int = 1
 
     @property
     def folder(self) -> Path:
@@ -286,9 +293,23 @@ class RemoteTrial:
         for name in names:
             self.remote.mirror.pull(f"{RUNS_DIR}/{name}")
 
-    def sync(self) -> None:
-        """Push what changed (an epoch boundary, the end of a run)."""
-        self.remote.push()
+    def sync(self, report: dict | None = None) -> None:
+        """Push what changed at an epoch boundary (``report``: the epoch's report) or the end of
+        a run (``report`` final, or ``None``): checkpoints only every ``checkpoint_every``
+        epochs (over both stages), the rest always."""
+        epoch = (report or {}).get("global_epoch")
+        final = report is None or report.get("final") is not False
+        if final or not isinstance(epoch, int) or epoch % self.checkpoint_every == 0:
+            self.remote.push()
+        else:
+            self.remote.push(skip=HEAVY_PARTS[:1])  # no checkpoints this epoch
+
+
+def checkpoint_every_of(metadata: dict) -> int:
+    """``bucket.checkpoint_every`` of an ``experiment.json`` (1 when absent or malformed)."""
+    bucket = metadata.get("bucket")
+    every = bucket.get("checkpoint_every") if isinstance(bucket, dict) else None
+    return every if isinstance(every, int) and not isinstance(every, bool) and every >= 1 else 1
 
 
 @contextlib.contextmanager
@@ -310,7 +331,8 @@ def open_trial(uri: str) -> Iterator[RemoteTrial]:
         if not (remote.folder / EXPERIMENT.file).is_file():
             raise ExperimentError(f"{uri}: no {EXPERIMENT.file} in the bucket")
         beat.start()
-        yield RemoteTrial(remote)
+        metadata = json.loads((remote.folder / EXPERIMENT.file).read_text())
+        yield RemoteTrial(remote, checkpoint_every_of(metadata))
     finally:
         stop.set()
         if beat.is_alive():

@@ -302,3 +302,36 @@ def test_status_and_watch_read_an_experiment_in_the_bucket(uri, no_ray, capsys):
     shown = capsys.readouterr().out
     assert "1 failed, 2 pending" in shown and "boom" in shown
     assert f"tensorboard --logdir {root}/smoke-ablation/runs" in main_output(root)
+
+
+def test_checkpoints_go_up_every_n_epochs_and_at_the_end_of_a_run(uri):
+    experiment = RemoteExperiment(remote.BucketUri.parse(uri), "trial")
+    trial = remote.RemoteTrial(experiment, checkpoint_every=2)
+    run = experiment.folder / "runs" / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    bucket = Bucket(uri)
+    try:
+        for epoch in (1, 2, 3):
+            (run / "metrics.jsonl").write_text(f'{{"epoch": {epoch}}}\n' * epoch)
+            (run / "checkpoints" / "last.pt").write_bytes(b"w" * epoch)
+            trial.sync({"global_epoch": epoch, "final": False})
+            uploaded = bucket.read("runs/r/checkpoints/last.pt")
+            assert bucket.read("runs/r/metrics.jsonl")[0].count(b"epoch") == epoch
+            assert (uploaded[0] if uploaded else None) == (None, b"ww", b"ww")[epoch - 1]
+        trial.sync({"global_epoch": 3, "final": True})  # the run's end: everything
+        assert bucket.read("runs/r/checkpoints/last.pt")[0] == b"www"
+    finally:
+        experiment.close()
+
+
+def test_checkpoint_every_is_recorded_for_a_bucket_and_refused_for_a_folder(uri, no_ray, tmp_path):
+    root = uri.rsplit("/", 1)[0]
+    with pytest.raises(ExperimentError, match="--checkpoint-every 3: needs an s3:// --storage"):
+        ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=tmp_path, checkpoint_every=3)
+    with pytest.raises(ExperimentError, match="--checkpoint-every 0: needs an integer >= 1"):
+        ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=root, checkpoint_every=0)
+    folder = ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=root, checkpoint_every=3)
+    metadata = read_json(folder / "experiment.json")
+    assert metadata["bucket"] == {"checkpoint_every": 3}
+    assert remote.checkpoint_every_of(metadata) == 3
+    assert remote.checkpoint_every_of({}) == 1
