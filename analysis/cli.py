@@ -10,6 +10,8 @@ earlier report wrote (without ``--force``).
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +29,9 @@ def _from_bucket(experiment: str, storage: str) -> Path:
     bucket = Bucket(root.child(experiment))
     if "/" in experiment or not bucket.exists(EXPERIMENT.file):
         raise AnalysisError(f"no experiment named so in {root}", experiment)
-    mirror = Mirror(bucket, scratch_folder(bucket.uri, "report") / experiment, read_only=True)
+    scratch = scratch_folder(bucket.uri, "report")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # the copy outlives no report
+    mirror = Mirror(bucket, scratch / experiment, read_only=True)
     return pull_results(mirror).local
 
 

@@ -27,6 +27,7 @@ mirrors; the folder's marker file (:data:`runstore.bucket.MARKER`) names it for 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -99,6 +100,8 @@ class RemoteExperiment:
         self.mirror = Mirror(self.bucket, self._scratch / uri.name, read_only=read_only)
         with _OPEN_LOCK:
             _OPEN[self.folder.resolve()] = self
+        # A reader's copy (status, a launch's summary) lives as long as its process.
+        atexit.register(shutil.rmtree, self._scratch, ignore_errors=True)
 
     @property
     def folder(self) -> Path:

@@ -335,3 +335,10 @@ def test_checkpoint_every_is_recorded_for_a_bucket_and_refused_for_a_folder(uri,
     assert metadata["bucket"] == {"checkpoint_every": 3}
     assert remote.checkpoint_every_of(metadata) == 3
     assert remote.checkpoint_every_of({}) == 1
+
+
+def test_report_names_an_experiment_missing_from_the_bucket(uri, tmp_path, capsys):
+    root = uri.rsplit("/", 1)[0]
+    assert main(["report", "nothing", "--storage", root, "--out", str(tmp_path / "r")]) == 2
+    assert f"no experiment named so in {root}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
