@@ -107,7 +107,7 @@ def test_conditional_writes(bucket):
     assert etag and bucket.create("lease", b"b") is None
     assert bucket.replace("lease", b"c", "wrong") is None
     new = bucket.replace("lease", b"c", etag)
-    assert new and bucket.read("lease") == (b"c", new)
+    assert new and bucket.read("lease")[:2] == (b"c", new)
 
 
 def test_a_lease_is_held_by_one_holder_at_a_time(bucket):
