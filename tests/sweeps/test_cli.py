@@ -45,9 +45,13 @@ def test_launch_passes_the_sets_to_the_adapter(tmp_path, monkeypatch):
                 "optuna_storage": None,
                 "mlflow": None,
                 "tensorboard": None,
+                "checkpoint_every": None,
             },
         )
     ]
+    argv = ["sweep", "launch", "s.yaml", "--storage", "s3://b-1/x", "--checkpoint-every", "4"]
+    assert main(argv) == 0
+    assert calls[-1][1]["checkpoint_every"] == 4 and calls[-1][1]["storage"] == "s3://b-1/x"
 
 
 def test_a_bad_set_exits_2_naming_it_before_anything_starts(tmp_path, capsys):
