@@ -18,8 +18,9 @@ volume divided by the bandwidth.
   After every epoch the run folder is pushed as a trial pushes it (:class:`runstore.bucket.Mirror`)
   and the uploaded bytes, files and seconds are recorded, by stage.
 * ``overhead``: the demo study (``sweeps/studies/demo.yaml``, what ``make demo`` runs) launched
-  into a local folder and into the bucket, alternately, ``--repeats`` times each, in one session;
-  the ratio of the median wall times.
+  into a local folder and into the bucket (and, with ``--checkpoint-every N``, into the bucket
+  uploading checkpoints every N epochs), in turn, ``--repeats`` times each, in one session; the
+  ratio of each side's median wall time to the local folder's.
 """
 
 from __future__ import annotations
@@ -196,12 +197,12 @@ def _volume(args, scratch: Path) -> dict:
 # ------------------------------------------------------------------------------ overhead
 
 
-def _launch(storage: str, name: str) -> float:
+def _launch(storage: str, name: str, extra: tuple[str, ...] = ()) -> float:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "diffcom", "sweep", "launch", "sweeps/studies/demo.yaml"]
-        + ["--name", name, "--storage", storage],
+        + ["--name", name, "--storage", storage, *extra],
         cwd=_REPO,
         env=env,
         capture_output=True,
@@ -216,18 +217,30 @@ def _launch(storage: str, name: str) -> float:
 
 def _overhead(args, scratch: Path) -> dict:
     bucket = _bucket("bench-overhead")
-    local, remote = [], []
+    sides = {
+        "local": (str(scratch / "local"), ()),
+        "bucket": (f"s3://{bucket}/exps", ()),
+    }
+    if args.checkpoint_every:
+        every = str(args.checkpoint_every)
+        sides[f"bucket, checkpoint every {every}"] = (
+            f"s3://{bucket}/every",
+            ("--checkpoint-every", every),
+        )
+    seconds: dict[str, list[float]] = {side: [] for side in sides}
     for repeat in range(args.repeats):
-        # Alternate which goes first, so a machine that gets busier or quieter favours neither.
-        sides = [("local", str(scratch / "local")), ("bucket", f"s3://{bucket}/exps")]
-        for side, storage in sides if repeat % 2 == 0 else sides[::-1]:
-            seconds = _launch(storage, f"demo-{repeat}")
-            (local if side == "local" else remote).append(seconds)
-            print(f"  demo study into the {side}: {seconds:.1f} s", flush=True)
+        # Alternate the order, so a machine that gets busier or quieter favours no side.
+        order = list(sides) if repeat % 2 == 0 else list(sides)[::-1]
+        for side in order:
+            storage, extra = sides[side]
+            seconds[side].append(_launch(storage, f"demo-{repeat}", extra))
+            print(f"  demo study into the {side}: {seconds[side][-1]:.1f} s", flush=True)
+    local = statistics.median(seconds["local"])
     return {
-        "local_seconds": local,
-        "bucket_seconds": remote,
-        "ratio_of_medians": statistics.median(remote) / statistics.median(local),
+        "seconds": seconds,
+        "ratio_of_medians": {
+            side: statistics.median(values) / local for side, values in seconds.items()
+        },
     }
 
 
@@ -242,6 +255,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("volume", "overhead", "both"), default="both")
     parser.add_argument("--repeats", type=int, default=2, help="demo launches per side")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="also launch into the bucket with --checkpoint-every N (overhead)",
+    )
     parser.add_argument("--epochs", type=int, default=2, help="epochs per stage (volume)")
     parser.add_argument("--train-triples", type=int, default=15000, help="(volume)")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -279,11 +298,9 @@ def main() -> None:
         if args.part in ("overhead", "both"):
             overhead = _overhead(args, scratch)
             results["overhead"] = overhead
-            print(
-                f"demo study, bucket / local folder: {overhead['ratio_of_medians']:.2f}x "
-                f"(medians {statistics.median(overhead['bucket_seconds']):.1f} s and "
-                f"{statistics.median(overhead['local_seconds']):.1f} s)"
-            )
+            for side, ratio in overhead["ratio_of_medians"].items():
+                median = statistics.median(overhead["seconds"][side])
+                print(f"demo study into the {side}: median {median:.1f} s, {ratio:.2f}x local")
     finally:
         server.terminate()
         results["loadavg_end"] = os.getloadavg()
