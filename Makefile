@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_fused.py
 	$(BIN)/python benchmarks/bench_fused_memory.py
 	$(BIN)/python benchmarks/bench_report.py
+	$(BIN)/python benchmarks/bench_bucket.py --checkpoint-every 10
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
