@@ -59,6 +59,7 @@ __all__ = [
     "Lease",
     "Mirror",
     "is_bucket_uri",
+    "pull_metadata",
     "pull_results",
     "scratch_folder",
 ]
@@ -227,27 +228,28 @@ class Bucket:
 
     def head(self, relative: str) -> tuple[str, float, float] | None:
         """``(etag, last modified, server's now)`` in server seconds, or ``None`` if absent."""
-        from botocore.exceptions import ClientError
-
-        try:
-            answer = self.client.head_object(Bucket=self.uri.bucket, Key=self.uri.key(relative))
-        except ClientError as error:
-            if _code(error) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
+        answer = self._unless_missing(self.client.head_object, relative)
+        if answer is None:
+            return None
         return answer["ETag"].strip('"'), answer["LastModified"].timestamp(), _server_now(answer)
 
     def read(self, relative: str) -> tuple[bytes, str, float] | None:
         """An object's bytes, ETag and modification time, or ``None`` if absent."""
+        answer = self._unless_missing(self.client.get_object, relative)
+        if answer is None:
+            return None
+        return answer["Body"].read(), answer["ETag"].strip('"'), answer["LastModified"].timestamp()
+
+    def _unless_missing(self, request, relative: str) -> dict | None:
+        """``request(Bucket=..., Key=...)``'s answer for one object, ``None`` if it is absent."""
         from botocore.exceptions import ClientError
 
         try:
-            answer = self.client.get_object(Bucket=self.uri.bucket, Key=self.uri.key(relative))
+            return request(Bucket=self.uri.bucket, Key=self.uri.key(relative))
         except ClientError as error:
             if _code(error) in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
-        return answer["Body"].read(), answer["ETag"].strip('"'), answer["LastModified"].timestamp()
 
     def download(self, relative: str, path: Path) -> None:
         """An object into ``path``, atomically (a reader of ``path`` never sees half of it)."""
@@ -548,12 +550,18 @@ class Lease:
         self.release()
 
 
+def pull_metadata(mirror: Mirror) -> None:
+    """An experiment's own files into its mirror: ``experiment.json``, ``plan.json``, the study
+    copy (changed ones only)."""
+    for name in (EXPERIMENT.file, PLAN.file, STUDY_COPY):
+        mirror.pull_file(name)
+
+
 def pull_results(mirror: Mirror) -> Mirror:
     """Bring a mirror of an experiment up to date for reading its results (``status``,
     ``watch``, ``report``): its own files, runs and shared stage-1 runs, without
     :data:`HEAVY_PARTS`; changed files only."""
-    for name in (EXPERIMENT.file, PLAN.file, STUDY_COPY):
-        mirror.pull_file(name)
+    pull_metadata(mirror)
     for under in (RUNS_DIR, STAGE1_DIR):
         mirror.pull(under, skip=HEAVY_PARTS)
     return mirror

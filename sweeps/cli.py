@@ -148,15 +148,10 @@ def _read(args: argparse.Namespace) -> tuple[Path, dict, list]:
     """The experiment folder, its ``experiment.json`` and every run's status (files only). An
     experiment in a bucket is read from a local copy of its files (no checkpoints), which
     :func:`_refresh` brings up to date."""
-    from sweeps.experiment import experiment_dir, read_experiment, resolve_storage
+    from sweeps.experiment import read_experiment, resolve_storage
+    from sweeps.remote import find_experiment
 
-    root = resolve_storage(args.storage)
-    if isinstance(root, Path):
-        folder = experiment_dir(root, args.name, must_exist=True)
-    else:
-        from sweeps.remote import experiment_in_bucket, pull_view
-
-        folder = pull_view(experiment_in_bucket(root, args.name, must_exist=True)).folder
+    folder, _, _ = find_experiment(resolve_storage(args.storage), args.name)
     metadata = read_experiment(folder)
     return folder, metadata, _statuses(folder, metadata)
 

@@ -50,6 +50,7 @@ from sweeps.remote import (
     RemoteExperiment,
     checkpoint_every_of,
     experiment_in_bucket,
+    find_experiment,
     open_trial,
     pull_view,
 )
@@ -266,7 +267,7 @@ def _launch(
         if remote is not None:
             remote.close()
     if remote is not None:
-        folder = pull_view(BucketUri.parse(location)).folder
+        folder = pull_view(remote.uri).folder
     set_parent_run_state(read_experiment(folder), "FINISHED")
     return folder
 
@@ -333,14 +334,9 @@ def resume(
     configs from the experiment's ``plan.json``, so launch overrides (``--set``) hold as launched.
     """
     root = resolve_storage(storage)
-    remote = None
     if isinstance(root, BucketUri):
         Bucket(root).check()
-        remote = pull_view(experiment_in_bucket(root, name, must_exist=True))
-        folder, location = remote.folder, str(remote.uri)
-    else:
-        folder = experiment_dir(root, name, must_exist=True)
-        location = str(folder)
+    folder, location, remote = find_experiment(root, name)
     metadata = read_experiment(folder, required=("resources",))
     alive = runs_alive_on_this_host(folder)
     if alive:
@@ -402,11 +398,7 @@ def extend(
     storage_root = resolve_storage(storage)
     if isinstance(storage_root, BucketUri):
         Bucket(storage_root).check()
-        view = pull_view(experiment_in_bucket(storage_root, name, must_exist=True))
-        old, old_location = view.folder, str(view.uri)
-    else:
-        old = experiment_dir(storage_root, name, must_exist=True)
-        old_location = old
+    old, old_location, _ = find_experiment(storage_root, name)
     metadata = read_experiment(old, required=("study_file", "study_sha256", "seeds", "resources"))
     study_file = Path(metadata["study_file"])
     if not study_file.is_file():

@@ -38,13 +38,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runstore import (
+    CHECKPOINT_DIR,
     EXPERIMENT,
-    PLAN,
     RUNS_DIR,
     STAGE1_DIR,
     STAGE1_RUN,
     STATUS,
-    STUDY_COPY,
 )
 from runstore.bucket import (
     HEAVY_PARTS,
@@ -54,16 +53,18 @@ from runstore.bucket import (
     Lease,
     Mirror,
     is_bucket_uri,
+    pull_metadata,
     pull_results,
     scratch_folder,
 )
-from sweeps.experiment import ExperimentError, check_name
+from sweeps.experiment import ExperimentError, check_name, experiment_dir
 from sweeps.stage1 import Stage1Store
 
 __all__ = [
     "LEASE_TTL_SECONDS",
     "BucketStage1Store",
     "RemoteExperiment",
+    "find_experiment",
     "open_trial",
     "pull_view",
     "refresh",
@@ -107,17 +108,9 @@ class RemoteExperiment:
     def folder(self) -> Path:
         return self.mirror.local
 
-    @property
-    def name(self) -> str:
-        return self.uri.name
-
-    def exists(self) -> bool:
-        return self.bucket.exists(EXPERIMENT.file)
-
     def pull_metadata(self) -> None:
         """``experiment.json``, ``plan.json`` and the study copy."""
-        for name in (EXPERIMENT.file, PLAN.file, STUDY_COPY):
-            self.mirror.pull_file(name)
+        pull_metadata(self.mirror)
 
     def push(self, under: str = "", *, skip: tuple[str, ...] = ()) -> int:
         return self.mirror.push(under, skip=skip)
@@ -155,6 +148,17 @@ def experiment_in_bucket(root: BucketUri, name: str, *, must_exist: bool) -> Buc
     return uri
 
 
+def find_experiment(root: Path | BucketUri, name: str) -> tuple[Path, str, RemoteExperiment | None]:
+    """An existing experiment ``name`` under a storage root: its folder (for a bucket, a
+    :func:`pull_view` copy), where it lives (the folder, or its ``s3://`` URI) and the copy
+    (``None`` for a folder)."""
+    if isinstance(root, BucketUri):
+        view = pull_view(experiment_in_bucket(root, name, must_exist=True))
+        return view.folder, str(view.uri), view
+    folder = experiment_dir(root, name, must_exist=True)
+    return folder, str(folder), None
+
+
 def pull_view(uri: BucketUri, *, into: RemoteExperiment | None = None) -> RemoteExperiment:
     """A read-only local copy of an experiment for ``status``, ``watch`` and ``report``: every
     file but checkpoints and TensorBoard events; with ``into``, that copy brought up to date
@@ -164,10 +168,15 @@ def pull_view(uri: BucketUri, *, into: RemoteExperiment | None = None) -> Remote
     return view
 
 
+def _mirror_at(folder: Path) -> RemoteExperiment | None:
+    """This process's open mirror whose folder is ``folder``, if any."""
+    with _OPEN_LOCK:
+        return _OPEN.get(Path(folder).resolve())
+
+
 def refresh_view(folder: Path) -> None:
     """Bring a :func:`pull_view` copy up to date; nothing for an ordinary folder."""
-    with _OPEN_LOCK:
-        remote = _OPEN.get(Path(folder).resolve())
+    remote = _mirror_at(folder)
     if remote is not None:
         pull_view(remote.uri, into=remote)
 
@@ -175,16 +184,14 @@ def refresh_view(folder: Path) -> None:
 def refresh(folder: Path, under: str) -> None:
     """Bring ``folder/under`` up to date from the bucket when ``folder`` is a mirror (results,
     no checkpoints); nothing for an ordinary folder."""
-    with _OPEN_LOCK:
-        remote = _OPEN.get(Path(folder).resolve())
+    remote = _mirror_at(folder)
     if remote is not None:
         remote.mirror.pull(under, skip=HEAVY_PARTS)
 
 
 def stage1_store_of(folder: Path, metadata: dict) -> Stage1Store | None:
     """The stage-1 store of a mirror folder (``None`` for an ordinary folder)."""
-    with _OPEN_LOCK:
-        remote = _OPEN.get(Path(folder).resolve())
+    remote = _mirror_at(folder)
     if remote is None:
         return None
     return BucketStage1Store(remote, metadata.get("parents", []))
@@ -305,7 +312,7 @@ class RemoteTrial:
         if final or not isinstance(epoch, int) or epoch % self.checkpoint_every == 0:
             self.remote.push()
         else:
-            self.remote.push(skip=HEAVY_PARTS[:1])  # no checkpoints this epoch
+            self.remote.push(skip=(f"{CHECKPOINT_DIR}/",))  # no checkpoints this epoch
 
 
 def checkpoint_every_of(metadata: dict) -> int:

@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-#: How long the server may take to answer: seconds on a quiet machine, far more on a loaded
-#: 2-core one; the wait ends as soon as it answers.
-SERVER_DEADLINE_S = 300
+from tests.servers import free_port, wait_until_answering
 
 #: What every client (this process, Ray's workers, pyarrow in Ray Tune) needs to reach the server.
 CREDENTIALS = {
@@ -28,20 +22,6 @@ CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/moto-api/", timeout=2) as response:
-            return response.status == 200
-    except (OSError, urllib.error.URLError):
-        return False
 
 
 def start_server(folder: Path, *, require_auth: bool = False) -> Iterator[str]:
@@ -52,7 +32,7 @@ def start_server(folder: Path, *, require_auth: bool = False) -> Iterator[str]:
     """
     if importlib.util.find_spec("moto") is None:
         pytest.skip("moto[server] is not installed: make test installs it (.[dev])")
-    port = _free_port()
+    port = free_port()
     log = (folder / "s3-server.log").open("wb")
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     environment = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if require_auth else {})}
@@ -62,13 +42,7 @@ def start_server(folder: Path, *, require_auth: bool = False) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     saved = {key: os.environ.get(key) for key in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
     try:
-        started = time.monotonic()
-        while not _answers(url):
-            if server.poll() is not None:
-                raise AssertionError(f"S3 server exited:\n{(folder / 's3-server.log').read_text()}")
-            if time.monotonic() - started > SERVER_DEADLINE_S:
-                raise AssertionError(f"S3 server did not answer in {SERVER_DEADLINE_S} s")
-            time.sleep(0.3)
+        wait_until_answering(server, f"{url}/moto-api/", folder / "s3-server.log", "S3 server")
         os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=url)
         yield url
     finally:

@@ -200,9 +200,23 @@ def test_a_trial_in_a_bucket_trains_in_its_mirror_and_leaves_everything_in_the_b
     assert f"stage1/{key}/done.json" in listing
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Launches write and push the experiment but neither start Ray nor run a Tuner."""
+    tuned = []
+    monkeypatch.setattr(ray_adapter, "_start_ray", lambda address: None)
+    monkeypatch.setattr(ray_adapter, "_cluster_resources", dict)
+    monkeypatch.setattr(ray_adapter, "_concurrency", lambda resources: 1)
+    monkeypatch.setattr(ray_adapter, "_tuner", lambda *args: tuned.append(args))
+    monkeypatch.setattr(ray_adapter, "_fit", lambda tuner: None)
+    return tuned
+
+
 def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_cannot_hold(
-    uri, monkeypatch, tmp_path
+    uri, no_ray, monkeypatch
 ):
+    tuned = no_ray
+    # The refusals come before Ray would start.
     monkeypatch.setattr(ray_adapter, "_start_ray", lambda address: pytest.fail("Ray started"))
     root = uri.rsplit("/", 1)[0]
     with pytest.raises(BucketError, match="'no-such-bucket' does not exist"):
@@ -212,12 +226,7 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
     with pytest.raises(ExperimentError, match="cannot live in a bucket: give --optuna-storage"):
         ray_adapter.launch(STUDIES / "smoke-search.yaml", storage=root)
 
-    tuned = []
     monkeypatch.setattr(ray_adapter, "_start_ray", lambda address: None)
-    monkeypatch.setattr(ray_adapter, "_cluster_resources", dict)
-    monkeypatch.setattr(ray_adapter, "_concurrency", lambda resources: 1)
-    monkeypatch.setattr(ray_adapter, "_tuner", lambda *args: tuned.append(args))
-    monkeypatch.setattr(ray_adapter, "_fit", lambda tuner: None)
     folder = ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=root)
     listing = Bucket(f"{root}/smoke-ablation").listing()
     assert {"experiment.json", "plan.json", "study.yaml"} <= set(listing)
@@ -231,18 +240,6 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
         ExperimentError, match="no experiment 'other' in s3://.*there: smoke-ablation"
     ):
         ray_adapter.resume("other", storage=root)
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Launches write and push the experiment but neither start Ray nor run a Tuner."""
-    tuned = []
-    monkeypatch.setattr(ray_adapter, "_start_ray", lambda address: None)
-    monkeypatch.setattr(ray_adapter, "_cluster_resources", dict)
-    monkeypatch.setattr(ray_adapter, "_concurrency", lambda resources: 1)
-    monkeypatch.setattr(ray_adapter, "_tuner", lambda *args: tuned.append(args))
-    monkeypatch.setattr(ray_adapter, "_fit", lambda tuner: None)
-    return tuned
 
 
 def test_extend_in_a_bucket_links_the_new_experiment_to_the_old_one_there(uri, no_ray, tmp_path):

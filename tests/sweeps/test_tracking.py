@@ -10,12 +10,8 @@ import contextlib
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,33 +25,16 @@ from sweeps.experiment import read_json, write_json
 from sweeps.stage1 import stage1_key
 from sweeps.tracking import RunTracker, mlflow_uri_problem, start_tracking
 from sweeps.trial import RunSpec, TrialFailed, run_trial
+from tests.servers import free_port, wait_until_answering
 from tests.smoke import SMOKE
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = "ablation/full/seed-0"
 
-#: How long the server may take to answer: it starts in seconds on a quiet machine, in a minute or
-#: more on a loaded 2-core one; the wait ends as soon as it answers.
-SERVER_DEADLINE_S = 300
-
 needs_mlflow = pytest.mark.skipif(
     importlib.util.find_spec("mlflow") is None,
     reason="mlflow is not installed: pip install -e '.[tracking]' (make test installs it)",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (OSError, urllib.error.URLError):
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +43,7 @@ def mlflow_server(tmp_path_factory):
     if importlib.util.find_spec("mlflow") is None:
         pytest.skip("mlflow is not installed: pip install -e '.[tracking]' (make test installs it)")
     folder = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     log = (folder / "server.log").open("wb")
     command = [
         *(sys.executable, "-m", "mlflow", "server"),
@@ -76,18 +55,7 @@ def mlflow_server(tmp_path_factory):
     server = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        started = time.monotonic()
-        while not _answers(url):
-            if server.poll() is not None:
-                raise AssertionError(
-                    f"mlflow server exited:\n{(folder / 'server.log').read_text()}"
-                )
-            if time.monotonic() - started > SERVER_DEADLINE_S:
-                raise AssertionError(
-                    f"mlflow server did not answer in {SERVER_DEADLINE_S} s:\n"
-                    f"{(folder / 'server.log').read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
+        wait_until_answering(server, f"{url}/health", folder / "server.log", "mlflow server")
         yield url
     finally:
         # Its database and artifacts are thrown away, and it takes many seconds to shut down
@@ -271,7 +239,7 @@ def test_an_epoch_checkpointed_but_never_logged_is_logged_on_resume(
 
 @needs_mlflow
 def test_a_run_first_tracked_on_resume_gets_its_whole_curve(mlflow_server, tmp_path):
-    unreachable = f"http://127.0.0.1:{_free_port()}"
+    unreachable = f"http://127.0.0.1:{free_port()}"
     folder = _experiment(tmp_path, unreachable)
     config = load_config(overrides=SMOKE)
     run_dir = folder / "runs" / RUN
@@ -292,7 +260,7 @@ def test_a_run_first_tracked_on_resume_gets_its_whole_curve(mlflow_server, tmp_p
 
 
 def test_an_unreachable_server_warns_and_training_finishes(tmp_path, capsys):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     folder = _experiment(tmp_path, uri)
     assert read_json(folder / "experiment.json")["tracking"]["mlflow"]["parent_run_id"] is None
     summary = run_trial(folder, RUN, [RunSpec(RUN, load_config(overrides=SMOKE))], lambda m: None)
