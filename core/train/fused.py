@@ -189,13 +189,15 @@ def _unfusable(config: ExperimentConfig) -> list[tuple[str, object, object]]:
         "loss.stage2_objective": (config.loss.stage2_objective, "diffusion"),
         "diffusion.enabled": (config.diffusion.enabled, True),
         "diffusion.reverse": (config.diffusion.reverse, "ddpm"),
-        "train.mixed_precision": (config.train.mixed_precision, "no"),
     }
     unfit = [
         (key, value, expected) for key, (value, expected) in required.items() if value != expected
     ]
     if config.train.stage2_epochs == 0:
         unfit.append(("train.stage2_epochs", 0, "> 0"))
+    if config.train.mixed_precision == "fp16":
+        # fp16 needs a loss scaler per member; bf16 (no scaler) fuses.
+        unfit.append(("train.mixed_precision", "fp16", "no or bf16"))
     return unfit
 
 
@@ -723,7 +725,10 @@ def train_fused(
     configs = list(configs)
     _check_pack(configs, out_dirs)
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    use_cpu = not torch.cuda.is_available()
+    # train.mixed_precision is a stage-1 key, so every member shares it; as in a lone run, it
+    # applies to the training forward (extractor, denoiser, loss) only, not to ranking.
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=configs[0].train.mixed_precision)
     if accelerator.num_processes > 1:
         raise ConfigError("train_fused runs in one process; launch it without accelerate launch")
     device = accelerator.device
@@ -901,7 +906,8 @@ def _train_epoch(
     config = active[0].config  # batches, labels and x_0 depend on stage-1 keys only: shared
     extractor = active[0].run.model.extractor
     shared = active[0].run.model
-    device = active[0].run.accelerator.device
+    accelerator = active[0].run.accelerator
+    device = accelerator.device
     started = time.perf_counter()
     sums = {m.index: [0.0, 0.0, 0.0, 0] for m in active}
     batches = _epoch_batches(queries, config, 2, epoch, active[0].run.accelerator)
@@ -914,74 +920,81 @@ def _train_epoch(
         labels = _labels(
             active[0].run.split.stage2_answers, batch.cpu(), config.loss.label_smoothing
         ).to(device)
-        with torch.no_grad():  # the frozen extractor: scores and condition once for the pack
-            x0, indices, condition = shared._x0(extractor(batch[:, 0], batch[:, 1]))
-        targets = labels if indices is None else labels.gather(1, indices)
-        size = len(batch)
+        # As in a lone run, train.mixed_precision applies to this forward and its loss only.
+        with accelerator.autocast():
+            with torch.no_grad():  # the frozen extractor: scores and condition once for the pack
+                x0, indices, condition = shared._x0(extractor(batch[:, 0], batch[:, 1]))
+            targets = labels if indices is None else labels.gather(1, indices)
+            size = len(batch)
 
-        # Each member's draws, in a lone run's order: timesteps, diffusion noise, dropout masks.
-        timesteps, x_ts, masks = [], [], []
-        for member in active:
-            diffusion, generator = member.run.model.diffusion, member.generator
-            t = torch.randint(
-                0, diffusion.num_timesteps, (size,), device=device, generator=generator
-            )
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device)
-            timesteps.append(t)
-            x_ts.append(diffusion.q_sample(x0, t, noise))
-            dropout = member.config.diffusion.denoiser_dropout
-            member_masks = []
-            for _ in template.blocks:
-                if dropout > 0:
-                    mask = torch.empty((size, hidden), dtype=x0.dtype, device=device)
-                    member_masks.append(
-                        mask.bernoulli_(1 - dropout, generator=generator).div_(1 - dropout)
-                    )
-                else:
-                    member_masks.append(torch.ones((size, hidden), dtype=x0.dtype, device=device))
-            masks.append(member_masks)
-        any_dropout = any(m.config.diffusion.denoiser_dropout > 0 for m in active)
-        block_masks = (
-            [torch.stack([masks[i][b] for i in range(len(active))]) for b in range(len(masks[0]))]
-            if any_dropout
-            else None
-        )
-
-        rows = [m.row for m in active]
-        if len(rows) == len(next(iter(stacked.values()))):
-            params = stacked
-        else:
-            selected = torch.tensor(rows, device=device)
-            params = {name: value.index_select(0, selected) for name, value in stacked.items()}
-        t_all = torch.stack(timesteps)
-        x_t_all = torch.stack(x_ts)
-        embedding = _time_embedding(template, params, t_all) + _condition_embedding(
-            params, condition
-        )
-        output = _stacked_denoiser(template, params, x_t_all, embedding, block_masks)
-
-        losses, finite = [], []
-        for i, member in enumerate(active):
-            diffusion, x_t, t = member.run.model.diffusion, x_ts[i], timesteps[i]
-            # DiffusionCom._denoiser_output and GaussianDiffusion.training_losses, per member.
-            if member.config.diffusion.target == "x0":
-                skip = torch.as_tensor(
-                    diffusion.sqrt_recip_alphas_cumprod, dtype=x_t.dtype, device=x_t.device
-                )[t].unsqueeze(1)
-                x0_hat = skip * x_t + output[i]
-            else:
-                x0_hat = diffusion.predict_x0_from_eps(x_t, t, output[i])
-            parts = stage2_loss(x0, x0_hat, targets, member.config.loss)
-            loss = parts["loss"]
-            if not torch.isfinite(loss):
-                member.error = NonFiniteLossError(
-                    f"stage 2, epoch {epoch + 1}, batch {number}: loss is {loss.item()}; the "
-                    f"last checkpoint in {member.run.out_dir / CHECKPOINT_DIR} holds the state "
-                    "before this epoch"
+            # Each member's draws, in a lone run's order: timesteps, diffusion noise, dropout masks.
+            timesteps, x_ts, masks = [], [], []
+            for member in active:
+                diffusion, generator = member.run.model.diffusion, member.generator
+                t = torch.randint(
+                    0, diffusion.num_timesteps, (size,), device=device, generator=generator
                 )
-                continue
-            losses.append(loss)
-            finite.append((member, parts))
+                noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device)
+                timesteps.append(t)
+                x_ts.append(diffusion.q_sample(x0, t, noise))
+                dropout = member.config.diffusion.denoiser_dropout
+                member_masks = []
+                for _ in template.blocks:
+                    if dropout > 0:
+                        mask = torch.empty((size, hidden), dtype=x0.dtype, device=device)
+                        member_masks.append(
+                            mask.bernoulli_(1 - dropout, generator=generator).div_(1 - dropout)
+                        )
+                    else:
+                        member_masks.append(
+                            torch.ones((size, hidden), dtype=x0.dtype, device=device)
+                        )
+                masks.append(member_masks)
+            any_dropout = any(m.config.diffusion.denoiser_dropout > 0 for m in active)
+            block_masks = (
+                [
+                    torch.stack([masks[i][b] for i in range(len(active))])
+                    for b in range(len(masks[0]))
+                ]
+                if any_dropout
+                else None
+            )
+
+            rows = [m.row for m in active]
+            if len(rows) == len(next(iter(stacked.values()))):
+                params = stacked
+            else:
+                selected = torch.tensor(rows, device=device)
+                params = {name: value.index_select(0, selected) for name, value in stacked.items()}
+            t_all = torch.stack(timesteps)
+            x_t_all = torch.stack(x_ts)
+            embedding = _time_embedding(template, params, t_all) + _condition_embedding(
+                params, condition
+            )
+            output = _stacked_denoiser(template, params, x_t_all, embedding, block_masks)
+
+            losses, finite = [], []
+            for i, member in enumerate(active):
+                diffusion, x_t, t = member.run.model.diffusion, x_ts[i], timesteps[i]
+                # DiffusionCom._denoiser_output and GaussianDiffusion.training_losses, per member.
+                if member.config.diffusion.target == "x0":
+                    skip = torch.as_tensor(
+                        diffusion.sqrt_recip_alphas_cumprod, dtype=x_t.dtype, device=x_t.device
+                    )[t].unsqueeze(1)
+                    x0_hat = skip * x_t + output[i]
+                else:
+                    x0_hat = diffusion.predict_x0_from_eps(x_t, t, output[i])
+                parts = stage2_loss(x0, x0_hat, targets, member.config.loss)
+                loss = parts["loss"]
+                if not torch.isfinite(loss):
+                    member.error = NonFiniteLossError(
+                        f"stage 2, epoch {epoch + 1}, batch {number}: loss is {loss.item()}; the "
+                        f"last checkpoint in {member.run.out_dir / CHECKPOINT_DIR} holds the state "
+                        "before this epoch"
+                    )
+                    continue
+                losses.append(loss)
+                finite.append((member, parts))
         if not finite:
             active = []
             break

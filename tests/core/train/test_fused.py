@@ -341,3 +341,40 @@ def test_a_member_that_is_done_gets_its_results_while_the_others_train(stage1, t
     train_fused([config(*extra) for extra in MEMBERS], outs, stage1, callback=on_epoch)
     assert seen == [[True, True, False]]
     assert all((out / "results.json").is_file() for out in outs)
+
+
+def test_bf16_members_follow_their_lone_bf16_twins(tmp_path, monkeypatch):
+    """train.mixed_precision=bf16 fuses: the training forward runs under autocast as a lone run's
+    does. Batched and single bf16 GEMMs may round differently, so curves are close, not equal;
+    fp16 (a loss scaler per member) is refused."""
+    bf16 = "train.mixed_precision=bf16"
+    train(config(bf16, "train.stage2_epochs=0"), tmp_path / "stage1", progress=False)
+    checkpoint = tmp_path / "stage1" / "checkpoints" / "last.pt"
+    members = [config(bf16, *extra) for extra in MEMBERS[:2]]
+    for index, member in enumerate(members):
+        train(member, tmp_path / "lone" / str(index), stage1_checkpoint=checkpoint, progress=False)
+    precisions, accelerator = [], fused_module.Accelerator
+
+    def recording(*args, **kwargs):
+        made = accelerator(*args, **kwargs)
+        precisions.append(made.mixed_precision)
+        return made
+
+    monkeypatch.setattr(fused_module, "Accelerator", recording)
+    outs = [tmp_path / "fused" / str(index) for index in range(len(members))]
+    results = train_fused(members, outs, checkpoint)
+    assert not any(isinstance(result, BaseException) for result in results)
+    for index, out in enumerate(outs):
+        fused_curve, lone_curve = _records(out), _records(tmp_path / "lone" / str(index))
+        assert [r["epoch"] for r in fused_curve] == [r["epoch"] for r in lone_curve]
+        for fused_record, lone_record in zip(fused_curve, lone_curve, strict=True):
+            assert fused_record["loss"] == pytest.approx(lone_record["loss"], rel=0.05)
+        fused_test = _results(out)["test"]["clean"]
+        lone_test = _results(tmp_path / "lone" / str(index))["test"]["clean"]
+        assert fused_test["mrr"] == pytest.approx(lone_test["mrr"], abs=0.02)
+    assert precisions == ["bf16"]
+
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        train_fused(
+            [config("train.mixed_precision=fp16", *MEMBERS[0])], [tmp_path / "x"], checkpoint
+        )
