@@ -576,7 +576,7 @@ def _open_member(
         shared = model.extractor.state_dict()
         for key, value in shared.items():
             saved = weights.get(f"extractor.{key}")
-            if saved is None or not torch.equal(saved, value):
+            if saved is None or not torch.equal(saved.to(value.device), value):
                 raise CheckpointError(
                     f"{last}: its extractor ({key}) is not the pack's stage-1 extractor; "
                     "resume this run alone"
@@ -1093,7 +1093,7 @@ def _share_extractor(weights: dict, extractor: torch.nn.Module) -> dict:
     for key, value in weights.items():
         own = live.get(key[len("extractor.") :]) if key.startswith("extractor.") else None
         same = own is not None and own.shape == value.shape and own.dtype == value.dtype
-        shared[key] = own if same and torch.equal(own, value) else value
+        shared[key] = own if same and torch.equal(own, value.to(own.device)) else value
     return shared
 
 
