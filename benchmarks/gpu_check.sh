@@ -23,7 +23,8 @@
 # constraints.txt):
 #     OUT=gpu-check bash benchmarks/gpu_check.sh
 # VENV (default .venv) names the venv; STEP_TIMEOUT (seconds, default 600) caps each step.
-# Nothing is downloaded: the offline variables below are exported.
+# Nothing is downloaded: the offline variables below are exported. Fused stage 2 on a GPU (lone
+# against packed members, fp32 and bf16, two sizes) is benchmarks/gpu_fused.sh, which needs no venv.
 
 set -euo pipefail
 
