@@ -49,6 +49,7 @@ from sweeps.pack import PACK_PREFIX, plan_packs, run_pack
 from sweeps.remote import (
     RemoteExperiment,
     checkpoint_every_of,
+    claim_new_experiment,
     experiment_in_bucket,
     find_experiment,
     open_trial,
@@ -259,6 +260,7 @@ def _launch(
         },
     )
     if remote is not None:
+        claim_new_experiment(remote.uri)
         remote.push()
     tuner = _tuner(study, folder, plan, list(history), verbose, optuna_url, location)
     try:

@@ -31,8 +31,10 @@ import atexit
 import contextlib
 import dataclasses
 import json
+import os
 import secrets
 import shutil
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +59,7 @@ from runstore.bucket import (
     pull_results,
     scratch_folder,
 )
-from sweeps.experiment import ExperimentError, check_name, experiment_dir
+from sweeps.experiment import ExperimentError, check_name, experiment_dir, now
 from sweeps.stage1 import Stage1Store
 
 __all__ = [
@@ -146,6 +148,37 @@ def experiment_in_bucket(root: BucketUri, name: str, *, must_exist: bool) -> Buc
             "or launch under another --name"
         )
     return uri
+
+
+LAUNCH_FILE = "launch.json"
+
+
+def claim_new_experiment(uri: BucketUri) -> None:
+    """Claim ``uri`` for the experiment a launch (or extend) is about to push.
+
+    :func:`experiment_in_bucket` checked that no experiment is there, but two launches of one name
+    can both pass that check. The claim is a conditional create of :data:`LAUNCH_FILE` (who
+    launched, when): of two launches racing for one name exactly one creates it and pushes its
+    experiment; the other is refused here, before it has written anything to the bucket.
+
+    Raises:
+        ExperimentError: another launch claimed the name first.
+    """
+    bucket = Bucket(uri)
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "time": now()}
+    if bucket.create(LAUNCH_FILE, json.dumps(record).encode()) is not None:
+        return
+    found = bucket.read(LAUNCH_FILE)
+    try:
+        other = json.loads(found[0]) if found else {}
+        who = f" by {other['host']} (pid {other['pid']}) at {other['time']}"
+    except (ValueError, KeyError, TypeError):
+        who = ""
+    raise ExperimentError(
+        f"experiment {uri.name!r} in {uri} was launched meanwhile{who}; this launch wrote nothing "
+        f"there. If no launch of that name is running and {uri}/{EXPERIMENT.file} is missing, a "
+        f"launch died before pushing it: delete {uri}/{LAUNCH_FILE} and launch again"
+    )
 
 
 def find_experiment(root: Path | BucketUri, name: str) -> tuple[Path, str, RemoteExperiment | None]:

@@ -242,6 +242,44 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
         ray_adapter.resume("other", storage=root)
 
 
+def test_of_two_launches_racing_for_one_name_one_pushes_and_the_other_writes_nothing(
+    uri, no_ray, monkeypatch
+):
+    root = uri.rsplit("/", 1)[0]
+    target = remote.BucketUri.parse(f"{root}/smoke-ablation")
+
+    def the_other_launch_wins(address):
+        # Both passed the existence check; the other launch claims the name while this one
+        # starts Ray, and has not pushed its experiment yet.
+        Bucket(target).create(remote.LAUNCH_FILE, b'{"host": "node-b", "pid": 7, "time": "t0"}')
+
+    monkeypatch.setattr(ray_adapter, "_start_ray", the_other_launch_wins)
+    with pytest.raises(
+        ExperimentError,
+        match=r"'smoke-ablation' .* was launched meanwhile by node-b \(pid 7\) at t0; this "
+        r"launch wrote nothing there.*delete .*/launch.json",
+    ):
+        ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=root)
+    assert set(Bucket(target).listing()) == {remote.LAUNCH_FILE}
+    assert not no_ray  # Tune never ran
+
+    # The claim itself: of several claimants at once, exactly one wins.
+    contested = remote.BucketUri.parse(f"{root}/contested")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        outcomes = pool.starmap(_claim, [(_environment(), str(contested))] * 4)
+    assert sorted(outcomes) == [False, False, False, True]
+
+
+def _claim(environment: dict, uri: str) -> bool:
+    os.environ.update(environment)
+    try:
+        remote.claim_new_experiment(remote.BucketUri.parse(uri))
+    except ExperimentError as error:
+        assert "was launched meanwhile" in str(error)
+        return False
+    return True
+
+
 def test_extend_in_a_bucket_links_the_new_experiment_to_the_old_one_there(uri, no_ray, tmp_path):
     root = uri.rsplit("/", 1)[0]
     study = tmp_path / "smoke-sensitivity.yaml"
