@@ -1,6 +1,7 @@
 """Fused trials: stage-2 runs of one stage 1 and one denoiser shape trained as one pack.
 
-A study's ``pack: N`` (default :data:`DEFAULT_PACK`) groups the runs of an expanded study
+A study's ``pack: N`` (default :data:`DEFAULT_PACK`, or :data:`DEFAULT_GPU_PACK` when every trial
+gets a whole GPU) groups the runs of an expanded study
 (ablation, sensitivity, grid search) whose configs share a :func:`core.train.fused.pack_key` — the
 stage-1 config, the denoiser's shape and the stage-2 queries — into packs of up to N members. A
 pack is one Ray Tune trial that obtains the shared stage 1 once and trains every member's stage 2
@@ -36,7 +37,7 @@ from core.train.trainer import NonFiniteLossError, train
 from runstore import METRICS, RESULTS, RUNS_DIR, STATUS, checkpoint_path
 from sweeps.experiment import now, read_json_object, write_json
 from sweeps.stage1 import Stage1Store, stage1_key
-from sweeps.study import DEFAULT_PACK
+from sweeps.study import DEFAULT_GPU_PACK, DEFAULT_PACK
 from sweeps.tracking import RunTracker
 from sweeps.trial import (
     NON_FINITE,
@@ -52,7 +53,7 @@ from sweeps.trial import (
     _write_provenance,
 )
 
-__all__ = ["DEFAULT_PACK", "PACK_PREFIX", "plan_packs", "run_pack"]
+__all__ = ["DEFAULT_GPU_PACK", "DEFAULT_PACK", "PACK_PREFIX", "plan_packs", "run_pack"]
 
 #: Pack trials are named ``pack/<n>``; no study trial name starts so.
 PACK_PREFIX = "pack/"

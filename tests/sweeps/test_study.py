@@ -791,10 +791,19 @@ def test_a_bad_study_is_the_files_fault_not_the_sets(tmp_path):
 
 
 def test_pack_defaults_where_runs_can_pack_and_is_refused_where_they_cannot(tmp_path):
-    from sweeps.study import DEFAULT_PACK
+    from sweeps.study import DEFAULT_GPU_PACK, DEFAULT_PACK
 
     ablation = "kind: ablation\nvariants:\n  full: {}\n"
-    assert load_study(write_study(tmp_path, ablation)).pack == DEFAULT_PACK
+    assert load_study(write_study(tmp_path, ablation)).pack == DEFAULT_PACK == 1
+    # A trial with a whole GPU packs by default (measured there); a share of a GPU does not.
+    on_gpus = {
+        gpus: ablation + f"resources: {{cpus: 1, gpus: {gpus}, workers: 1}}\n"
+        for gpus in (1, 2, 0.5)
+    }
+    assert load_study(write_study(tmp_path, on_gpus[1])).pack == DEFAULT_GPU_PACK == 16
+    assert load_study(write_study(tmp_path, on_gpus[2])).pack == DEFAULT_GPU_PACK
+    assert load_study(write_study(tmp_path, on_gpus[0.5])).pack == DEFAULT_PACK
+    assert load_study(write_study(tmp_path, on_gpus[1] + "pack: 1\n")).pack == 1
     assert load_study(write_study(tmp_path, ablation + "pack: 1\n")).pack == 1
     assert load_study(write_study(tmp_path, ablation + "pack: 16\n")).pack == 16
     for bad in ("0", "2.5", "yes", "2000"):
