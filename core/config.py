@@ -252,7 +252,7 @@ class TrainConfig:
     stage1_epochs: int = _range(200, 0, 100_000, stage1=True)
     stage2_epochs: int = _range(10, 0, 100_000)
     batch_size: int = _range(128, 1, 1_000_000, stage1=True)  # both stages
-    lr_stage1: float = _range(5e-3, 0.0, 10.0, low_open=True, stage1=True)
+    lr_stage1: float = _range(3e-3, 0.0, 10.0, low_open=True, stage1=True)
     lr_stage2: float = _range(1e-3, 0.0, 10.0, low_open=True)
     weight_decay: float = _range(0.01, 0.0, 10.0, stage1=True)
     warmup_fraction: float = _range(0.1, 0.0, 1.0, stage1=True)
