@@ -5,10 +5,12 @@ test_ray_remote.py."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import multiprocessing
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -263,21 +265,23 @@ def test_of_two_launches_racing_for_one_name_one_pushes_and_the_other_writes_not
     assert set(Bucket(target).listing()) == {remote.LAUNCH_FILE}
     assert not no_ray  # Tune never ran
 
-    # The claim itself: of several claimants at once, exactly one wins.
+    # The claim itself: of several claimants at once (threads, each with its own client, released
+    # together), exactly one wins.
     contested = remote.BucketUri.parse(f"{root}/contested")
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        outcomes = pool.starmap(_claim, [(_environment(), str(contested))] * 4)
+    start = threading.Barrier(4)
+
+    def claim() -> bool:
+        start.wait(timeout=60)
+        try:
+            remote.claim_new_experiment(contested)
+        except ExperimentError as error:
+            assert "was launched meanwhile" in str(error)
+            return False
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outcomes = [future.result() for future in [pool.submit(claim) for _ in range(4)]]
     assert sorted(outcomes) == [False, False, False, True]
-
-
-def _claim(environment: dict, uri: str) -> bool:
-    os.environ.update(environment)
-    try:
-        remote.claim_new_experiment(remote.BucketUri.parse(uri))
-    except ExperimentError as error:
-        assert "was launched meanwhile" in str(error)
-        return False
-    return True
 
 
 def test_extend_in_a_bucket_links_the_new_experiment_to_the_old_one_there(uri, no_ray, tmp_path):
