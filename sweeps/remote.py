@@ -63,9 +63,11 @@ from sweeps.experiment import ExperimentError, check_name, experiment_dir, now
 from sweeps.stage1 import Stage1Store
 
 __all__ = [
+    "LAUNCH_FILE",
     "LEASE_TTL_SECONDS",
     "BucketStage1Store",
     "RemoteExperiment",
+    "claim_new_experiment",
     "find_experiment",
     "open_trial",
     "pull_view",

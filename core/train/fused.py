@@ -910,7 +910,7 @@ def _train_epoch(
     device = accelerator.device
     started = time.perf_counter()
     sums = {m.index: [0.0, 0.0, 0.0, 0] for m in active}
-    batches = _epoch_batches(queries, config, 2, epoch, active[0].run.accelerator)
+    batches = _epoch_batches(queries, config, 2, epoch, accelerator)
     bar = tqdm(batches, desc=f"fused stage 2 epoch {epoch + 1}", disable=not progress, leave=False)
     hidden = template.blocks[0].mlp[0].out_features
     for number, batch in enumerate(bar, start=1):
