@@ -16,7 +16,8 @@ readers keep their ordinary file code:
   from the checkpoint it pushed. The holder pushes the finished run and ``done.json`` before it
   releases the lease.
 * a **driver** (launch, resume, extend) writes the experiment's own files into its mirror and
-  pushes them; Ray Tune keeps its state in the bucket itself.
+  pushes them, a new experiment after claiming its name (:func:`claim_new_experiment`); Ray Tune
+  keeps its state in the bucket itself.
 * a **reader** (``status``, ``watch``, ``report``) pulls everything but checkpoints and
   TensorBoard files (:func:`pull_view`), again on every refresh, changed files only.
 
