@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import itertools
 import json
 import os
@@ -81,22 +80,12 @@ def _at_scale(args) -> str:
     """The FB15k-237-sized synthetic graph with random frozen features; returns its folder."""
     import bench_fused_memory
 
-    import core.train.fused as fused
-    import core.train.trainer as trainer
     from core.data.registry import synthetic_dataset_folder
+    from core.train.trainer import load_run_dataset
 
     folder = synthetic_dataset_folder(bench_fused_memory._spec(args))
-    graph = trainer.load_run_dataset(_configs(args, str(folder))[0])
-    features = bench_fused_memory._random_features(graph.num_entities)
-    # build_model (the lone trainer's and the pack's) reads features through this name.
-    trainer.extract_features = lambda graph, settings, progress=True: features
-    whole_split = trainer.training_split
-
-    def fewer_queries(config, graph):
-        split = whole_split(config, graph)
-        return dataclasses.replace(split, stage2_queries=split.stage2_queries[: args.queries])
-
-    trainer.training_split = fused.training_split = fewer_queries
+    bench_fused_memory.use_random_features(load_run_dataset(_configs(args, str(folder))[0]))
+    bench_fused_memory.cut_stage2_queries(args.queries)
     return str(folder)
 
 

@@ -98,11 +98,33 @@ def _random_features(num_entities: int):
     return SimpleNamespace(text=text, text_mask=mask, image=image, image_mask=mask)
 
 
+def use_random_features(graph) -> None:
+    """Give every model this process builds random frozen features instead of extracted ones."""
+    import core.train.trainer as trainer
+
+    features = _random_features(graph.num_entities)
+    # build_model (the lone trainer's and the pack's) reads features through this name.
+    trainer.extract_features = lambda graph, settings, progress=True: features
+
+
+def cut_stage2_queries(count: int) -> None:
+    """Train stage 2 (lone runs and packs) on the first ``count`` training queries only."""
+    import core.train.fused as fused
+    import core.train.trainer as trainer
+
+    whole_split = trainer.training_split
+
+    def fewer_queries(config, graph):
+        split = whole_split(config, graph)
+        return dataclasses.replace(split, stage2_queries=split.stage2_queries[:count])
+
+    trainer.training_split = fused.training_split = fewer_queries
+
+
 def _child(args) -> None:
     import psutil
     import torch
 
-    import core.train.fused as fused
     import core.train.trainer as trainer
     from core.data.registry import synthetic_dataset_folder
     from core.train.fused import member_memory_mib, train_fused
@@ -111,9 +133,7 @@ def _child(args) -> None:
     folder = synthetic_dataset_folder(_spec(args))
     stage1_config, configs = _configs(args, folder, args.child_members)
     graph = trainer.load_run_dataset(stage1_config)
-    features = _random_features(graph.num_entities)
-    # build_model (the lone trainer's and the pack's) reads features through this name.
-    trainer.extract_features = lambda graph, settings, progress=True: features
+    use_random_features(graph)
     scratch = Path(args.scratch)
     checkpoint = scratch / "stage1" / "checkpoints" / "last.pt"
     if args.child_members == 0:
@@ -121,11 +141,7 @@ def _child(args) -> None:
         print("RESULT {}", flush=True)
         return
 
-    def fewer_queries(config, graph):
-        split = trainer.training_split(config, graph)
-        return dataclasses.replace(split, stage2_queries=split.stage2_queries[: args.queries])
-
-    fused.training_split = fewer_queries
+    cut_stage2_queries(args.queries)
     denoiser = trainer.build_model(configs[0], graph, progress=False).denoiser
     estimate = member_memory_mib(configs[0], denoiser)
     del denoiser
