@@ -1,9 +1,9 @@
 """Fused trials: stage-2 runs of one stage 1 and one denoiser shape trained as one pack.
 
 A study's ``pack: N`` (default :data:`DEFAULT_PACK`, or :data:`DEFAULT_GPU_PACK` when every trial
-gets a whole GPU) groups the runs of an expanded study
-(ablation, sensitivity, grid search) whose configs share a :func:`core.train.fused.pack_key` — the
-stage-1 config, the denoiser's shape and the stage-2 queries — into packs of up to N members. A
+gets a whole GPU) groups the runs of an expanded study (ablation, sensitivity, grid search) whose
+configs share a :func:`core.train.fused.pack_key` — the stage-1 config, the denoiser's shape and
+the stage-2 queries — into packs of up to N members. A
 pack is one Ray Tune trial that obtains the shared stage 1 once and trains every member's stage 2
 in one :func:`core.train.fused.train_fused` loop. Everything users read stays per run: each member
 keeps its own run folder (``config.json``, ``metrics.jsonl``, checkpoints, ``results.json``,
