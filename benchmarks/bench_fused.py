@@ -5,7 +5,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_fused.py [--dataset umls] [--members 16]
         [--stage1-epochs 5] [--stage2-epochs 3] [--width 256] [--plain]
         [--scale fb15k-237 --queries 2048] [--text-encoder minilm] [--precision no|bf16]
-        [--threads 1] [--out fused.json]
+        [--threads 1] [--count-ops] [--out fused.json]
 
 Trains one stage 1 (not timed), then the same N stage-2 configs (a grid over K, ``loss.w_kl`` and
 ``train.lr_stage2``) two or three ways, one after the other in this process, on the GPU when torch
@@ -23,7 +23,8 @@ entities and 237 relations with ``--train`` triples, random frozen features of t
 what a member costs there grows with the entity count, not with the query count.
 
 Reported: the wall time of each side, the ratios, trials per minute; on a GPU the fused call's peak
-GPU memory; with ``--profile`` (the default on a CPU) where the fused time went (set-up, training
+GPU memory; with ``--count-ops`` the operators and device reads per fused training batch (each
+operator a kernel launch on a GPU, each read a wait); with ``--profile`` (the default on a CPU) where the fused time went (set-up, training
 steps, per-epoch validation, final evaluation), from a profile of the fused call by function; and
 how far every member's test metrics are from its lone twin's (equal, bitwise, on one CPU thread;
 GPU kernels and bf16 reduce in other orders).
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import itertools
 import json
 import os
@@ -101,7 +103,7 @@ def _where_fused_time_goes(profile: cProfile.Profile) -> dict:
         "_start_stage2": "optimizers and stage-2 start evaluation",
         "_train_epoch": "training epochs (all members)",
         "backward": "  of which backward",
-        "step": "  of which the members' AdamW steps",
+        "step": "  of which the optimizer steps (all members)",
         "_validate": "per-epoch validation (all members ranked at once)",
         "_finish_member_epoch": "per-epoch selection, metrics and checkpoints",
         "save_checkpoint": "  of which writing checkpoints",
@@ -118,6 +120,54 @@ def _where_fused_time_goes(profile: cProfile.Profile) -> dict:
         if name in parts and known:
             seconds[parts[name]] = seconds.get(parts[name], 0.0) + row[3]
     return {key: round(value, 2) for key, value in seconds.items()}
+
+
+def _count_training_ops(members, checkpoint: Path, scratch: Path) -> dict:
+    """Operators dispatched and device reads per training batch of one fused stage-2 epoch.
+
+    On a GPU each operator is at least one kernel launch and each read of a device value into
+    Python (``aten::_local_scalar_dense``: ``.item()``, ``.tolist()``, ``if tensor``) a wait for
+    the device; a pack whose step is small is bound by these, not by its arithmetic. Counted with
+    ``torch.profiler`` on the device the pack runs on, over a fresh pack of the same members.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from core.train import fused
+
+    counted: dict = {}
+    real_epoch = fused._train_epoch
+
+    def profiled_epoch(*args):  # (active, ..., queries, progress): also older signatures
+        if counted:
+            return real_epoch(*args)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            real_epoch(*args)
+        names = [event.name for event in profiler.events()]
+        config, queries = args[0][0].config, args[-2]
+        batches = -(-len(queries) // config.train.batch_size)
+        counted["operators_per_batch"] = round(
+            sum(name.startswith("aten::") for name in names) / batches
+        )
+        counted["device_reads_per_batch"] = round(
+            names.count("aten::_local_scalar_dense") / batches, 1
+        )
+        counted["batches"] = batches
+        return None
+
+    fused._train_epoch = profiled_epoch
+    try:
+        one_epoch = [
+            dataclasses.replace(config, train=dataclasses.replace(config.train, stage2_epochs=1))
+            for config in members
+        ]
+        outs = [scratch / "count" / str(index) for index in range(len(members))]
+        fused.train_fused(one_epoch, outs, checkpoint)
+    finally:
+        fused._train_epoch = real_epoch
+    counted["members"] = len(members)
+    counted["torch_threads"] = torch.get_num_threads()
+    return counted
 
 
 def _trials_per_minute(count: int, seconds: float) -> float:
@@ -146,7 +196,14 @@ def main() -> None:
         default=None,
         help="profile the fused call (default: on a CPU only; it slows GPU launches)",
     )
-    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="also count operators and device reads per fused training batch (one more epoch)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="write the report here (and a profiled run's stats to OUT.prof)"
+    )
     args = parser.parse_args()
     if args.plain and args.scale:
         # --scale cuts stage 2 to --queries but not stage 1: (c) would be mostly stage-1 epochs.
@@ -197,6 +254,8 @@ def main() -> None:
         failed = [str(result) for result in results if isinstance(result, BaseException)]
         fused_gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
+        operators = _count_training_ops(members, checkpoint, scratch) if args.count_ops else None
+
         plain_seconds = None
         if args.plain:
             started = synchronised()
@@ -232,6 +291,7 @@ def main() -> None:
         "fused_gpu_peak_mib": None if fused_gpu_peak is None else round(fused_gpu_peak),
         "fused_failed_members": failed,
         "fused_parts_seconds": _where_fused_time_goes(profile) if profile_fused else None,
+        "fused_operators": operators,
         "test_metrics_equal": all(fused == lone for fused, lone in pairs),
         "test_mrr_max_abs_difference": max(differences),
         # Other work on the machine slows both sides, not necessarily equally.
@@ -250,6 +310,8 @@ def main() -> None:
         print(f"ratio plain/fused: {report['plain_ratio']}x")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+        if profile_fused:  # the whole profile, for `python -m pstats OUT.prof`
+            profile.dump_stats(args.out.with_name(args.out.name + ".prof"))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ chain; the ``official`` passes draw ε and step noise at random.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +28,7 @@ from core.model.denoiser import CDenoiser
 from core.model.diffusion import GaussianDiffusion, scatter_top_k, select_top_k
 from core.model.extractor import ExtractorOutput, StructureMKGformer
 
-__all__ = ["DiffusionCom", "stage2_loss", "standardise"]
+__all__ = ["DiffusionCom", "stacked_stage2_loss", "stage2_loss", "standardise"]
 
 
 def standardise(scores: torch.Tensor) -> torch.Tensor:
@@ -219,3 +221,57 @@ def stage2_loss(
         kl = kl / x0.shape[1]
     bce = F.binary_cross_entropy_with_logits(x0_hat, targets)
     return {"loss": loss.w_kl * kl + loss.w_bce * bce, "kl": kl.detach(), "bce": bce.detach()}
+
+
+def stacked_stage2_loss(
+    x0: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor, losses: Sequence[LossConfig]
+) -> dict[str, torch.Tensor]:
+    """:func:`stage2_loss` of A models at once (a fused pack, ``core.train.fused``).
+
+    Args:
+        x0: ``(B, N)`` the shared target scores.
+        x0_hat: ``(A, B, N)`` each model's reconstruction.
+        targets: ``(B, N)`` the shared labels.
+        losses: each model's loss settings (its ``w_kl``, ``w_bce``, ``kl_reduction``).
+
+    Returns:
+        ``{"loss", "kl", "bce"}``, each ``(A,)``: row ``i`` is ``stage2_loss(x0, x0_hat[i],
+        targets, losses[i])``. The same element-wise ops, each row's sums over its own
+        ``(B, N)`` block and the weights as float32 factors, as a Python float multiplies a
+        float32 tensor: on one CPU thread each row equals the lone value bitwise.
+    """
+    batch, entities = x0.shape
+    device = x0_hat.device
+    # F.kl_div(input, target, log_target=True) is exp(target) · (target − input), summed and
+    # divided by B under "batchmean"; exp(target) is the shared (B, N) one, computed once.
+    log_target = F.log_softmax(x0.detach(), dim=1)
+    kl = (log_target.exp() * (log_target - F.log_softmax(x0_hat, dim=2))).sum(dim=(1, 2)) / batch
+    per_entity = torch.tensor([loss.kl_reduction == "mean" for loss in losses], device=device)
+    kl = torch.where(per_entity, kl / entities, kl)
+    bce = _RowMeanBCEWithLogits.apply(x0_hat, targets)
+    w_kl = torch.tensor([loss.w_kl for loss in losses], device=device, dtype=kl.dtype)
+    w_bce = torch.tensor([loss.w_bce for loss in losses], device=device, dtype=bce.dtype)
+    return {"loss": w_kl * kl + w_bce * bce, "kl": kl.detach(), "bce": bce.detach()}
+
+
+class _RowMeanBCEWithLogits(torch.autograd.Function):
+    """``(A,)`` each row's ``F.binary_cross_entropy_with_logits(logits[i], targets)`` (mean
+    reduction) for ``(A, B, N)`` logits and shared ``(B, N)`` targets.
+
+    The backward is the one ``reduction="mean"`` has, ((σ(x) − y) · g) / (B·N), per row; the
+    mean of ``reduction="none"`` would scale first, g / (B·N), and round differently.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits, targets)
+        elementwise = F.binary_cross_entropy_with_logits(
+            logits, targets.expand_as(logits), reduction="none"
+        )
+        return elementwise.mean(dim=(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets = ctx.saved_tensors
+        grad_logits = (logits.sigmoid() - targets) * grad.reshape(-1, 1, 1)
+        return grad_logits.div_(targets.numel()), None

@@ -6,8 +6,10 @@ runs its own small matrix multiplies. Here one extractor scores each batch once,
 parameters are stacked along a leading member axis and run as one batched network
 (``torch.baddbmm``), and each member keeps what makes it a run of its own:
 
-* its config, its optimizer (an ``AdamW`` over its slice of the stacked parameters, with its own
-  learning-rate schedule) and its early stopping;
+* its config, its learning-rate schedule and its early stopping, and its optimizer state:
+  AdamW's moments and step count are its row of the pack's one stacked AdamW
+  (:class:`_StackedAdamW`, one step of all members per batch), checkpointed as its own
+  ``AdamW``'s state;
 * its own noise: the timesteps, diffusion noise and dropout masks a lone run draws from the global
   RNG are drawn from a per-member generator started exactly where the lone run's global RNG starts,
   in the same order, so a member continues the same random streams as its lone twin;
@@ -15,11 +17,17 @@ parameters are stacked along a leading member axis and run as one batched networ
   ``metrics.jsonl``, ``checkpoints/last.pt``, ``results.json``, ``ranks_*.npz``): a member's folder
   is a lone run's folder, resumable alone with :func:`core.train.trainer.train`.
 
+Per batch the pack does one extractor pass, one batched denoiser forward, one batched loss
+(:func:`core.model.diffusioncom.stacked_stage2_loss`), one backward and one optimizer step; only
+the random draws (and, on a CPU, LayerNorm: below) are per member. On a GPU the operators
+launched and the waits on the device bound a pack more than its arithmetic does
+(``benchmarks/bench_fused.py --count-ops`` counts both per training batch).
+
 Equivalence with the lone trainer: ``baddbmm`` runs each member's slice through the same GEMM as
 ``F.linear``'s ``addmm`` and LayerNorm runs per member, so on one CPU thread a member's losses,
 weights and metrics are bitwise those of its lone twin (tests/core/train/test_fused.py checks it);
-transcendental element-wise kernels (SiLU) run per member too, since their vector/tail split
-depends on where a member's slice starts.
+transcendental element-wise kernels (SiLU, the loss's exp and log) run per member too when a
+member's slice does not start where a lone tensor's would in the vector loop.
 
 Evaluation is fused the same way (:func:`_rank_pack`): each batch of valid or test queries goes
 through the frozen extractor once for the whole pack, and the members' deterministic reverse chains
@@ -47,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -68,7 +77,7 @@ from core.config import (
 from core.data.graph import KnowledgeGraph
 from core.evaluation import RankAccumulator, RankingResult
 from core.model.denoiser import CDenoiser, timestep_embedding
-from core.model.diffusioncom import DiffusionCom, stage2_loss
+from core.model.diffusioncom import DiffusionCom, stacked_stage2_loss, stage2_loss
 from core.train.checkpoint import CheckpointError, load_checkpoint, rng_state
 from core.train.trainer import (
     NonFiniteLossError,
@@ -235,12 +244,30 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
 
 
 def _layer_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-    """Per-member LayerNorm of ``(A, B, W)``: one call per member, since a batched affine
-    (normalise, then scale) rounds differently from the fused kernel a lone run uses."""
+    """Per-member LayerNorm of ``(A, B, W)``: on a CPU one call per member, since a batched
+    affine (normalise, then scale) rounds differently from the fused kernel a lone run uses; on
+    an accelerator, whose members differ from their lone twins in rounding anyway (batched GEMMs
+    sum in other orders), :func:`_batched_layer_norm`, two kernels for the whole pack where
+    per-member calls launch 2·A."""
+    if h.device.type != "cpu":
+        return _batched_layer_norm(h, weight, bias, eps)
+    # unbind, not h[i]: its backward stacks the members' gradients once, where A selects would
+    # each scatter into a zero (A, B, W) tensor.
     width = h.shape[-1]
     return torch.stack(
-        [F.layer_norm(h[i], (width,), weight[i], bias[i], eps) for i in range(h.shape[0])]
+        [
+            F.layer_norm(slice_, (width,), w, b, eps)
+            for slice_, w, b in zip(h.unbind(0), weight.unbind(0), bias.unbind(0), strict=True)
+        ]
     )
+
+
+def _batched_layer_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """LayerNorm of ``(A, B, W)`` with each member's ``(A, W)`` affine: one normalisation over
+    the stack, then ``bias + normed · weight`` per member (equal to per-member LayerNorm up to
+    float32 rounding; tests/core/train/test_fused.py bounds the difference)."""
+    normed = F.layer_norm(h, (h.shape[-1],), None, None, eps)
+    return torch.addcmul(bias.unsqueeze(1), normed, weight.unsqueeze(1))
 
 
 def _silu(x: torch.Tensor) -> torch.Tensor:
@@ -255,7 +282,7 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
     """
     if x[0].numel() % _ALIGNED_FLOATS == 0 and x.is_contiguous():
         return F.silu(x)
-    return torch.stack([F.silu(x[i]) for i in range(x.shape[0])])
+    return torch.stack([F.silu(slice_) for slice_ in x.unbind(0)])
 
 
 _ALIGNED_FLOATS = 64
@@ -480,6 +507,155 @@ def _rank_pack(
     for position, index in enumerate(order):
         results[index] = accumulators[position].result()
     return results
+
+
+# ------------------------------------------------------------------------------------------ the optimizer
+
+
+class _StackedAdamW:
+    """Gradient clipping and AdamW of every member at once, over one buffer.
+
+    The members' denoiser weights live in one ``(A, T)`` buffer, row ``i`` member ``i``'s, each
+    parameter a segment of a row starting at a multiple of :data:`_ALIGNED_FLOATS`; their
+    gradients and AdamW's two moments live in three more of that shape. One step of the whole
+    pack is then a fixed handful of element-wise kernels whatever A is (per-member steps launch
+    A times as many, and on a GPU that launch work, not the arithmetic, bounds a pack). The
+    arithmetic is ``clip_grad_norm_``'s and ``torch.optim.AdamW``'s single-tensor step, op for
+    op, with each member's learning rate and bias corrections as a per-row factor, so on one CPU
+    thread a member's weights and moments are bitwise what its own ``AdamW`` would give
+    (tests/core/train/test_fused.py compares them with lone runs').
+
+    :attr:`stacked` holds each parameter as an ``(A, ...)`` leaf tensor over its segments (what
+    the batched network reads); its ``.grad`` is bound to the gradient buffer, so backward
+    accumulates into it in place. Each member keeps its own ``AdamW`` over its row: its learning
+    rate schedule sets the rate read here, and its ``state_dict()`` (in every checkpoint) gets
+    the member's row of the moments from :meth:`write_state`. Weight decay and the clipping norm
+    are stage-1 keys, so one value for the whole pack; AdamW's betas and eps are its defaults, as
+    in a lone run.
+    """
+
+    def __init__(self, members: list[_Member], names: list[str]):
+        denoisers = [dict(m.run.model.denoiser.named_parameters()) for m in members]
+        first = denoisers[0]
+        self.names = names
+        self.segments: dict[str, tuple[int, torch.Size]] = {}
+        offset = 0
+        for name in names:
+            self.segments[name] = (offset, first[name].shape)
+            offset += -(-first[name].numel() // _ALIGNED_FLOATS) * _ALIGNED_FLOATS
+        rows, like = len(members), first[names[0]]
+        self.weights = torch.zeros((rows, offset), dtype=like.dtype, device=like.device)
+        self.grads = torch.zeros_like(self.weights)
+        self.exp_avg = torch.zeros_like(self.weights)
+        self.exp_avg_sq = torch.zeros_like(self.weights)
+        self.steps = [0] * rows
+        self.stacked: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name in names:
+                self.segment(self.weights, name).copy_(torch.stack([d[name] for d in denoisers]))
+                leaf = self.segment(self.weights, name).detach().requires_grad_()
+                leaf.grad = self.segment(self.grads, name)
+                self.stacked[name] = leaf
+        self.beta1 = self.beta2 = self.eps = self.weight_decay = self.max_grad_norm = 0.0
+
+    def adopt(self, members: list[_Member]) -> None:
+        """Take over the members' ``AdamW`` (built over :meth:`row_parameters`): its
+        hyperparameters, and each member's moments and step count when it resumes."""
+        defaults = members[0].optimizer.defaults
+        self.beta1, self.beta2 = defaults["betas"]
+        self.eps, self.weight_decay = defaults["eps"], defaults["weight_decay"]
+        self.max_grad_norm = members[0].config.train.max_grad_norm
+        for member in members:
+            self.read_state(member.row, member.optimizer)
+
+    def segment(self, buffer: torch.Tensor, name: str, row: int | None = None) -> torch.Tensor:
+        """``(A, ...)`` (or one row's ``(...)``) view of parameter ``name`` in ``buffer``."""
+        offset, shape = self.segments[name]
+        columns = buffer[:, offset : offset + shape.numel()]
+        if row is None:
+            return columns.view(len(buffer), *shape)
+        return columns[row].view(shape)
+
+    def row_parameters(self, row: int) -> list[torch.Tensor]:
+        """A member's parameters as the plain tensors its own ``AdamW`` holds (its row)."""
+        return [self.segment(self.weights, name, row) for name in self.names]
+
+    def read_state(self, row: int, optimizer: torch.optim.AdamW) -> None:
+        """Take a member's moments and step count from its ``AdamW`` (empty when it is new)."""
+        for name, parameter in zip(self.names, optimizer.param_groups[0]["params"], strict=True):
+            state = optimizer.state.get(parameter)
+            if not state:
+                continue
+            self.segment(self.exp_avg, name, row).copy_(state["exp_avg"])
+            self.segment(self.exp_avg_sq, name, row).copy_(state["exp_avg_sq"])
+            self.steps[row] = int(state["step"].item())
+
+    def write_state(self, row: int, optimizer: torch.optim.AdamW) -> None:
+        """Put a member's moments and step count into its ``AdamW`` (for its checkpoint)."""
+        if self.steps[row] == 0:
+            return
+        for name, parameter in zip(self.names, optimizer.param_groups[0]["params"], strict=True):
+            optimizer.state[parameter] = {
+                "step": torch.tensor(float(self.steps[row]), dtype=torch.float32),
+                "exp_avg": self.segment(self.exp_avg, name, row).clone(),
+                "exp_avg_sq": self.segment(self.exp_avg_sq, name, row).clone(),
+            }
+
+    def zero_grad(self) -> None:
+        self.grads.zero_()
+
+    @torch.no_grad()
+    def step(self, rows: list[int], learning_rates: list[float]) -> None:
+        """Clip and step the members in ``rows`` (each at its learning rate); the others' rows
+        do not change."""
+        everyone = len(rows) == len(self.weights)
+        index = None if everyone else torch.tensor(rows, device=self.weights.device)
+
+        def taken(buffer: torch.Tensor) -> torch.Tensor:
+            return buffer if index is None else buffer.index_select(0, index)
+
+        weights, grads = taken(self.weights), taken(self.grads)
+        exp_avg, exp_avg_sq = taken(self.exp_avg), taken(self.exp_avg_sq)
+        device, dtype = weights.device, weights.dtype
+        if self.max_grad_norm > 0:
+            # clip_grad_norm_: the norm of the per-parameter norms; max_norm / (norm + 1e-6)
+            # is Python's reflected division, a reciprocal times max_norm.
+            norms = torch.stack(
+                [
+                    torch.linalg.vector_norm(self.segment(grads, name).flatten(1), dim=1)
+                    for name in self.names
+                ],
+                dim=1,
+            )  # (A, P)
+            total = torch.linalg.vector_norm(norms, dim=1)
+            coefficient = torch.clamp((total + 1e-6).reciprocal() * self.max_grad_norm, max=1.0)
+            grads.mul_(coefficient.unsqueeze(1))
+        for row in rows:
+            self.steps[row] += 1
+        # AdamW's single-tensor step in float64 scalars, then cast per row as the kernel casts
+        # a Python scalar.
+        decay, step_size, correction = [], [], []
+        for row, rate in zip(rows, learning_rates, strict=True):
+            decay.append(1 - rate * self.weight_decay)
+            step_size.append(-(rate / (1 - self.beta1 ** self.steps[row])))
+            correction.append((1 - self.beta2 ** self.steps[row]) ** 0.5)
+        decay, step_size, correction = (
+            torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+            for values in (decay, step_size, correction)
+        )
+        if self.weight_decay != 0:
+            weights.mul_(decay)
+        exp_avg.lerp_(grads, 1 - self.beta1)
+        exp_avg_sq.mul_(self.beta2).addcmul_(grads, grads, value=1 - self.beta2)
+        denominator = (exp_avg_sq.sqrt() / correction).add_(self.eps)
+        weights.add_((step_size * exp_avg).div_(denominator))
+        if index is not None:
+            for buffer, part in (
+                (self.weights, weights),
+                (self.exp_avg, exp_avg),
+                (self.exp_avg_sq, exp_avg_sq),
+            ):
+                buffer.index_copy_(0, index, part)
 
 
 # ------------------------------------------------------------------------------------------ members
@@ -834,18 +1010,15 @@ def _train_group(
     if not members:  # none could be opened: nothing to train
         return
 
-    # The stacked parameters (the members' training copies) and each member's slice of them as
-    # the plain leaf tensors its own AdamW updates in place.
+    # The stacked parameters (the members' training copies) and their one optimizer; each
+    # member's own AdamW holds its row (its schedule and its checkpointed state).
     names = [name for name, _ in base.denoiser.named_parameters()]
-    stacked = {
-        name: torch.stack(
-            [dict(m.run.model.denoiser.named_parameters())[name].detach() for m in members]
-        ).requires_grad_()
-        for name in names
-    }
+    optimizer = _StackedAdamW(members, names)
+    stacked = optimizer.stacked
     for row, member in enumerate(members):
         member.row = row
-        _start_stage2(member, [stacked[name].detach()[row] for name in names], start)
+        _start_stage2(member, optimizer.row_parameters(row), start)
+    optimizer.adopt(members)
 
     def freeze_for_training() -> None:
         extractor.freeze_entity_table(True, cache_queries=cache_queries)
@@ -869,7 +1042,7 @@ def _train_group(
         active = [m for m in members if m.trains_in(epoch)]
         if not active:
             continue
-        _train_epoch(active, stacked, names, base.denoiser, epoch, graph, queries, progress)
+        _train_epoch(active, optimizer, base.denoiser, epoch, graph, queries, progress)
         for member in active:
             if member.error is not None:
                 results[member.index] = member.error
@@ -878,7 +1051,7 @@ def _train_group(
             base, [m for m in trained if _validates_after(m.config, 2, epoch)], stacked
         )
         for member in trained:
-            _finish_member_epoch(member, stacked, callback, valid.get(member.index))
+            _finish_member_epoch(member, optimizer, callback, valid.get(member.index))
         # A member that is done (its epochs, or early stopping) gets its results now, as its lone
         # run would, instead of when the pack's longest member ends.
         done = [
@@ -894,31 +1067,38 @@ def _train_group(
 
 def _train_epoch(
     active: list[_Member],
-    stacked: dict[str, torch.Tensor],
-    names: list[str],
+    optimizer: _StackedAdamW,
     template: CDenoiser,
     epoch: int,
     graph: KnowledgeGraph,
     queries: torch.Tensor,
     progress: bool,
 ) -> None:
-    """One epoch of every active member, each batch's extractor pass and denoiser step fused."""
+    """One epoch of every active member: per batch one extractor pass, one batched denoiser
+    forward and loss, one backward and one optimizer step for the whole pack; only the members'
+    random draws (and their learning rates) are per member."""
     config = active[0].config  # batches, labels and x_0 depend on stage-1 keys only: shared
     extractor = active[0].run.model.extractor
     shared = active[0].run.model
     accelerator = active[0].run.accelerator
     device = accelerator.device
+    stacked = optimizer.stacked
     started = time.perf_counter()
-    sums = {m.index: [0.0, 0.0, 0.0, 0] for m in active}
+    # Each member's sums of its batch losses (total, KL, BCE), kept on the device so that no
+    # batch waits on the device for them; float64, as a lone run sums the ``.item()`` values.
+    sums = torch.zeros((len(active), 3), dtype=torch.float64, device=device)
+    counts = [0] * len(active)
     batches = _epoch_batches(queries, config, 2, epoch, accelerator)
     bar = tqdm(batches, desc=f"fused stage 2 epoch {epoch + 1}", disable=not progress, leave=False)
     hidden = template.blocks[0].mlp[0].out_features
+    position = {m.index: i for i, m in enumerate(active)}  # a member's row of ``sums``
+    training = list(active)
     for number, batch in enumerate(bar, start=1):
-        if not active:
+        if not training:
             break
         batch = batch.to(device)
         labels = _labels(
-            active[0].run.split.stage2_answers, batch.cpu(), config.loss.label_smoothing
+            training[0].run.split.stage2_answers, batch.cpu(), config.loss.label_smoothing
         ).to(device)
         # As in a lone run, train.mixed_precision applies to this forward and its loss only.
         with accelerator.autocast():
@@ -928,15 +1108,17 @@ def _train_epoch(
             size = len(batch)
 
             # Each member's draws, in a lone run's order: timesteps, diffusion noise, dropout masks.
-            timesteps, x_ts, masks = [], [], []
-            for member in active:
+            timesteps, noises, masks = [], [], []
+            for member in training:
                 diffusion, generator = member.run.model.diffusion, member.generator
-                t = torch.randint(
-                    0, diffusion.num_timesteps, (size,), device=device, generator=generator
+                timesteps.append(
+                    torch.randint(
+                        0, diffusion.num_timesteps, (size,), device=device, generator=generator
+                    )
                 )
-                noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device)
-                timesteps.append(t)
-                x_ts.append(diffusion.q_sample(x0, t, noise))
+                noises.append(
+                    torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device)
+                )
                 dropout = member.config.diffusion.denoiser_dropout
                 member_masks = []
                 for _ in template.blocks:
@@ -950,86 +1132,142 @@ def _train_epoch(
                             torch.ones((size, hidden), dtype=x0.dtype, device=device)
                         )
                 masks.append(member_masks)
-            any_dropout = any(m.config.diffusion.denoiser_dropout > 0 for m in active)
+            any_dropout = any(m.config.diffusion.denoiser_dropout > 0 for m in training)
             block_masks = (
                 [
-                    torch.stack([masks[i][b] for i in range(len(active))])
+                    torch.stack([masks[i][b] for i in range(len(training))])
                     for b in range(len(masks[0]))
                 ]
                 if any_dropout
                 else None
             )
 
-            rows = [m.row for m in active]
-            if len(rows) == len(next(iter(stacked.values()))):
+            rows = [m.row for m in training]
+            if len(rows) == len(optimizer.weights):
                 params = stacked
             else:
                 selected = torch.tensor(rows, device=device)
                 params = {name: value.index_select(0, selected) for name, value in stacked.items()}
-            t_all = torch.stack(timesteps)
-            x_t_all = torch.stack(x_ts)
+            t_all = torch.stack(timesteps)  # (A, B)
+            # (A, 4, K_max) each member's schedule (see _training_schedules), and per row and
+            # query its value at the query's timestep: (A, B, 1) each.
+            schedules = _training_schedules(training, device, x0.dtype)
+            at_t = [
+                schedules[
+                    torch.arange(len(training), device=device).unsqueeze(1), row, t_all
+                ].unsqueeze(-1)
+                for row in range(4)
+            ]
+            # GaussianDiffusion.q_sample per member: sqrt(ᾱ_t) · x_0 + sqrt(1 − ᾱ_t) · ε.
+            x_t_all = at_t[0] * x0 + at_t[1] * torch.stack(noises)  # (A, B, N)
             embedding = _time_embedding(template, params, t_all) + _condition_embedding(
                 params, condition
             )
             output = _stacked_denoiser(template, params, x_t_all, embedding, block_masks)
+            parts = _stacked_loss(training, x0, x_t_all, at_t[2], at_t[3], output, targets)
 
-            losses, finite = [], []
-            for i, member in enumerate(active):
-                diffusion, x_t, t = member.run.model.diffusion, x_ts[i], timesteps[i]
-                # DiffusionCom._denoiser_output and GaussianDiffusion.training_losses, per member.
-                if member.config.diffusion.target == "x0":
-                    skip = torch.as_tensor(
-                        diffusion.sqrt_recip_alphas_cumprod, dtype=x_t.dtype, device=x_t.device
-                    )[t].unsqueeze(1)
-                    x0_hat = skip * x_t + output[i]
-                else:
-                    x0_hat = diffusion.predict_x0_from_eps(x_t, t, output[i])
-                parts = stage2_loss(x0, x0_hat, targets, member.config.loss)
-                loss = parts["loss"]
-                if not torch.isfinite(loss):
-                    member.error = NonFiniteLossError(
-                        f"stage 2, epoch {epoch + 1}, batch {number}: loss is {loss.item()}; the "
-                        f"last checkpoint in {member.run.out_dir / CHECKPOINT_DIR} holds the state "
-                        "before this epoch"
-                    )
-                    continue
-                losses.append(loss)
-                finite.append((member, parts))
-        if not finite:
-            active = []
+        losses = parts["loss"]  # (A,)
+        finite = torch.isfinite(losses).tolist()  # the batch's one wait on the device
+        for member, ok in zip(training, finite, strict=True):
+            if not ok:
+                member.error = NonFiniteLossError(
+                    f"stage 2, epoch {epoch + 1}, batch {number}: loss is "
+                    f"{losses[training.index(member)].item()}; the last checkpoint in "
+                    f"{member.run.out_dir / CHECKPOINT_DIR} holds the state before this epoch"
+                )
+        kept = [i for i, ok in enumerate(finite) if ok]
+        if not kept:
+            training = []
             break
+        if len(kept) < len(training):
+            losses = losses[kept]
+            parts = {key: value[kept] for key, value in parts.items()}
+            training = [training[i] for i in kept]
 
-        for value in stacked.values():
-            value.grad = None
-        torch.stack(losses).sum().backward()
-        for member, parts in finite:
-            member.optimizer.zero_grad(set_to_none=True)
-            for parameter, name in zip(member.parameters, names, strict=True):
-                parameter.grad = stacked[name].grad[member.row]
-            if member.config.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(member.parameters, member.config.train.max_grad_norm)
-            member.optimizer.step()
-            member.scheduler.step()
-            total = sums[member.index]
-            total[0] += parts["loss"].item()
-            total[1] += float(parts["kl"])
-            total[2] += float(parts["bce"])
-            total[3] += 1
-        active = [m for m in active if m.error is None]
+        optimizer.zero_grad()
+        with warnings.catch_warnings():
+            # The stacked weights are strided views of one buffer and so are their gradients;
+            # autograd warns about the layout, then accumulates into them in place as meant.
+            warnings.filterwarnings("ignore", message="grad and param do not obey")
+            losses.sum().backward()
+        optimizer.step(
+            [m.row for m in training], [m.optimizer.param_groups[0]["lr"] for m in training]
+        )
+        with warnings.catch_warnings():
+            # The members' schedules follow the pack's optimizer step, not their own AdamW's.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            for member in training:
+                member.scheduler.step()
+        where = torch.tensor([position[m.index] for m in training], device=device)
+        sums.index_add_(
+            0, where, torch.stack([parts["loss"], parts["kl"], parts["bce"]], dim=1).double()
+        )
+        for member in training:
+            counts[position[member.index]] += 1
+    totals = sums.tolist()
     for member in active:
-        loss_sum, kl_sum, bce_sum, count = sums[member.index]
+        if member.error is not None:
+            continue
+        loss_sum, kl_sum, bce_sum = totals[position[member.index]]
         member.epoch_record = _epoch_record(
             member.run,
             2,
             epoch,
             member.scheduler,
             time.perf_counter() - started,
-            count,
+            counts[position[member.index]],
             loss_sum,
             kl_sum,
             bce_sum,
         )
         member.epoch_started = started
+
+
+def _stacked_loss(
+    members: list[_Member],
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    recip: torch.Tensor,
+    recipm1: torch.Tensor,
+    output: torch.Tensor,
+    targets: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Each member's x̂_0 and ``stage2_loss`` at once: ``{"loss", "kl", "bce"}``, each ``(A,)``.
+
+    ``x0`` and ``targets`` are ``(B, N)`` and shared, ``x_t`` and ``output`` ``(A, B, N)``,
+    ``recip`` and ``recipm1`` ``(A, B, 1)`` each member's sqrt(1/ᾱ_t) and sqrt(1/ᾱ_t − 1) at its
+    timesteps. x̂_0 is ``DiffusionCom._denoiser_output`` per member (skip_t · x_t + output for an
+    x_0 target, ``predict_x0_from_eps`` for ε), element-wise as a lone run computes it; the loss
+    is :func:`core.model.diffusioncom.stacked_stage2_loss`.
+    """
+    is_x0 = torch.tensor([m.config.diffusion.target == "x0" for m in members], device=x_t.device)
+    is_x0 = is_x0.reshape(-1, 1, 1)
+    x0_hat = torch.where(is_x0, recip * x_t + output, recip * x_t - recipm1 * output)
+    if x0_hat.device.type == "cpu" and x0.numel() % _ALIGNED_FLOATS:
+        # The loss's exp and log kernels split a stacked tensor into vectors and a scalar tail
+        # elsewhere than a lone (B, N) tensor (see _silu): per member, as a lone run.
+        each = [stage2_loss(x0, x0_hat[i], targets, m.config.loss) for i, m in enumerate(members)]
+        return {key: torch.stack([parts[key] for parts in each]) for key in each[0]}
+    return stacked_stage2_loss(x0, x0_hat, targets, [m.config.loss for m in members])
+
+
+def _training_schedules(
+    members: list[_Member], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(A, 4, K_max)`` the members' schedule arrays a training step reads (rows:
+    ``sqrt_alphas_cumprod``, ``sqrt_one_minus_alphas_cumprod``, ``sqrt_recip_alphas_cumprod``,
+    ``sqrt_recipm1_alphas_cumprod``), each zero past its own K, cast from float64 to ``dtype`` as
+    ``core.model.diffusion._extract`` casts them."""
+    longest = max(m.run.model.diffusion.num_timesteps for m in members)
+    table = np.zeros((len(members), 4, longest))
+    for position, member in enumerate(members):
+        diffusion = member.run.model.diffusion
+        steps = diffusion.num_timesteps
+        table[position, 0, :steps] = diffusion.sqrt_alphas_cumprod
+        table[position, 1, :steps] = diffusion.sqrt_one_minus_alphas_cumprod
+        table[position, 2, :steps] = diffusion.sqrt_recip_alphas_cumprod
+        table[position, 3, :steps] = diffusion.sqrt_recipm1_alphas_cumprod
+    return torch.from_numpy(table).to(device=device, dtype=dtype)
 
 
 def _copy_weights(member: _Member, stacked: dict[str, torch.Tensor]) -> None:
@@ -1099,13 +1337,14 @@ def _share_extractor(weights: dict, extractor: torch.nn.Module) -> dict:
 
 def _finish_member_epoch(
     member: _Member,
-    stacked: dict[str, torch.Tensor],
+    optimizer: _StackedAdamW,
     callback: PackCallback | None,
     valid: RankingResult | None,
 ) -> None:
     """Validate, select, early-stop and checkpoint the member's epoch with the lone trainer's
     code; ``valid`` is the member's valid ranks when the pack has ranked them."""
-    _copy_weights(member, stacked)
+    _copy_weights(member, optimizer.stacked)
+    optimizer.write_state(member.row, member.optimizer)
     record = member.epoch_record
     _finish_epoch(
         member.run,

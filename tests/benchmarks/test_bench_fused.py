@@ -24,6 +24,7 @@ def test_the_fused_benchmark_reports_three_sides_with_equal_members(tmp_path):
         "--width=16",
         "--plain",
         "--precision=no",
+        "--count-ops",
         f"--out={out}",
     ]
     completed = subprocess.run(
@@ -40,6 +41,13 @@ def test_the_fused_benchmark_reports_three_sides_with_equal_members(tmp_path):
     assert report["test_metrics_equal"] is True
     assert report["test_mrr_max_abs_difference"] == 0.0
     assert "training epochs (all members)" in report["fused_parts_seconds"]
+    assert Path(f"{out}.prof").stat().st_size > 0  # the profile itself, for pstats
+    # Nations' 909 training queries in batches of 128: 8 batches; a 3-member step dispatches
+    # some hundreds of operators (a per-member loop would be thousands at 16 members).
+    operators = report["fused_operators"]
+    assert operators["batches"] == 8 and operators["members"] == 3
+    assert 50 < operators["operators_per_batch"] < 5000
+    assert operators["device_reads_per_batch"] < 10
     assert "ratio plain/fused:" in completed.stdout
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from core.config import load_config
+from core.config import LossConfig, load_config
 from core.data.builtin import load_builtin
-from core.model.diffusioncom import standardise
+from core.model.diffusioncom import stacked_stage2_loss, stage2_loss, standardise
 from core.train.trainer import build_model
 
 
@@ -209,3 +209,31 @@ def test_kl_target_is_detached_so_it_never_trains_the_extractor():
     (live,) = torch.autograd.grad(kl(x0), x0, retain_graph=True)
     assert torch.allclose(model_gradient, detached, atol=1e-6)
     assert not torch.allclose(model_gradient, live, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch, entities", [(256, 14), (64, 135)])
+def test_the_stacked_stage2_loss_is_each_models_loss_bitwise(batch, entities):
+    """A fused pack's loss: row i and its gradient equal stage2_loss of model i on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(3)
+        x0 = torch.randn(batch, entities, generator=generator)
+        x0_hat = torch.randn(3, batch, entities, generator=generator).requires_grad_()
+        targets = (torch.rand(batch, entities, generator=generator) < 0.2).float() * 0.9 + 0.05
+        losses = [
+            LossConfig(),
+            LossConfig(w_kl=0.3, kl_reduction="mean"),
+            LossConfig(w_kl=2.0, w_bce=0.5),
+        ]
+        stacked = stacked_stage2_loss(x0, x0_hat, targets, losses)
+        stacked["loss"].sum().backward()
+        for row, loss in enumerate(losses):
+            alone = x0_hat[row].detach().clone().requires_grad_()
+            parts = stage2_loss(x0, alone, targets, loss)
+            parts["loss"].backward()
+            for key in ("loss", "kl", "bce"):
+                assert torch.equal(stacked[key][row], parts[key]), (row, key)
+            assert torch.equal(x0_hat.grad[row], alone.grad), row
+    finally:
+        torch.set_num_threads(threads)

@@ -140,17 +140,20 @@ def test_members_equal_their_lone_twins(stage1, lone, tmp_path):
 
 def test_a_non_finite_member_fails_alone(stage1, lone, tmp_path, monkeypatch):
     calls = {"count": 0}
-    real_loss = fused_module.stage2_loss
+    real_loss = fused_module._stacked_loss
 
-    def nan_in_second_epoch_of_member_1(x0, x0_hat, targets, loss):
-        parts = real_loss(x0, x0_hat, targets, loss)
-        if loss.w_kl == 0.3:  # member 1 only; its epoch 1 has four batches
-            calls["count"] += 1
-            if calls["count"] > 4:
-                parts["loss"] = parts["loss"] * float("nan")
+    def nan_in_second_epoch_of_member_1(members, *tensors):
+        parts = real_loss(members, *tensors)
+        factors = torch.ones_like(parts["loss"])
+        for row, member in enumerate(members):
+            if member.config.loss.w_kl == 0.3:  # member 1 only; its epoch 1 has four batches
+                calls["count"] += 1
+                if calls["count"] > 4:
+                    factors[row] = float("nan")
+        parts["loss"] = parts["loss"] * factors  # x 1 leaves the others' losses unchanged
         return parts
 
-    monkeypatch.setattr(fused_module, "stage2_loss", nan_in_second_epoch_of_member_1)
+    monkeypatch.setattr(fused_module, "_stacked_loss", nan_in_second_epoch_of_member_1)
     outs = [tmp_path / str(index) for index in range(len(MEMBERS))]
     results = train_fused([config(*extra) for extra in MEMBERS], outs, stage1)
     assert isinstance(results[1], NonFiniteLossError)
@@ -245,6 +248,35 @@ def test_a_stacked_silu_equals_each_members(one_thread):
         stacked = fused_module._silu(x)
         for i in range(shape[0]):
             assert torch.equal(stacked[i], torch.nn.functional.silu(x[i])), shape
+
+
+def test_the_accelerator_layer_norm_is_each_members_up_to_rounding():
+    """The batched LayerNorm a pack uses off the CPU (no GPU here: run on the CPU) against
+    per-member F.layer_norm, forward and backward."""
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 32, 48, generator=generator, dtype=torch.float64) * 3 + 1
+    weight = torch.randn(4, 48, generator=generator, dtype=torch.float64)
+    bias = torch.randn(4, 48, generator=generator, dtype=torch.float64)
+    grad = torch.randn(4, 32, 48, generator=generator, dtype=torch.float64)
+    batched_inputs = [t.clone().requires_grad_() for t in (h, weight, bias)]
+    each_inputs = [t.clone().requires_grad_() for t in (h, weight, bias)]
+    batched = fused_module._batched_layer_norm(*batched_inputs, 1e-5)
+    each = torch.stack(
+        [
+            torch.nn.functional.layer_norm(
+                each_inputs[0][i], (48,), each_inputs[1][i], each_inputs[2][i], 1e-5
+            )
+            for i in range(4)
+        ]
+    )
+    torch.testing.assert_close(batched, each, rtol=1e-12, atol=1e-12)
+    (batched * grad).sum().backward()
+    (each * grad).sum().backward()
+    for got, expected in zip(batched_inputs, each_inputs, strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-10)
+    # In float32 the two differ by rounding only.
+    single = fused_module._batched_layer_norm(h.float(), weight.float(), bias.float(), 1e-5)
+    torch.testing.assert_close(single, each.detach().float(), rtol=1e-5, atol=1e-5)
 
 
 def test_protocols_the_pack_leaves_to_the_lone_code(stage1, tmp_path):
