@@ -458,6 +458,19 @@ def _rank_pack(
         [model.settings.target == "x0" for model in ordered], device=device
     ).reshape(-1, 1, 1)
     tables = [_schedule_table(model, device) for model in ordered]
+    # (A, 2, 1) each chain's sqrt(ᾱ_K−1) and sqrt(1 − ᾱ_K−1), cast to x_0's dtype as q_sample
+    # casts them.
+    starts = torch.tensor(
+        [
+            [
+                [model.diffusion.sqrt_alphas_cumprod[k - 1]],
+                [model.diffusion.sqrt_one_minus_alphas_cumprod[k - 1]],
+            ]
+            for model, k in zip(ordered, steps, strict=True)
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
     filter_index, candidate_mask = graph.all_answers(), graph.candidate_mask
     accumulators = [RankAccumulator(graph.num_relations) for _ in ordered]
     time_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -470,16 +483,9 @@ def _rank_pack(
             output = shared.extractor(heads, relations)
             x0, indices, condition = shared._x0(output)
             conditioned = _condition_embedding(params, condition)
-            x_t = torch.stack(  # DiffusionCom.scores: each chain starts from x_K with ε = 0
-                [
-                    model.diffusion.q_sample(
-                        x0,
-                        torch.full((size,), k - 1, dtype=torch.long, device=device),
-                        torch.zeros_like(x0),
-                    )
-                    for model, k in zip(ordered, steps, strict=True)
-                ]
-            )
+            # DiffusionCom.scores: each chain starts from x_K = q_sample(x_0, K − 1, ε = 0).
+            start = starts.to(x0.dtype)
+            x_t = start[:, 0:1] * x0 + start[:, 1:2] * torch.zeros_like(x0)
             finals: list = [None] * len(ordered)
             for iteration in range(steps[0]):
                 active = sum(1 for k in steps if k > iteration)
