@@ -614,14 +614,19 @@ class _StackedAdamW:
     def step(self, rows: list[int], learning_rates: list[float]) -> None:
         """Clip and step the members in ``rows`` (each at its learning rate); the others' rows
         do not change."""
-        everyone = len(rows) == len(self.weights)
-        index = None if everyone else torch.tensor(rows, device=self.weights.device)
+        for row in rows:
+            self.steps[row] += 1
+        if len(rows) == len(self.weights):
+            self._step(slice(None), rows, learning_rates)
+            return
+        # Some members have stopped or failed: step the others' rows one by one, in place (a
+        # gathered copy of the active rows would cost four buffers' memory).
+        for row, rate in zip(rows, learning_rates, strict=True):
+            self._step(slice(row, row + 1), [row], [rate])
 
-        def taken(buffer: torch.Tensor) -> torch.Tensor:
-            return buffer if index is None else buffer.index_select(0, index)
-
-        weights, grads = taken(self.weights), taken(self.grads)
-        exp_avg, exp_avg_sq = taken(self.exp_avg), taken(self.exp_avg_sq)
+    def _step(self, rows: slice, members: list[int], learning_rates: list[float]) -> None:
+        weights, grads = self.weights[rows], self.grads[rows]
+        exp_avg, exp_avg_sq = self.exp_avg[rows], self.exp_avg_sq[rows]
         device, dtype = weights.device, weights.dtype
         if self.max_grad_norm > 0:
             # clip_grad_norm_: the norm of the per-parameter norms; max_norm / (norm + 1e-6)
@@ -636,15 +641,13 @@ class _StackedAdamW:
             total = torch.linalg.vector_norm(norms, dim=1)
             coefficient = torch.clamp((total + 1e-6).reciprocal() * self.max_grad_norm, max=1.0)
             grads.mul_(coefficient.unsqueeze(1))
-        for row in rows:
-            self.steps[row] += 1
-        # AdamW's single-tensor step in float64 scalars, then cast per row as the kernel casts
-        # a Python scalar.
+        # AdamW's single-tensor step: its scalars in float64, cast per row as a kernel casts a
+        # Python scalar.
         decay, step_size, correction = [], [], []
-        for row, rate in zip(rows, learning_rates, strict=True):
+        for member, rate in zip(members, learning_rates, strict=True):
             decay.append(1 - rate * self.weight_decay)
-            step_size.append(-(rate / (1 - self.beta1 ** self.steps[row])))
-            correction.append((1 - self.beta2 ** self.steps[row]) ** 0.5)
+            step_size.append(-(rate / (1 - self.beta1 ** self.steps[member])))
+            correction.append((1 - self.beta2 ** self.steps[member]) ** 0.5)
         decay, step_size, correction = (
             torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
             for values in (decay, step_size, correction)
@@ -653,15 +656,11 @@ class _StackedAdamW:
             weights.mul_(decay)
         exp_avg.lerp_(grads, 1 - self.beta1)
         exp_avg_sq.mul_(self.beta2).addcmul_(grads, grads, value=1 - self.beta2)
-        denominator = (exp_avg_sq.sqrt() / correction).add_(self.eps)
-        weights.add_((step_size * exp_avg).div_(denominator))
-        if index is not None:
-            for buffer, part in (
-                (self.weights, weights),
-                (self.exp_avg, exp_avg),
-                (self.exp_avg_sq, exp_avg_sq),
-            ):
-                buffer.index_copy_(0, index, part)
+        denominator = exp_avg_sq.sqrt().div_(correction).add_(self.eps)
+        # param.addcdiv_(exp_avg, denom, value=-step_size) computes param + (value · exp_avg) /
+        # denom; the gradients are spent, so their buffer holds the update.
+        update = torch.mul(step_size, exp_avg, out=grads)
+        weights.add_(update.div_(denominator))
 
 
 # ------------------------------------------------------------------------------------------ members
@@ -1365,6 +1364,10 @@ def _finish_member_epoch(
         valid_result=valid,
         best_weights=_best_weights(member),
     )
+    # The checkpoint is written: drop the moments' copies (the pack's buffer holds them), which
+    # would otherwise double a member's optimizer memory until its next epoch.
+    member.optimizer.state.clear()
+    member.progress.pop("optimizer", None)
     if callback is not None:
         callback(member.index, record)
 
