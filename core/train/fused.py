@@ -280,7 +280,8 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
     is a whole number of 64-float blocks every member's elements meet the vector code at the same
     offsets as alone and no tail exists, so one call over the stack computes the same values.
     """
-    if x[0].numel() % _ALIGNED_FLOATS == 0 and x.is_contiguous():
+    aligned = x[0].numel() % _ALIGNED_FLOATS == 0 and x.is_contiguous()
+    if aligned or x.device.type != "cpu":  # GPU kernels have no scalar tail
         return F.silu(x)
     return torch.stack([F.silu(slice_) for slice_ in x.unbind(0)])
 
