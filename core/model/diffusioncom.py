@@ -18,6 +18,7 @@ chain; the ``official`` passes draw ε and step noise at random.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,13 @@ from core.model.denoiser import CDenoiser
 from core.model.diffusion import GaussianDiffusion, scatter_top_k, select_top_k
 from core.model.extractor import ExtractorOutput, StructureMKGformer
 
-__all__ = ["DiffusionCom", "stacked_stage2_loss", "stage2_loss", "standardise"]
+__all__ = [
+    "DiffusionCom",
+    "StackedLossWeights",
+    "stacked_stage2_loss",
+    "stage2_loss",
+    "standardise",
+]
 
 
 def standardise(scores: torch.Tensor) -> torch.Tensor:
@@ -223,8 +230,31 @@ def stage2_loss(
     return {"loss": loss.w_kl * kl + loss.w_bce * bce, "kl": kl.detach(), "bce": bce.detach()}
 
 
+@dataclass(frozen=True)
+class StackedLossWeights:
+    """The loss settings of A models as ``(A,)`` device tensors (:func:`stacked_stage2_loss`);
+    built once, since each tensor made from host values is a copy a GPU stream waits on."""
+
+    w_kl: torch.Tensor  # float32
+    w_bce: torch.Tensor  # float32
+    kl_per_entity: torch.Tensor  # bool: loss.kl_reduction == "mean"
+
+    @classmethod
+    def of(cls, losses: Sequence[LossConfig], device: torch.device | str) -> StackedLossWeights:
+        return cls(
+            w_kl=torch.tensor([loss.w_kl for loss in losses], dtype=torch.float32, device=device),
+            w_bce=torch.tensor([loss.w_bce for loss in losses], dtype=torch.float32, device=device),
+            kl_per_entity=torch.tensor(
+                [loss.kl_reduction == "mean" for loss in losses], device=device
+            ),
+        )
+
+
 def stacked_stage2_loss(
-    x0: torch.Tensor, x0_hat: torch.Tensor, targets: torch.Tensor, losses: Sequence[LossConfig]
+    x0: torch.Tensor,
+    x0_hat: torch.Tensor,
+    targets: torch.Tensor,
+    losses: StackedLossWeights | Sequence[LossConfig],
 ) -> dict[str, torch.Tensor]:
     """:func:`stage2_loss` of A models at once (a fused pack, ``core.train.fused``).
 
@@ -232,7 +262,8 @@ def stacked_stage2_loss(
         x0: ``(B, N)`` the shared target scores.
         x0_hat: ``(A, B, N)`` each model's reconstruction.
         targets: ``(B, N)`` the shared labels.
-        losses: each model's loss settings (its ``w_kl``, ``w_bce``, ``kl_reduction``).
+        losses: each model's loss settings (its ``w_kl``, ``w_bce``, ``kl_reduction``), or
+            them as :class:`StackedLossWeights`.
 
     Returns:
         ``{"loss", "kl", "bce"}``, each ``(A,)``: row ``i`` is ``stage2_loss(x0, x0_hat[i],
@@ -240,18 +271,20 @@ def stacked_stage2_loss(
         ``(B, N)`` block and the weights as float32 factors, as a Python float multiplies a
         float32 tensor: on one CPU thread each row equals the lone value bitwise.
     """
+    if not isinstance(losses, StackedLossWeights):
+        losses = StackedLossWeights.of(losses, x0_hat.device)
     batch, entities = x0.shape
-    device = x0_hat.device
     # F.kl_div(input, target, log_target=True) is exp(target) · (target − input), summed and
     # divided by B under "batchmean"; exp(target) is the shared (B, N) one, computed once.
     log_target = F.log_softmax(x0.detach(), dim=1)
     kl = (log_target.exp() * (log_target - F.log_softmax(x0_hat, dim=2))).sum(dim=(1, 2)) / batch
-    per_entity = torch.tensor([loss.kl_reduction == "mean" for loss in losses], device=device)
-    kl = torch.where(per_entity, kl / entities, kl)
+    kl = torch.where(losses.kl_per_entity, kl / entities, kl)
     bce = _RowMeanBCEWithLogits.apply(x0_hat, targets)
-    w_kl = torch.tensor([loss.w_kl for loss in losses], device=device, dtype=kl.dtype)
-    w_bce = torch.tensor([loss.w_bce for loss in losses], device=device, dtype=bce.dtype)
-    return {"loss": w_kl * kl + w_bce * bce, "kl": kl.detach(), "bce": bce.detach()}
+    return {
+        "loss": losses.w_kl * kl + losses.w_bce * bce,
+        "kl": kl.detach(),
+        "bce": bce.detach(),
+    }
 
 
 class _RowMeanBCEWithLogits(torch.autograd.Function):

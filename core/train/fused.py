@@ -77,7 +77,12 @@ from core.config import (
 from core.data.graph import KnowledgeGraph
 from core.evaluation import RankAccumulator, RankingResult
 from core.model.denoiser import CDenoiser, timestep_embedding
-from core.model.diffusioncom import DiffusionCom, stacked_stage2_loss, stage2_loss
+from core.model.diffusioncom import (
+    DiffusionCom,
+    StackedLossWeights,
+    stacked_stage2_loss,
+    stage2_loss,
+)
 from core.train.checkpoint import CheckpointError, load_checkpoint, rng_state
 from core.train.trainer import (
     NonFiniteLossError,
@@ -649,10 +654,10 @@ class _StackedAdamW:
             decay.append(1 - rate * self.weight_decay)
             step_size.append(-(rate / (1 - self.beta1 ** self.steps[member])))
             correction.append((1 - self.beta2 ** self.steps[member]) ** 0.5)
-        decay, step_size, correction = (
-            torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
-            for values in (decay, step_size, correction)
-        )
+        factors = torch.tensor([decay, step_size, correction], dtype=torch.float64)
+        if device.type == "cuda":  # from pinned memory the copy need not wait for the stream
+            factors = factors.pin_memory()
+        decay, step_size, correction = factors.to(device, dtype, non_blocking=True).unsqueeze(-1)
         if self.weight_decay != 0:
             weights.mul_(decay)
         exp_avg.lerp_(grads, 1 - self.beta1)
@@ -1099,6 +1104,7 @@ def _train_epoch(
     hidden = template.blocks[0].mlp[0].out_features
     position = {m.index: i for i, m in enumerate(active)}  # a member's row of ``sums``
     training = list(active)
+    tables: _StepTables | None = None  # built at the first batch, again when members drop out
     for number, batch in enumerate(bar, start=1):
         if not training:
             break
@@ -1148,29 +1154,28 @@ def _train_epoch(
                 else None
             )
 
-            rows = [m.row for m in training]
-            if len(rows) == len(optimizer.weights):
-                params = stacked
-            else:
-                selected = torch.tensor(rows, device=device)
-                params = {name: value.index_select(0, selected) for name, value in stacked.items()}
+            if tables is None:
+                tables = _StepTables(training, position, len(optimizer.weights), x0.dtype, device)
+            params = (
+                stacked
+                if tables.rows is None
+                else {name: value.index_select(0, tables.rows) for name, value in stacked.items()}
+            )
             t_all = torch.stack(timesteps)  # (A, B)
-            # (A, 4, K_max) each member's schedule (see _training_schedules), and per row and
-            # query its value at the query's timestep: (A, B, 1) each.
-            schedules = _training_schedules(training, device, x0.dtype)
-            at_t = [
-                schedules[
-                    torch.arange(len(training), device=device).unsqueeze(1), row, t_all
-                ].unsqueeze(-1)
-                for row in range(4)
-            ]
+            # Each member's schedule at each query's timestep: (A, B, 1) each.
+            at_t = [tables.schedules[tables.members, row, t_all].unsqueeze(-1) for row in range(4)]
             # GaussianDiffusion.q_sample per member: sqrt(ᾱ_t) · x_0 + sqrt(1 − ᾱ_t) · ε.
             x_t_all = at_t[0] * x0 + at_t[1] * torch.stack(noises)  # (A, B, N)
             embedding = _time_embedding(template, params, t_all) + _condition_embedding(
                 params, condition
             )
             output = _stacked_denoiser(template, params, x_t_all, embedding, block_masks)
-            parts = _stacked_loss(training, x0, x_t_all, at_t[2], at_t[3], output, targets)
+            # DiffusionCom._denoiser_output per member: skip_t · x_t + output for an x_0
+            # target, GaussianDiffusion.predict_x0_from_eps for ε.
+            x0_hat = torch.where(
+                tables.is_x0, at_t[2] * x_t_all + output, at_t[2] * x_t_all - at_t[3] * output
+            )
+            parts = _stacked_loss(training, tables, x0, x0_hat, targets)
 
         losses = parts["loss"]  # (A,)
         finite = torch.isfinite(losses).tolist()  # the batch's one wait on the device
@@ -1189,6 +1194,7 @@ def _train_epoch(
             losses = losses[kept]
             parts = {key: value[kept] for key, value in parts.items()}
             training = [training[i] for i in kept]
+            tables = _StepTables(training, position, len(optimizer.weights), x0.dtype, device)
 
         optimizer.zero_grad()
         with warnings.catch_warnings():
@@ -1204,9 +1210,10 @@ def _train_epoch(
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             for member in training:
                 member.scheduler.step()
-        where = torch.tensor([position[m.index] for m in training], device=device)
         sums.index_add_(
-            0, where, torch.stack([parts["loss"], parts["kl"], parts["bce"]], dim=1).double()
+            0,
+            tables.positions,
+            torch.stack([parts["loss"], parts["kl"], parts["bce"]], dim=1).double(),
         )
         for member in training:
             counts[position[member.index]] += 1
@@ -1229,32 +1236,46 @@ def _train_epoch(
         member.epoch_started = started
 
 
+class _StepTables:
+    """What a training step needs of each training member as device tensors, made once per
+    epoch (again when a member drops out): each tensor made from host values is a copy that a
+    GPU stream waits on, and a per-batch one would make every batch wait."""
+
+    def __init__(
+        self,
+        training: list[_Member],
+        position: dict[int, int],
+        pack_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        # (A, 4, K_max) the members' schedules (see _training_schedules) and (A, 1) their rows.
+        self.schedules = _training_schedules(training, device, dtype)
+        self.members = torch.arange(len(training), device=device).unsqueeze(1)
+        targets = [m.config.diffusion.target == "x0" for m in training]
+        self.is_x0 = torch.tensor(targets, device=device).reshape(-1, 1, 1)
+        self.loss = StackedLossWeights.of([m.config.loss for m in training], device)
+        # Their rows of the stacked weights (None: all of them) and of the epoch's loss sums.
+        rows = [m.row for m in training]
+        self.rows = None if len(rows) == pack_size else torch.tensor(rows, device=device)
+        self.positions = torch.tensor([position[m.index] for m in training], device=device)
+
+
 def _stacked_loss(
     members: list[_Member],
+    tables: _StepTables,
     x0: torch.Tensor,
-    x_t: torch.Tensor,
-    recip: torch.Tensor,
-    recipm1: torch.Tensor,
-    output: torch.Tensor,
+    x0_hat: torch.Tensor,
     targets: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Each member's x̂_0 and ``stage2_loss`` at once: ``{"loss", "kl", "bce"}``, each ``(A,)``.
-
-    ``x0`` and ``targets`` are ``(B, N)`` and shared, ``x_t`` and ``output`` ``(A, B, N)``,
-    ``recip`` and ``recipm1`` ``(A, B, 1)`` each member's sqrt(1/ᾱ_t) and sqrt(1/ᾱ_t − 1) at its
-    timesteps. x̂_0 is ``DiffusionCom._denoiser_output`` per member (skip_t · x_t + output for an
-    x_0 target, ``predict_x0_from_eps`` for ε), element-wise as a lone run computes it; the loss
-    is :func:`core.model.diffusioncom.stacked_stage2_loss`.
-    """
-    is_x0 = torch.tensor([m.config.diffusion.target == "x0" for m in members], device=x_t.device)
-    is_x0 = is_x0.reshape(-1, 1, 1)
-    x0_hat = torch.where(is_x0, recip * x_t + output, recip * x_t - recipm1 * output)
+    """Each member's ``stage2_loss`` of its ``(A, B, N)`` x̂_0 at once: ``{"loss", "kl",
+    "bce"}``, each ``(A,)`` (:func:`core.model.diffusioncom.stacked_stage2_loss`)."""
     if x0_hat.device.type == "cpu" and x0.numel() % _ALIGNED_FLOATS:
         # The loss's exp and log kernels split a stacked tensor into vectors and a scalar tail
         # elsewhere than a lone (B, N) tensor (see _silu): per member, as a lone run.
         each = [stage2_loss(x0, x0_hat[i], targets, m.config.loss) for i, m in enumerate(members)]
         return {key: torch.stack([parts[key] for parts in each]) for key in each[0]}
-    return stacked_stage2_loss(x0, x0_hat, targets, [m.config.loss for m in members])
+    return stacked_stage2_loss(x0, x0_hat, targets, tables.loss)
 
 
 def _training_schedules(
