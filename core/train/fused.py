@@ -24,10 +24,12 @@ launched and the waits on the device bound a pack more than its arithmetic does
 (``benchmarks/bench_fused.py --count-ops`` counts both per training batch).
 
 Equivalence with the lone trainer: ``baddbmm`` runs each member's slice through the same GEMM as
-``F.linear``'s ``addmm`` and LayerNorm runs per member, so on one CPU thread a member's losses,
-weights and metrics are bitwise those of its lone twin (tests/core/train/test_fused.py checks it);
-transcendental element-wise kernels (SiLU, the loss's exp and log) run per member too when a
-member's slice does not start where a lone tensor's would in the vector loop.
+``F.linear``'s ``addmm``, LayerNorm runs per member (on a CPU), and the stacked loss and optimizer
+repeat the lone code's element-wise ops in its order and reduce each member's own block, so on one
+CPU thread a member's losses, weights, moments and metrics are bitwise those of its lone twin
+(tests/core/train/test_fused.py checks it); transcendental element-wise kernels (SiLU, the loss's
+exp and log) run per member too when a member's slice does not start where a lone tensor's would
+in the vector loop.
 
 Evaluation is fused the same way (:func:`_rank_pack`): each batch of valid or test queries goes
 through the frozen extractor once for the whole pack, and the members' deterministic reverse chains
