@@ -13,6 +13,8 @@
 #             (lone, fused, plain: every member its own stage 1), then bf16 (lone, fused);
 #   fb15k-*   the fb15k-237-img preset's 14,541 entities with random frozen features, width 1024,
 #             16 members, one stage-2 epoch over 4,096 queries; fp32 and bf16 (lone, fused).
+# The fp32 steps also count the operators and device reads of a fused training batch
+# (--count-ops: one more, profiled epoch after the timed sides).
 # Each step's JSON and log land in $OUT; STEP_TIMEOUT (seconds, default 240) caps each step.
 
 set -uo pipefail
@@ -45,8 +47,8 @@ SMALL=(--dataset synthetic:small --text-encoder none --width 1024 --members 16
     --stage1-epochs 5 --stage2-epochs 3)
 SCALE=(--scale fb15k-237 --width 1024 --members 16 --stage1-epochs 1 --stage2-epochs 1
     --queries 4096)
-step small-fp32 "${SMALL[@]}" --plain
-step fb15k-fp32 "${SCALE[@]}"
+step small-fp32 "${SMALL[@]}" --plain --count-ops
+step fb15k-fp32 "${SCALE[@]}" --count-ops
 step small-bf16 "${SMALL[@]}" --precision bf16
 step fb15k-bf16 "${SCALE[@]}" --precision bf16
 grep -h '^ratio\|^== ' "$LOG"
