@@ -466,8 +466,8 @@ def _rank_pack(
         [model.settings.target == "x0" for model in ordered], device=device
     ).reshape(-1, 1, 1)
     tables = [_schedule_table(model, device) for model in ordered]
-    # (A, 2, 1) each chain's sqrt(ᾱ_K−1) and sqrt(1 − ᾱ_K−1), cast to x_0's dtype as q_sample
-    # casts them.
+    # (A, 2, 1) each chain's sqrt(ᾱ_K−1) and sqrt(1 − ᾱ_K−1) in float64, cast to x_0's dtype
+    # as q_sample casts them (on the device once per dtype: not every device has float64).
     starts = torch.tensor(
         [
             [
@@ -477,8 +477,8 @@ def _rank_pack(
             for model, k in zip(ordered, steps, strict=True)
         ],
         dtype=torch.float64,
-        device=device,
     )
+    starts_as: dict[torch.dtype, torch.Tensor] = {}
     filter_index, candidate_mask = graph.all_answers(), graph.candidate_mask
     accumulators = [RankAccumulator(graph.num_relations) for _ in ordered]
     time_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -492,7 +492,9 @@ def _rank_pack(
             x0, indices, condition = shared._x0(output)
             conditioned = _condition_embedding(params, condition)
             # DiffusionCom.scores: each chain starts from x_K = q_sample(x_0, K − 1, ε = 0).
-            start = starts.to(x0.dtype)
+            start = starts_as.get(x0.dtype)
+            if start is None:
+                start = starts_as[x0.dtype] = starts.to(device=device, dtype=x0.dtype)
             x_t = start[:, 0:1] * x0 + start[:, 1:2] * torch.zeros_like(x0)
             finals: list = [None] * len(ordered)
             for iteration in range(steps[0]):
