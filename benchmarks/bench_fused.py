@@ -24,10 +24,11 @@ what a member costs there grows with the entity count, not with the query count.
 
 Reported: the wall time of each side, the ratios, trials per minute; on a GPU the fused call's peak
 GPU memory; with ``--count-ops`` the operators and device reads per fused training batch (each
-operator a kernel launch on a GPU, each read a wait); with ``--profile`` (the default on a CPU) where the fused time went (set-up, training
-steps, per-epoch validation, final evaluation), from a profile of the fused call by function; and
-how far every member's test metrics are from its lone twin's (equal, bitwise, on one CPU thread;
-GPU kernels and bf16 reduce in other orders).
+operator a kernel launch on a GPU, each read a wait); with ``--profile`` (the default on a CPU)
+where the fused time went (set-up, training steps, per-epoch validation, final evaluation), from a
+profile of the fused call by function (with ``--out``, the whole profile in ``OUT.prof``); and how
+far every member's test metrics are from its lone twin's (equal, bitwise, on one CPU thread; GPU
+kernels and bf16 reduce in other orders).
 """
 
 from __future__ import annotations
