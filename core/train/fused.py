@@ -383,21 +383,30 @@ _TIME_CACHE_BYTES = 256 * 2**20
 """Most bytes one pack evaluation keeps of time embeddings (reused by every batch of a size)."""
 
 
+def _schedules(models: Sequence[DiffusionCom], names: Sequence[str]) -> np.ndarray:
+    """``(A, len(names), K_max)`` float64: each model's ``GaussianDiffusion`` arrays ``names``,
+    zero past its own K. Cast to a device dtype from here, as ``core.model.diffusion._extract``
+    casts them, they are the values a lone run multiplies by."""
+    longest = max(model.diffusion.num_timesteps for model in models)
+    table = np.zeros((len(models), len(names), longest))
+    for position, model in enumerate(models):
+        for row, name in enumerate(names):
+            values = getattr(model.diffusion, name)
+            table[position, row, : len(values)] = values
+    return table
+
+
 def _schedule_table(model: DiffusionCom, device: torch.device) -> torch.Tensor:
     """The ``(4, K)`` float32 schedule values a member's deterministic reverse step multiplies by
     (rows: ``sqrt_recip_alphas_cumprod``, ``sqrt_recipm1_alphas_cumprod``,
-    ``posterior_mean_coef1``, ``posterior_mean_coef2``), cast from float64 as
-    ``core.model.diffusion._extract`` casts them."""
-    diffusion = model.diffusion
-    table = np.stack(
-        [
-            diffusion.sqrt_recip_alphas_cumprod,
-            diffusion.sqrt_recipm1_alphas_cumprod,
-            diffusion.posterior_mean_coef1,
-            diffusion.posterior_mean_coef2,
-        ]
+    ``posterior_mean_coef1``, ``posterior_mean_coef2``)."""
+    names = (
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
     )
-    return torch.from_numpy(table).to(device=device, dtype=torch.float32)
+    return torch.from_numpy(_schedules([model], names)[0]).to(device=device, dtype=torch.float32)
 
 
 def _reverse_step(
@@ -468,16 +477,9 @@ def _rank_pack(
     tables = [_schedule_table(model, device) for model in ordered]
     # (A, 2, 1) each chain's sqrt(ᾱ_K−1) and sqrt(1 − ᾱ_K−1) in float64, cast to x_0's dtype
     # as q_sample casts them (on the device once per dtype: not every device has float64).
-    starts = torch.tensor(
-        [
-            [
-                [model.diffusion.sqrt_alphas_cumprod[k - 1]],
-                [model.diffusion.sqrt_one_minus_alphas_cumprod[k - 1]],
-            ]
-            for model, k in zip(ordered, steps, strict=True)
-        ],
-        dtype=torch.float64,
-    )
+    start_table = _schedules(ordered, ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"))
+    starts = torch.from_numpy(start_table[np.arange(len(ordered)), :, np.array(steps) - 1])
+    starts = starts.unsqueeze(-1)
     starts_as: dict[torch.dtype, torch.Tensor] = {}
     filter_index, candidate_mask = graph.all_answers(), graph.candidate_mask
     accumulators = [RankAccumulator(graph.num_relations) for _ in ordered]
@@ -1287,17 +1289,14 @@ def _training_schedules(
 ) -> torch.Tensor:
     """``(A, 4, K_max)`` the members' schedule arrays a training step reads (rows:
     ``sqrt_alphas_cumprod``, ``sqrt_one_minus_alphas_cumprod``, ``sqrt_recip_alphas_cumprod``,
-    ``sqrt_recipm1_alphas_cumprod``), each zero past its own K, cast from float64 to ``dtype`` as
-    ``core.model.diffusion._extract`` casts them."""
-    longest = max(m.run.model.diffusion.num_timesteps for m in members)
-    table = np.zeros((len(members), 4, longest))
-    for position, member in enumerate(members):
-        diffusion = member.run.model.diffusion
-        steps = diffusion.num_timesteps
-        table[position, 0, :steps] = diffusion.sqrt_alphas_cumprod
-        table[position, 1, :steps] = diffusion.sqrt_one_minus_alphas_cumprod
-        table[position, 2, :steps] = diffusion.sqrt_recip_alphas_cumprod
-        table[position, 3, :steps] = diffusion.sqrt_recipm1_alphas_cumprod
+    ``sqrt_recipm1_alphas_cumprod``; see :func:`_schedules`), as ``dtype``."""
+    names = (
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+    )
+    table = _schedules([m.run.model for m in members], names)
     return torch.from_numpy(table).to(device=device, dtype=dtype)
 
 
