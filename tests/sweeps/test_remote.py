@@ -9,9 +9,7 @@ import concurrent.futures
 import functools
 import json
 import multiprocessing
-import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,8 +22,15 @@ from sweeps.experiment import ExperimentError, read_json
 from sweeps.remote import BucketStage1Store, RemoteExperiment, open_trial, pull_view
 from sweeps.stage1 import Stage1Store, stage1_key
 from sweeps.trial import RunSpec, run_trial
-from tests.s3 import CREDENTIALS, new_bucket, start_server
+from tests.s3 import new_bucket, start_server
 from tests.smoke import SMOKE
+from tests.sweeps.bucket_workers import (
+    ask,
+    die_while_training,
+    environment,
+    fake_stage1,
+    nations_config,
+)
 
 STUDIES = Path(__file__).parent / "studies"
 
@@ -41,52 +46,21 @@ def uri(s3) -> str:
     return f"s3://{new_bucket()}/experiments/exp"
 
 
-def _config(*overrides):
-    return load_config(overrides=["data.dataset=nations", *overrides])
-
-
-def _fake_stage1(log: str, config, folder: Path) -> dict:
-    """Stands in for core training: takes a while, writes the checkpoint, counts itself."""
-    with open(log, "a") as stream:
-        stream.write(f"{config.seed}\n")
-    time.sleep(1.0)
-    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (folder / "checkpoints" / "last.pt").write_bytes(b"weights")
-    return {"timings": {"train_seconds": 1.0}}
-
-
-def _ask(environment: dict, uri: str, log: str, seed: int, trial: str) -> bool:
-    os.environ.update(environment)
-    experiment = RemoteExperiment(remote.BucketUri.parse(uri), "trial")
-    try:
-        store = BucketStage1Store(experiment, [])
-        found = store.obtain(
-            _config(f"seed={seed}"), functools.partial(_fake_stage1, log), trial=trial
-        )
-        return found.trained_here
-    finally:
-        experiment.close()
-
-
-def _environment() -> dict:
-    return {key: os.environ[key] for key in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
-
-
 def test_trials_racing_for_a_key_in_a_bucket_train_it_once(uri, tmp_path):
     log = str(tmp_path / "trainings.log")
     asks = [
-        (_environment(), uri, log, seed, f"trial-{i}-seed-{seed}")
+        (environment(), uri, log, seed, f"trial-{i}-seed-{seed}")
         for i in range(3)
         for seed in (0, 1)
     ]
     with multiprocessing.get_context("spawn").Pool(6) as pool:
-        trained = pool.starmap(_ask, asks)
+        trained = pool.starmap(ask, asks)
     assert sum(trained) == 2  # one per seed, whatever the interleaving
     assert sorted(Path(log).read_text().split()) == ["0", "1"]
     bucket = Bucket(uri)
     listing = bucket.listing("stage1")
     for seed in (0, 1):
-        key = stage1_key(_config(f"seed={seed}"))
+        key = stage1_key(nations_config(f"seed={seed}"))
         assert f"stage1/{key}/done.json" in listing
         assert f"stage1/{key}/run/checkpoints/last.pt" in listing
         assert f"stage1/{key}.lease" not in listing  # released
@@ -96,28 +70,14 @@ def test_trials_racing_for_a_key_in_a_bucket_train_it_once(uri, tmp_path):
     assert sorted(e["event"] for e in events) == ["reused"] * 4 + ["trained"] * 2 + ["training"] * 2
 
 
-def _die_while_training(environment: dict, uri: str) -> None:
-    """A trial that trains stage 1, pushes a partial checkpoint, and dies holding the lease."""
-    os.environ.update(environment)
-    experiment = RemoteExperiment(remote.BucketUri.parse(uri), "trial")
-
-    def crash(config, folder):
-        (folder / "checkpoints").mkdir(parents=True)
-        (folder / "checkpoints" / "last.pt").write_bytes(b"half")
-        experiment.push()  # an epoch boundary
-        os._exit(17)  # no release, no cleanup: a SIGKILL or a lost node
-
-    BucketStage1Store(experiment, []).obtain(_config(), crash, trial="first")
-
-
 def test_a_dead_holders_lease_is_taken_over_and_its_partial_run_resumed(uri, monkeypatch, capsys):
     process = multiprocessing.get_context("spawn").Process(
-        target=_die_while_training, args=(_environment(), uri)
+        target=die_while_training, args=(environment(), uri)
     )
     process.start()
     process.join(timeout=600)
     assert process.exitcode == 17
-    key = stage1_key(_config())
+    key = stage1_key(nations_config())
     assert Bucket(uri).exists(f"stage1/{key}.lease")  # still there: its holder never released it
 
     monkeypatch.setattr(remote, "LEASE_TTL_SECONDS", 1.0)
@@ -130,7 +90,7 @@ def test_a_dead_holders_lease_is_taken_over_and_its_partial_run_resumed(uri, mon
         return {"timings": {"train_seconds": 1.0}}
 
     try:
-        found = BucketStage1Store(experiment, []).obtain(_config(), resume, trial="second")
+        found = BucketStage1Store(experiment, []).obtain(nations_config(), resume, trial="second")
     finally:
         experiment.close()
     assert found.trained_here and resumed_from == [b"half"]
@@ -143,12 +103,14 @@ def test_a_dead_holders_lease_is_taken_over_and_its_partial_run_resumed(uri, mon
 def test_a_parent_experiment_in_a_bucket_is_read_and_never_written(uri, tmp_path):
     parent_uri = uri + "-parent"
     log = str(tmp_path / "trainings.log")
-    assert _ask(_environment(), parent_uri, log, 0, "old")
+    assert ask(environment(), parent_uri, log, 0, "old")
     before = Bucket(parent_uri).listing()
     experiment = RemoteExperiment(remote.BucketUri.parse(uri), "trial")
     try:
         store = BucketStage1Store(experiment, [parent_uri])
-        found = store.obtain(_config("seed=0"), functools.partial(_fake_stage1, log), trial="new")
+        found = store.obtain(
+            nations_config("seed=0"), functools.partial(fake_stage1, log), trial="new"
+        )
         assert not found.trained_here and found.checkpoint.read_bytes() == b"weights"
     finally:
         experiment.close()
@@ -300,7 +262,7 @@ def test_extend_in_a_bucket_links_the_new_experiment_to_the_old_one_there(uri, n
     log = str(tmp_path / "trainings.log")
     try:
         BucketStage1Store(parent, []).obtain(
-            _config("seed=0"), functools.partial(_fake_stage1, log), trial="old"
+            nations_config("seed=0"), functools.partial(fake_stage1, log), trial="old"
         )
         parent.push()
     finally:
@@ -309,7 +271,9 @@ def test_extend_in_a_bucket_links_the_new_experiment_to_the_old_one_there(uri, n
     try:
         store = Stage1Store.of_experiment(child.folder, metadata)
         assert isinstance(store, BucketStage1Store)
-        found = store.obtain(_config("seed=0"), functools.partial(_fake_stage1, log), trial="new")
+        found = store.obtain(
+            nations_config("seed=0"), functools.partial(fake_stage1, log), trial="new"
+        )
         assert not found.trained_here
     finally:
         child.close()
