@@ -9,7 +9,7 @@ export PYSTOW_HOME ?= $(CURDIR)/.cache/pystow
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install chromium demo test test-all lint bench clean
+.PHONY: install chromium demo test test-all test-servers lint bench clean
 
 DEMO_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
 
@@ -49,6 +49,12 @@ test: $(STAMP) lint
 
 test-all: $(STAMP) lint chromium
 	$(BIN)/pytest
+
+# The tests against real servers on localhost (an S3-compatible server, an MLflow tracking server),
+# Ray's killed-and-resumed study in a bucket included: about 3 minutes on a 2-core machine.
+test-servers: $(STAMP)
+	$(BIN)/pytest tests/runstore/test_bucket.py tests/sweeps/test_remote.py \
+		tests/sweeps/test_tracking.py tests/sweeps/test_ray_remote.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

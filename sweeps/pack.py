@@ -173,8 +173,8 @@ def _train(experiment, pack, training, report, metadata, memory_limit_mib, finis
 
     def on_shared_stage1_epoch(record: dict) -> None:
         for spec, _, _, tracker in training:
-            tracker.epoch(record)
-            report(_epoch_report(spec, record, stage1_shared=True))
+            tracker.queue(record)
+            tracker.log_stored(report(_epoch_report(spec, record, stage1_shared=True)))
 
     store = Stage1Store.of_experiment(experiment, metadata)
     started = time.perf_counter()
@@ -210,8 +210,8 @@ def _train(experiment, pack, training, report, metadata, memory_limit_mib, finis
     def on_member_epoch(index: int, record: dict) -> None:
         spec, run_dir, status, tracker = training[index]
         _record_epoch(run_dir, status, record)
-        tracker.epoch(record)
-        report(_epoch_report(spec, record))
+        tracker.queue(record)
+        tracker.log_stored(report(_epoch_report(spec, record)))
 
     def on_member_done(index: int, outcome) -> None:
         spec, run_dir, status, tracker = training[index]

@@ -518,11 +518,13 @@ def _run_tune_trial(config: dict, folder: Path, *, sync=None, pull=None) -> None
     if pull is not None:
         pull([spec.name for spec in runs])  # a retried or resumed run's checkpoint and files
 
-    def report(metrics: dict) -> None:
-        if sync is not None:
-            sync(metrics)  # the epoch's files to the bucket, before Tune may stop the trial
+    def report(metrics: dict) -> int | None:
+        # The epoch's files to the bucket, before Tune may stop the trial; what the bucket now
+        # holds is what the trackers may log (sweeps.trial.Report).
+        stored = sync(metrics) if sync is not None else None
         if metric in metrics:  # Tune needs the metric in every report: epochs without validation
             tune.report(metrics)
+        return stored
 
     node = ray.get_runtime_context().get_node_id()
     if name.startswith(PACK_PREFIX):

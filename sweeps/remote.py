@@ -329,6 +329,8 @@ class RemoteTrial:
 
     remote: RemoteExperiment
     checkpoint_every: int = 1
+    #: The last global epoch of the current run whose checkpoint was pushed (0: none yet).
+    stored_through: int = 0
 
     @property
     def folder(self) -> Path:
@@ -339,16 +341,23 @@ class RemoteTrial:
         for name in names:
             self.remote.mirror.pull(f"{RUNS_DIR}/{name}")
 
-    def sync(self, report: dict | None = None) -> None:
+    def sync(self, report: dict | None = None) -> int | None:
         """Push what changed at an epoch boundary (``report``: the epoch's report) or the end of
         a run (``report`` final, or ``None``): checkpoints only every ``checkpoint_every``
-        epochs (over both stages), the rest always."""
+        epochs (over both stages), the rest always.
+
+        Returns the last global epoch whose checkpoint is now in the bucket (``None``: all of
+        them), what :data:`sweeps.trial.Report` returns: trackers log epochs up to it.
+        """
         epoch = (report or {}).get("global_epoch")
         final = report is None or report.get("final") is not False
         if final or not isinstance(epoch, int) or epoch % self.checkpoint_every == 0:
             self.remote.push()
-        else:
-            self.remote.push(skip=(f"{CHECKPOINT_DIR}/",))  # no checkpoints this epoch
+            # After a run's end the next run of the trial starts again at global epoch 1.
+            self.stored_through = epoch if isinstance(epoch, int) and not final else 0
+            return None if final or not isinstance(epoch, int) else epoch
+        self.remote.push(skip=(f"{CHECKPOINT_DIR}/",))  # no checkpoints this epoch
+        return self.stored_through
 
 
 def checkpoint_every_of(metadata: dict) -> int:

@@ -340,6 +340,7 @@ class RunTracker:
         self.mlflow_uri: str | None = None
         self.run_id: str | None = None
         self.state: dict = {"mlflow": None, "last_step": {}}
+        self.queued: list[dict] = []  # epoch records waiting for their checkpoint to be stored
         state_file = self.run_dir / TRACKING.file
         if state_file.is_file():
             try:
@@ -382,6 +383,13 @@ class RunTracker:
         try:
             if run_id and recorded.get("uri") == uri:
                 client.update_run(run_id, status="RUNNING")
+                # The server knows what it holds; tracking.json can be an epoch behind it: in a
+                # bucket the run's files go up before the epoch is logged, and a kill right after
+                # the logging leaves the bucket's tracking.json without it.
+                logged = [m.step for m in client.get_metric_history(run_id, _mlflow_name("loss"))]
+                known = self._last_step("mlflow")
+                if logged and (known is None or max(logged) > known):
+                    self.state["last_step"]["mlflow"] = max(logged)
             else:
                 experiment_id = target.get("experiment_id") or _mlflow_experiment(
                     client, target["experiment"]
@@ -403,8 +411,28 @@ class RunTracker:
     # --- epochs
 
     def epoch(self, record: dict) -> None:
-        """Log one epoch record (``metrics.jsonl``'s) at its global epoch."""
+        """Log one epoch record (``metrics.jsonl``'s) at its global epoch now."""
         self.log_records([record])
+
+    def queue(self, record: dict) -> None:
+        """Hold one epoch record until :meth:`log_stored` says its checkpoint is stored.
+
+        MLflow keeps every value logged at a step: an epoch logged before its checkpoint reached
+        the experiment's storage, then trained again by a resumed run (a killed driver, a bucket
+        that takes checkpoints every N epochs), would show twice.
+        """
+        self.queued.append(record)
+
+    def log_stored(self, stored_through: int | None) -> None:
+        """Log the queued records up to global epoch ``stored_through`` (``None``: all of them):
+        the storage holds the checkpoint of each."""
+
+        def stored(record: dict) -> bool:
+            return stored_through is None or self.step_of(record) <= stored_through
+
+        ready = [record for record in self.queued if stored(record)]
+        self.queued = [record for record in self.queued if not stored(record)]
+        self.log_records(ready)
 
     def log_metrics_file(self, path: Path, up_to: tuple[int, int] | None = None) -> None:
         """Log the epoch records of a ``metrics.jsonl`` (up to ``(stage, epoch)``, inclusive)
@@ -461,6 +489,7 @@ class RunTracker:
 
     def finish(self, results: dict) -> None:
         """The run finished: final metrics, the hparams summary, ``results.json``, run closed."""
+        self.log_stored(None)  # the final report stores everything next
         final = {f"final.{k}": v for k, v in _numbers(flatten_results(results)).items()}
         logged = [s for s in (self._last_step("tensorboard"), self._last_step("mlflow")) if s]
         planned = self.config.train.stage1_epochs + self.config.train.stage2_epochs
@@ -490,11 +519,20 @@ class RunTracker:
         self.close()
 
     def fail(self, reason: str) -> None:
-        """The run failed: its MLflow run ends ``FAILED`` with the reason as a tag."""
+        """The run failed: its MLflow run ends ``FAILED`` with the reason as a tag.
+
+        Its queued epochs are logged first: a failed run's curve up to the failure is what its
+        user looks at. A retry from an older checkpoint then logs the epochs it trains again a
+        second time (at most ``checkpoint_every - 1``; none with a shared folder).
+        """
+        self.log_stored(None)
         self._end("FAILED", {"diffcom.error": reason})
 
     def stop(self) -> None:
-        """The scheduler (or Ctrl-C) stopped the run: its MLflow run ends ``KILLED``."""
+        """The scheduler (or Ctrl-C) stopped the run: its MLflow run ends ``KILLED``; its queued
+        epochs are logged first (the scheduler stops a run from within a report, after its files
+        were stored)."""
+        self.log_stored(None)
         self._end("KILLED", {})
 
     def close(self) -> None:

@@ -69,7 +69,12 @@ NON_FINITE = "non-finite-loss"
 #: minutes to hours, and each look rewrites the waiting run's ``status.json`` (its heartbeat).
 MATCH_POLL_SECONDS = 15.0
 
-Report = Callable[[dict], None]
+#: What a trial calls after each epoch and each finished run. It may return the last global epoch
+#: whose checkpoint the experiment's storage now holds (a bucket that takes checkpoints every N
+#: epochs: :mod:`sweeps.remote`); ``None`` means every epoch so far (a shared folder, written
+#: before the report). Trackers log an epoch only once it is stored, so a resumed run, which
+#: trains again what its checkpoint lacks, never logs an epoch twice.
+Report = Callable[[dict], "int | None"]
 
 
 class TrialFailed(RuntimeError):
@@ -105,9 +110,9 @@ def run_trial(
         experiment: the experiment folder.
         trial: the trial's name (logged with stage-1 reuse).
         runs: the runs, one per seed.
-        report: called with the metrics after each epoch and after each run. The run's own
-            ``checkpoints/last.pt`` (on the experiment's shared storage) is what a restarted
-            trial resumes from; the scheduler keeps no copy.
+        report: called with the metrics after each epoch and after each run (see
+            :data:`Report`). The run's own ``checkpoints/last.pt`` (on the experiment's shared
+            storage) is what a restarted trial resumes from; the scheduler keeps no copy.
         is_main, share: for multi-process trials (see :meth:`Stage1Store.obtain`).
         node: where this attempt runs (a Ray node id), recorded in ``status.json``.
 
@@ -184,14 +189,14 @@ def run_trial(
         def on_epoch(record: dict, spec=spec, run_dir=run_dir, status=status, tracker=tracker):
             if is_main:
                 _record_epoch(run_dir, status, record)
-            tracker.epoch(record)
-            report(_epoch_report(spec, record))
+            tracker.queue(record)
+            tracker.log_stored(report(_epoch_report(spec, record)))
 
         def on_shared_stage1_epoch(record: dict, spec=spec, tracker=tracker) -> None:
             # This trial trains the shared stage-1 run: its epochs are this trial's progress too
             # (schedulers such as ASHA see them), and the first epochs of its tracked curves.
-            tracker.epoch(record)
-            report(_epoch_report(spec, record, stage1_shared=True))
+            tracker.queue(record)
+            tracker.log_stored(report(_epoch_report(spec, record, stage1_shared=True)))
 
         started = time.perf_counter()
         try:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
+
+from tests.servers import MlflowServer
 
 _SESSION_ROOT = tempfile.mkdtemp(prefix="diffcom-tests-")
 # Set before any test module imports pykeen or transformers: both read these at import time.
@@ -21,3 +26,33 @@ def cache_dir(tmp_path):
     folder = tmp_path / "cache"
     folder.mkdir()
     return folder
+
+
+#: The session's one MLflow server, started when collection finds a test that needs it.
+_MLFLOW: list[MlflowServer] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the MLflow server as soon as the collected tests are known to need one, without
+    waiting for it: its start-up then overlaps the tests that run before the first user."""
+    wanted = any("mlflow_server" in getattr(item, "fixturenames", ()) for item in session.items)
+    if wanted and importlib.util.find_spec("mlflow") is not None:
+        _MLFLOW.append(MlflowServer(Path(tempfile.mkdtemp(prefix="mlflow-", dir=_SESSION_ROOT))))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    while _MLFLOW:
+        server = _MLFLOW.pop()
+        server.stop()
+        shutil.rmtree(server.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> str:
+    """The URI of a real MLflow tracking server (SQLite backend in a temporary folder), one for
+    the whole session. Tests that share it name their MLflow experiments apart."""
+    if importlib.util.find_spec("mlflow") is None:
+        pytest.skip("mlflow is not installed: pip install -e '.[tracking]' (make test installs it)")
+    if not _MLFLOW:  # collected without it (a plugin added the fixture later): start it now
+        _MLFLOW.append(MlflowServer(Path(tempfile.mkdtemp(prefix="mlflow-", dir=_SESSION_ROOT))))
+    return _MLFLOW[0].url()

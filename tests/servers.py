@@ -1,10 +1,14 @@
-"""Real server processes the tests start on localhost (MLflow, the S3 server): a free port, and
-a wait until the server answers."""
+"""Real server processes the tests start on localhost (MLflow, the S3 server): a free port, a
+wait until the server answers, and the MLflow server itself."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -42,3 +46,45 @@ def wait_until_answering(server: subprocess.Popen, url: str, log: Path, what: st
                 f"{what} did not answer in {SERVER_DEADLINE_S} s:\n{log.read_text()[-3000:]}"
             )
         time.sleep(0.3)
+
+
+class MlflowServer:
+    """A real ``mlflow server`` process (SQLite backend, artifacts in ``folder``).
+
+    Started by :meth:`start` without waiting, so its start-up (15-25 s on a loaded 2-core machine:
+    MLflow creates its tables, then starts a web worker that imports MLflow again) can overlap
+    other tests; :meth:`url` waits until it answers.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.log_path = folder / "server.log"
+        self._log = self.log_path.open("wb")
+        command = [
+            *(sys.executable, "-m", "mlflow", "server"),
+            *("--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"),
+            *("--default-artifact-root", str(folder / "artifacts")),
+            *("--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"),
+        ]
+        # Its own process group: the server's workers end with it at stop().
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=self._log, start_new_session=True
+        )
+        self._answered = False
+
+    def url(self) -> str:
+        """The tracking URI, once the server answers."""
+        address = f"http://127.0.0.1:{self.port}"
+        if not self._answered:
+            wait_until_answering(self.process, f"{address}/health", self.log_path, "mlflow server")
+            self._answered = True
+        return address
+
+    def stop(self) -> None:
+        # Its database and artifacts are thrown away, and it takes many seconds to shut down
+        # gracefully: the whole group is killed at once.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self._log.close()

@@ -1,7 +1,8 @@
-"""A study in a bucket on a real local Ray: launched into ``s3://``, its driver SIGKILLed mid-study,
-resumed, every trial finished with nothing lost or rerun, then ``status`` and ``report`` straight
-from the bucket. The bucket is a real S3-compatible server on localhost (tests/s3.py), reached by
-the driver, Ray Tune and the trials over HTTP.
+"""A study in a bucket on a real local Ray, tracked in MLflow: launched into ``s3://``, its driver
+SIGKILLed mid-study, resumed, every trial finished with nothing lost or rerun and one MLflow run
+each, then ``status`` and ``report`` straight from the bucket. The bucket is a real S3-compatible
+server on localhost (tests/s3.py), reached by the driver, Ray Tune and the trials over HTTP; the
+MLflow server is the session's real one (tests/conftest.py).
 
 Every wait is for an event (an object in the bucket, a process exit) under one generous deadline.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from diffcom.cli import main
 from runstore.bucket import Bucket
 from tests.s3 import new_bucket, start_server
 from tests.sweeps.test_ray_adapter import _diffcom, _Driver, _wait_for
@@ -20,6 +22,10 @@ from tests.sweeps.test_ray_adapter import _diffcom, _Driver, _wait_for
 pytestmark = pytest.mark.ray
 
 STUDIES = Path(__file__).parent / "studies"
+
+#: Stage-2 epochs of the long cell here (the shared study has 40): enough that the driver is
+#: killed while it trains (the kill comes a few epochs in), few enough to keep the resume short.
+LONG_EPOCHS = 24
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +56,20 @@ def _states(bucket: Bucket) -> str:
     return "\n".join(lines) or "no status.json in the bucket"
 
 
-def test_a_study_in_a_bucket_survives_a_killed_driver_and_reports_from_the_bucket(s3, tmp_path):
+def test_a_study_in_a_bucket_survives_a_killed_driver_and_reports_from_the_bucket(
+    s3, mlflow_server, tmp_path, capsys
+):
     storage = f"s3://{new_bucket()}/experiments"
     bucket = Bucket(f"{storage}/smoke-ablation")
     short, long = "runs/ablation/short/seed-0", "runs/ablation/long/seed-0"
-    args = ("sweep", "launch", STUDIES / "smoke-ablation.yaml", "--storage", storage)
+    study = tmp_path / "smoke-ablation.yaml"
+    shared = (STUDIES / "smoke-ablation.yaml").read_text()
+    study.write_text(
+        shared.replace("train.stage2_epochs: 40", f"train.stage2_epochs: {LONG_EPOCHS}")
+    )
+    assert study.read_text() != shared
+    args = ("sweep", "launch", study, "--storage", storage)
+    args = (*args, "--mlflow", mlflow_server)
     driver = _Driver(args, tmp_path)
     report = lambda: f"{driver.report()}\n--- in the bucket ---\n{_states(bucket)}"  # noqa: E731
     try:
@@ -68,7 +83,7 @@ def test_a_study_in_a_bucket_survives_a_killed_driver_and_reports_from_the_bucke
             "the short cell finished, three stage-2 epochs of the long cell and Tune's state, "
             "all in the bucket",
             on_timeout=report,
-            poll_s=2.0,
+            poll_s=1.0,
         )
     finally:
         driver.kill()
@@ -88,7 +103,7 @@ def test_a_study_in_a_bucket_survives_a_killed_driver_and_reports_from_the_bucke
     assert resumed_from[0] == 2 and resumed_from[1] >= 3  # from the checkpoint in the bucket
     long_epochs = _epochs(bucket, long)
     assert long_epochs[: resumed_from[1]] == long_before[: resumed_from[1]]
-    assert long_epochs == [(2, e) for e in range(1, 41)]  # no epoch repeated or lost
+    assert long_epochs == [(2, e) for e in range(1, LONG_EPOCHS + 1)]  # no epoch repeated or lost
     # Two stage-1 keys: short and long share one, trained once (before the kill) and reused on
     # resume; diverging's own never finishes training (its loss turns NaN in stage 1).
     trained = [
@@ -102,11 +117,43 @@ def test_a_study_in_a_bucket_survives_a_killed_driver_and_reports_from_the_bucke
     assert len({name.split("/")[1] for name in listing if name.startswith("stage1/")}) == 2
     assert not [name for name in listing if name.endswith(".lease")]
 
-    status = _diffcom("sweep", "status", "smoke-ablation", "--storage", storage)
-    assert "1 failed, 2 finished" in status.stdout and "loss is nan" in status.stdout
-    assert f"in {storage}/smoke-ablation" in status.stdout
+    _assert_one_mlflow_run_per_trial(mlflow_server, _json(bucket, "experiment.json"))
+
+    # status and report in this process: neither starts Ray, and both read the bucket directly.
+    assert main(["sweep", "status", "smoke-ablation", "--storage", storage]) == 0
+    status = capsys.readouterr().out
+    assert "1 failed, 2 finished" in status and "loss is nan" in status
+    assert f"in {storage}/smoke-ablation" in status
     out = tmp_path / "report"
-    made = _diffcom("report", "smoke-ablation", "--storage", storage, "--out", out)
-    assert made.returncode == 0, made.stderr[-3000:]
+    assert main(["report", "smoke-ablation", "--storage", storage, "--out", str(out)]) == 0
     html = (out / "report.html").read_text()
     assert "ablation/long" in html or "long" in html
+
+
+def _assert_one_mlflow_run_per_trial(uri: str, metadata: dict) -> None:
+    """One parent run for the experiment and one child run per trial, the killed and resumed
+    trial's included: the resumed run continued its run, every epoch logged once."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    tracking = metadata["tracking"]["mlflow"]
+    runs = client.search_runs([tracking["experiment_id"]])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [tracking["parent_run_id"]]
+    assert parents[0].info.status == "FINISHED" and parents[0].info.run_name == "smoke-ablation"
+    children = {r.info.run_name: r for r in runs if r not in parents}
+    assert sorted(children) == [
+        f"ablation/{cell}/seed-0" for cell in ("diverging", "long", "short")
+    ]
+    assert len(runs) == 4, [r.info.run_name for r in runs]  # no second run for the resumed trial
+    states = {name: child.info.status for name, child in children.items()}
+    assert states == {
+        "ablation/diverging/seed-0": "FAILED",
+        "ablation/long/seed-0": "FINISHED",
+        "ablation/short/seed-0": "FINISHED",
+    }
+    for cell, stage2_epochs in (("short", 1), ("long", LONG_EPOCHS)):
+        child = children[f"ablation/{cell}/seed-0"]
+        assert child.data.tags["mlflow.parentRunId"] == tracking["parent_run_id"]
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+        assert sorted(steps) == list(range(1, 2 + stage2_epochs + 1)), cell  # stage 1: 2 epochs

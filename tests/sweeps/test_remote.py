@@ -317,12 +317,16 @@ def test_checkpoints_go_up_every_n_epochs_and_at_the_end_of_a_run(uri):
         for epoch in (1, 2, 3):
             (run / "metrics.jsonl").write_text(f'{{"epoch": {epoch}}}\n' * epoch)
             (run / "checkpoints" / "last.pt").write_bytes(b"w" * epoch)
-            trial.sync({"global_epoch": epoch, "final": False})
+            stored = trial.sync({"global_epoch": epoch, "final": False})
             uploaded = bucket.read("runs/r/checkpoints/last.pt")
             assert bucket.read("runs/r/metrics.jsonl")[0].count(b"epoch") == epoch
             assert (uploaded[0] if uploaded else None) == (None, b"ww", b"ww")[epoch - 1]
-        trial.sync({"global_epoch": 3, "final": True})  # the run's end: everything
+            # What trackers may log: the epochs whose checkpoint is in the bucket.
+            assert stored == (0, 2, 2)[epoch - 1]
+        # The run's end: everything, and the trial's next run starts with nothing stored.
+        assert trial.sync({"global_epoch": 3, "final": True}) is None
         assert bucket.read("runs/r/checkpoints/last.pt")[0] == b"www"
+        assert trial.sync({"global_epoch": 1, "final": False}) == 0
     finally:
         experiment.close()
 

@@ -1,17 +1,12 @@
 """Tracking of sweep runs: MLflow runs on a real MLflow server, TensorBoard event files, resumes.
 
-The MLflow tests start ``mlflow server`` (SQLite backend, artifacts in a temporary folder) on a
-free local port once for this module and stop it at the end. The fast tests call
-:func:`sweeps.trial.run_trial` without Ray, as ``test_trial.py`` does; the one Ray test launches a
-study through the CLI.
+The MLflow tests share the session's real ``mlflow server`` (SQLite backend, artifacts in a
+temporary folder; the ``mlflow_server`` fixture of tests/conftest.py). The fast tests call
+:func:`sweeps.trial.run_trial` without Ray, as ``test_trial.py`` does; a study launched through
+the CLI on Ray, killed and resumed, is tracked in test_ray_remote.py.
 """
 
-import contextlib
 import importlib.util
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,9 +18,9 @@ from runstore import METRICS, read_jsonl
 from sweeps import ray_adapter
 from sweeps.experiment import read_json, write_json
 from sweeps.stage1 import stage1_key
-from sweeps.tracking import RunTracker, mlflow_uri_problem, start_tracking
+from sweeps.tracking import mlflow_uri_problem, start_tracking
 from sweeps.trial import RunSpec, TrialFailed, run_trial
-from tests.servers import free_port, wait_until_answering
+from tests.servers import free_port
 from tests.smoke import SMOKE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,35 +30,6 @@ needs_mlflow = pytest.mark.skipif(
     importlib.util.find_spec("mlflow") is None,
     reason="mlflow is not installed: pip install -e '.[tracking]' (make test installs it)",
 )
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """The URI of a real MLflow tracking server, started for this module and stopped after it."""
-    if importlib.util.find_spec("mlflow") is None:
-        pytest.skip("mlflow is not installed: pip install -e '.[tracking]' (make test installs it)")
-    folder = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = (folder / "server.log").open("wb")
-    command = [
-        *(sys.executable, "-m", "mlflow", "server"),
-        *("--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"),
-        *("--default-artifact-root", str(folder / "artifacts")),
-        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-    ]
-    # Its own process group: the server's workers end with it at teardown.
-    server = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_answering(server, f"{url}/health", folder / "server.log", "mlflow server")
-        yield url
-    finally:
-        # Its database and artifacts are thrown away, and it takes many seconds to shut down
-        # gracefully: the whole group is killed at once.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-        log.close()
 
 
 def _client(uri: str):
@@ -204,6 +170,53 @@ def test_a_killed_and_resumed_run_continues_its_one_mlflow_run(mlflow_server, tm
     assert _scalars(run_dir / "tensorboard", "loss") == expected
 
 
+class _Killed(BaseException):
+    """A SIGKILL in-process: no handler of the trial catches it, so nothing runs after it."""
+
+
+@needs_mlflow
+def test_an_epoch_is_logged_only_once_its_checkpoint_is_stored(mlflow_server, tmp_path):
+    """A bucket that takes checkpoints every 2 epochs: what MLflow and TensorBoard show never
+    runs ahead of what the bucket holds, so a resumed run never logs an epoch twice."""
+    folder = _experiment(tmp_path, mlflow_server)
+    config = load_config(overrides=SMOKE)
+    run_dir = folder / "runs" / RUN
+    logged_at_report = []
+
+    def every_second_checkpoint_then_killed(metrics):
+        epoch = metrics["global_epoch"]
+        state = (
+            read_json(run_dir / "tracking.json") if (run_dir / "tracking.json").is_file() else {}
+        )
+        logged_at_report.append((epoch, state.get("last_step", {}).get("mlflow")))
+        if epoch == 3:  # its metrics are up, its checkpoint is not: killed here
+            raise _Killed
+        return epoch - epoch % 2
+
+    with pytest.raises(_Killed):
+        run_trial(folder, RUN, [RunSpec(RUN, config)], every_second_checkpoint_then_killed)
+    # Epoch 1 waited for epoch 2's checkpoint; epoch 3 was never logged.
+    assert logged_at_report == [(1, None), (2, None), (3, 2)]
+    (killed,) = _child_runs(mlflow_server, folder)
+    history = _client(mlflow_server).get_metric_history(killed.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert [step for step, _ in _scalars(run_dir / "tensorboard", "loss")] == [1, 2]
+    # As a bucket's copy of tracking.json can be (it goes up with the epoch's files, before the
+    # epoch is logged): one epoch behind what the trackers hold. The server's word wins, and
+    # TensorBoard's events past it are replaced.
+    state = read_json(run_dir / "tracking.json")
+    assert state["last_step"] == {"tensorboard": 2, "mlflow": 2}
+    write_json(run_dir / "tracking.json", {**state, "last_step": {"tensorboard": 1, "mlflow": 1}})
+
+    run_trial(folder, RUN, [RunSpec(RUN, config)], lambda metrics: None)
+    (resumed,) = _child_runs(mlflow_server, folder)
+    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    history = _client(mlflow_server).get_metric_history(resumed.info.run_id, "loss")
+    expected = _expected_losses(folder, run_dir, config)
+    assert sorted((m.step, m.value) for m in history) == expected  # each step once
+    assert _scalars(run_dir / "tensorboard", "loss") == expected
+
+
 @needs_mlflow
 def test_an_epoch_checkpointed_but_never_logged_is_logged_on_resume(
     mlflow_server, tmp_path, monkeypatch
@@ -211,23 +224,19 @@ def test_an_epoch_checkpointed_but_never_logged_is_logged_on_resume(
     folder = _experiment(tmp_path, mlflow_server, tensorboard=False)
     config = load_config(overrides=SMOKE)
     run_dir = folder / "runs" / RUN
-    log_epoch = RunTracker.epoch
 
-    def killed_before_logging_stage2(tracker, record):
-        # The kill comes after the checkpoint of stage 2, epoch 1 (global epoch 3), before it
-        # reaches the trackers, as when the scheduler stops the trial there.
-        if record["stage"] == 2:
-            raise KeyboardInterrupt
-        log_epoch(tracker, record)
+    def killed_before_logging_stage2(metrics):
+        # The kill comes after the checkpoint of stage 2, epoch 1 (global epoch 3), while its
+        # report is under way: before the trackers log it.
+        if metrics["stage"] == 2:
+            raise _Killed
 
-    monkeypatch.setattr(RunTracker, "epoch", killed_before_logging_stage2)
-    with pytest.raises(KeyboardInterrupt):
-        run_trial(folder, RUN, [RunSpec(RUN, config)], lambda metrics: None)
+    with pytest.raises(_Killed):
+        run_trial(folder, RUN, [RunSpec(RUN, config)], killed_before_logging_stage2)
     (stopped,) = _child_runs(mlflow_server, folder)
-    assert stopped.info.status == "KILLED"
+    assert stopped.info.status == "RUNNING"  # nobody closed it
     assert read_json(run_dir / "tracking.json")["last_step"] == {"mlflow": 2}
 
-    monkeypatch.setattr(RunTracker, "epoch", log_epoch)
     run_trial(folder, RUN, [RunSpec(RUN, config)], lambda metrics: None)
     (resumed,) = _child_runs(mlflow_server, folder)
     assert resumed.info.run_id == stopped.info.run_id
@@ -358,47 +367,6 @@ def test_the_report_is_logged_to_the_parent_run(mlflow_server, tmp_path):
     parent = read_json(folder / "experiment.json")["tracking"]["mlflow"]["parent_run_id"]
     logged = _client(mlflow_server).list_artifacts(parent, "report")
     assert [a.path for a in logged] == ["report/report.html"]
-
-
-@pytest.mark.ray
-@needs_mlflow
-def test_a_launched_study_has_one_parent_run_and_one_child_run_per_trial(mlflow_server, tmp_path):
-    study = tmp_path / "tracked.yaml"
-    base = (Path(__file__).parent / "studies" / "smoke-ablation.yaml").read_text()
-    # Two short cells, each its own Tune trial (pack: 1).
-    head = (
-        base.split("variants:")[0]
-        .replace("name: smoke-ablation", f"name: tracked-{os.getpid()}")
-        .replace("pack: 8", "pack: 1")
-    )
-    assert "pack: 1" in head
-    study.write_text(f"{head}variants:\n  short: {{}}\n  wide: {{model.hidden_dim: 48}}\n")
-    command = [
-        *(sys.executable, "-m", "diffcom", "sweep", "launch", str(study)),
-        *("--mlflow", mlflow_server, "--storage", str(tmp_path / "exp"), "--name", "tracked"),
-    ]
-    environment = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run(
-        command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1200
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    folder = tmp_path / "exp" / "tracked"
-    tracking = read_json(folder / "experiment.json")["tracking"]["mlflow"]
-    runs = _client(mlflow_server).search_runs([tracking["experiment_id"]])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert [p.info.run_id for p in parents] == [tracking["parent_run_id"]]
-    assert parents[0].info.status == "FINISHED" and parents[0].info.run_name == "tracked"
-    assert sorted(c.info.run_name for c in children) == [
-        "ablation/short/seed-0",
-        "ablation/wide/seed-0",
-    ]
-    for child in children:
-        assert child.data.tags["mlflow.parentRunId"] == tracking["parent_run_id"]
-        assert child.info.status == "FINISHED"
-        history = _client(mlflow_server).get_metric_history(child.info.run_id, "loss")
-        assert sorted(m.step for m in history) == [1, 2, 3]  # stage 1: 2 epochs, stage 2: 1
 
 
 @needs_mlflow
