@@ -1,6 +1,7 @@
-"""Experiments in an S3 bucket: the folder layout as objects, local mirrors, leases.
+"""Experiments in a bucket (S3 or Google Cloud Storage): the folder layout as objects, local
+mirrors, leases.
 
-An experiment stored at ``s3://BUCKET/PREFIX/<name>/`` holds exactly the files of an experiment
+An experiment stored at ``s3://BUCKET/PREFIX/<name>/`` (or ``gs://...``) holds exactly the files of an experiment
 folder (:mod:`runstore`), each as one object under the same relative path. Nothing reads or writes
 the bucket object by object while it trains: every process works in a local folder, a
 :class:`Mirror` of (part of) the experiment, with the ordinary atomic file writes, and
@@ -18,8 +19,16 @@ taker wins). AWS S3 and the S3-compatible servers (MinIO, Ceph, moto) honour bot
 
 The endpoint is AWS's, or an S3-compatible server's named by ``$AWS_ENDPOINT_URL`` (or
 ``$AWS_ENDPOINT_URL_S3``), which boto3 here and pyarrow in Ray Tune both read; credentials come
-from the usual chain (``$AWS_ACCESS_KEY_ID``, ``$AWS_PROFILE``, an instance role). This module
-imports the standard library only; boto3 loads when a bucket is first used.
+from the usual chain (``$AWS_ACCESS_KEY_ID``, ``$AWS_PROFILE``, an instance role).
+
+A ``gs://`` bucket (:class:`GcsBucket`) works the same way through Google's own client: a lease
+is created with ``ifGenerationMatch=0`` and renewed with ``ifGenerationMatch=<generation>``, the
+object's generation standing in for the ETag. Credentials come from Application Default
+Credentials; ``$STORAGE_EMULATOR_HOST`` names a GCS-compatible server (anonymous access), as
+Google's client libraries read it.
+
+This module imports the standard library only; boto3 or google-cloud-storage loads when a bucket
+is first used.
 """
 
 from __future__ import annotations
@@ -64,8 +73,14 @@ __all__ = [
     "scratch_folder",
 ]
 
-#: The one object-store scheme experiments can live in.
+#: The S3 scheme (AWS, MinIO, Ceph, moto).
 SCHEME = "s3://"
+
+#: Google Cloud Storage.
+GCS_SCHEME = "gs://"
+
+#: Every object-store scheme experiments can live in.
+SCHEMES = (SCHEME, GCS_SCHEME)
 
 #: The file that marks a local folder as a mirror (it names the bucket location); never pushed.
 MARKER = ".bucket.json"
@@ -75,7 +90,10 @@ MARKER = ".bucket.json"
 #: :func:`pull_results`).
 HEAVY_PARTS = (f"{CHECKPOINT_DIR}/", f"{TENSORBOARD_DIR}/")
 
-_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+_BUCKET_NAME = {
+    SCHEME: re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"),
+    GCS_SCHEME: re.compile(r"[a-z0-9][a-z0-9._\-]{1,61}[a-z0-9]"),
+}
 
 
 class BucketError(StoreError):
@@ -83,34 +101,38 @@ class BucketError(StoreError):
 
 
 def is_bucket_uri(text: object) -> bool:
-    """Whether a storage argument names an S3 location (``s3://...``)."""
-    return isinstance(text, str) and text.startswith(SCHEME)
+    """Whether a storage argument names a bucket location (``s3://...`` or ``gs://...``)."""
+    return isinstance(text, str) and text.startswith(SCHEMES)
 
 
 @dataclass(frozen=True)
 class BucketUri:
-    """``s3://bucket/prefix``: a bucket and a key prefix (no leading or trailing ``/``)."""
+    """``s3://bucket/prefix`` (or ``gs://``): a bucket and a key prefix (no leading or trailing
+    ``/``)."""
 
     bucket: str
     prefix: str = ""
+    scheme: str = SCHEME
 
     @classmethod
     def parse(cls, text: str) -> BucketUri:
         if not is_bucket_uri(text):
-            raise BucketError(f"{text!r}: expected s3://BUCKET[/PREFIX]")
-        bucket, _, prefix = text[len(SCHEME) :].partition("/")
-        if not _BUCKET_NAME.fullmatch(bucket):
+            raise BucketError(f"{text!r}: expected s3://BUCKET[/PREFIX] or gs://BUCKET[/PREFIX]")
+        scheme = next(scheme for scheme in SCHEMES if text.startswith(scheme))
+        bucket, _, prefix = text[len(scheme) :].partition("/")
+        if not _BUCKET_NAME[scheme].fullmatch(bucket):
+            allowed = "'.', '_' or '-'" if scheme == GCS_SCHEME else "'.' or '-'"
             raise BucketError(
                 f"{text}: {bucket!r} is not a bucket name (3-63 lower-case letters, digits, "
-                "'.' or '-')"
+                f"{allowed})"
             )
         prefix = prefix.strip("/")
         if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
             raise BucketError(f"{text}: the prefix {prefix!r} has an empty, '.' or '..' part")
-        return cls(bucket, prefix)
+        return cls(bucket, prefix, scheme)
 
     def child(self, name: str) -> BucketUri:
-        return BucketUri(self.bucket, f"{self.prefix}/{name}" if self.prefix else name)
+        return BucketUri(self.bucket, f"{self.prefix}/{name}" if self.prefix else name, self.scheme)
 
     @property
     def name(self) -> str:
@@ -124,7 +146,8 @@ class BucketUri:
         return f"{self.prefix}/{relative}" if relative else self.prefix
 
     def __str__(self) -> str:
-        return f"{SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"{SCHEME}{self.bucket}"
+        root = f"{self.scheme}{self.bucket}"
+        return f"{root}/{self.prefix}" if self.prefix else root
 
 
 @dataclass(frozen=True)
@@ -138,7 +161,18 @@ class RemoteObject:
 
 
 class Bucket:
-    """The objects under one :class:`BucketUri`, addressed by paths relative to its prefix."""
+    """The objects under one :class:`BucketUri`, addressed by paths relative to its prefix.
+
+    ``Bucket(uri)`` of a ``gs://`` location is a :class:`GcsBucket`: the same methods through
+    Google's client.
+    """
+
+    def __new__(cls, uri: BucketUri | str):
+        if cls is Bucket:
+            parsed = uri if isinstance(uri, BucketUri) else BucketUri.parse(uri)
+            if parsed.scheme == GCS_SCHEME:
+                cls = GcsBucket
+        return super().__new__(cls)
 
     def __init__(self, uri: BucketUri | str):
         self.uri = uri if isinstance(uri, BucketUri) else BucketUri.parse(uri)
@@ -303,6 +337,161 @@ def _server_now(answer: dict) -> float:
 
     date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     return parsedate_to_datetime(date).timestamp() if date else time.time()
+
+
+class GcsBucket(Bucket):
+    """A ``gs://`` location through google-cloud-storage. An object's generation is its ETag:
+    every write makes a new one, and ``ifGenerationMatch`` makes :meth:`create` (generation 0:
+    no object) and :meth:`replace` conditional, as S3's ``If-None-Match`` and ``If-Match`` do."""
+
+    @property
+    def client(self):
+        if self._client is None:
+            from google.cloud import storage
+
+            if os.environ.get("STORAGE_EMULATOR_HOST"):
+                # A GCS-compatible server (fake-gcs-server): no Google credentials to look for.
+                from google.auth.credentials import AnonymousCredentials
+
+                project = os.environ.get("GOOGLE_CLOUD_PROJECT", "diffcom")
+                self._client = storage.Client(project=project, credentials=AnonymousCredentials())
+            else:
+                self._client = storage.Client()
+        return self._client
+
+    def where(self) -> str:
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        return f"{self.uri} (endpoint {emulator})" if emulator else str(self.uri)
+
+    def check(self) -> None:
+        """Refuse a bucket that does not exist, cannot be reached, or cannot be written.
+
+        Raises:
+            BucketError: naming the bucket, the endpoint and what failed.
+        """
+        from google.api_core import exceptions as google
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            self.client.get_bucket(self.uri.bucket)
+        except DefaultCredentialsError as error:
+            raise BucketError(
+                f"{self.where()}: no Google Cloud credentials ({error}); run `gcloud auth "
+                "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+            ) from None
+        except google.NotFound:
+            raise BucketError(
+                f"{self.where()}: the bucket {self.uri.bucket!r} does not exist; create it first "
+                "(gcloud storage buckets create gs://BUCKET) or check the name"
+            ) from None
+        except (google.Forbidden, google.Unauthorized) as error:
+            raise BucketError(
+                f"{self.where()}: access to the bucket {self.uri.bucket!r} is denied "
+                f"({error.code}); check the credentials and the bucket's IAM roles"
+            ) from None
+        except Exception as error:  # a refused connection, a DNS failure, a server error
+            raise BucketError(f"{self.where()}: cannot reach the storage ({error})") from None
+        probe = f".diffcom-probe-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        try:
+            self.write(probe, b"write check\n")
+            self.delete(probe)
+        except (google.Forbidden, google.Unauthorized) as error:
+            raise BucketError(
+                f"{self.where()}: cannot write to the bucket ({error.code}): experiments need "
+                "read and write access"
+            ) from None
+
+    def _blob(self, relative: str):
+        return self.client.bucket(self.uri.bucket).blob(self.uri.key(relative))
+
+    def listing(self, under: str = "") -> dict[str, RemoteObject]:
+        prefix = self.uri.key(under)
+        prefix = f"{prefix}/" if prefix else ""
+        found: dict[str, RemoteObject] = {}
+        for blob in self.client.list_blobs(self.uri.bucket, prefix=prefix):
+            relative = blob.name[len(self.uri.key()) :].lstrip("/")
+            found[relative] = RemoteObject(
+                int(blob.size or 0), str(blob.generation), blob.updated.timestamp()
+            )
+        return found
+
+    def head(self, relative: str) -> tuple[str, float, float] | None:
+        """``(generation, last modified, server's now)`` in server seconds, or ``None``.
+
+        One metadata request through the client's own authorised session, for the ``Date``
+        header beside the metadata: the lease's clock is the server's, as with S3.
+        """
+        from datetime import datetime
+        from email.utils import parsedate_to_datetime
+        from urllib.parse import quote
+
+        from google.api_core import exceptions as google
+
+        path = f"/b/{quote(self.uri.bucket, safe='')}/o/{quote(self.uri.key(relative), safe='')}"
+        response = self.client._http.get(self.client._connection.build_api_url(path))
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            raise google.from_http_response(response)
+        metadata = response.json()
+        modified = datetime.fromisoformat(metadata["updated"].replace("Z", "+00:00")).timestamp()
+        date = response.headers.get("Date")
+        now = parsedate_to_datetime(date).timestamp() if date else time.time()
+        return str(metadata["generation"]), modified, now
+
+    def read(self, relative: str) -> tuple[bytes, str, float] | None:
+        from google.api_core import exceptions as google
+
+        for _ in range(5):  # the object may be replaced between its metadata and its bytes
+            blob = self.client.bucket(self.uri.bucket).get_blob(self.uri.key(relative))
+            if blob is None:
+                return None
+            try:
+                payload = blob.download_as_bytes(if_generation_match=blob.generation)
+            except google.PreconditionFailed:
+                continue
+            except google.NotFound:
+                return None
+            return payload, str(blob.generation), blob.updated.timestamp()
+        raise BucketError(f"{self.where()}: {relative} changed at every one of 5 reads")
+
+    def download(self, relative: str, path: Path) -> None:
+        with atomic_write(path) as stream:
+            self._blob(relative).download_to_file(stream)
+
+    def upload(self, path: Path, relative: str) -> None:
+        self._blob(relative).upload_from_filename(str(path))
+
+    def write(self, relative: str, payload: bytes) -> str:
+        blob = self._blob(relative)
+        blob.upload_from_string(payload)
+        return str(blob.generation)
+
+    def create(self, relative: str, payload: bytes) -> str | None:
+        return self._conditional_write(relative, payload, 0)
+
+    def replace(self, relative: str, payload: bytes, etag: str) -> str | None:
+        if not etag.isdigit():
+            return None  # not a generation: no object has it
+        return self._conditional_write(relative, payload, int(etag))
+
+    def delete(self, relative: str) -> None:
+        from google.api_core import exceptions as google
+
+        with contextlib.suppress(google.NotFound):  # as S3's delete: gone either way
+            self._blob(relative).delete()
+
+    def _conditional_write(self, relative: str, payload: bytes, generation: int) -> str | None:
+        """Write only if the object's generation is ``generation`` (0: no object). Leases and
+        claims are small: a single-request upload, where the server checks the condition."""
+        from google.api_core import exceptions as google
+
+        blob = self._blob(relative)
+        try:
+            blob.upload_from_string(payload, if_generation_match=generation)
+        except (google.PreconditionFailed, google.NotFound):
+            return None
+        return str(blob.generation)
 
 
 # ---------------------------------------------------------------------------------- mirrors

@@ -9,6 +9,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from runstore.bucket import is_bucket_uri
+
 __all__ = ["add_sweep_commands"]
 
 
@@ -16,7 +18,9 @@ def _storage_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
         help="experiment storage: a folder path (or file:// URI) every node sees, created if "
-        "missing; not empty, not a file (default: $DIFFCOM_STORAGE or ~/diffcom-experiments)",
+        "missing; not empty, not a file; or a bucket: s3://BUCKET/PREFIX (an S3-compatible "
+        "server through $AWS_ENDPOINT_URL) or gs://BUCKET/PREFIX (a GCS-compatible one through "
+        "$STORAGE_EMULATOR_HOST) (default: $DIFFCOM_STORAGE or ~/diffcom-experiments)",
     )
 
 
@@ -134,7 +138,7 @@ def _finish(folder: Path) -> int:
     counts = _state_counts(read_statuses(folder, metadata["metric"]))
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     where = _where(folder, metadata)
-    storage = f" --storage {where.rsplit('/', 1)[0]}" if where.startswith("s3://") else ""
+    storage = f" --storage {where.rsplit('/', 1)[0]}" if is_bucket_uri(where) else ""
     print(f"experiment {where}: {summary}; see `diffcom sweep status {folder.name}{storage}`")
     # Runs the scheduler stopped early (ASHA) ended as designed; failed ones did not.
     return 1 if counts.keys() - {"finished", "stopped"} else 0
@@ -166,7 +170,7 @@ def _refresh(folder: Path) -> None:
 def _where(folder: Path, metadata: dict) -> str:
     """Where an experiment lives, for people: its bucket URI, or its folder."""
     storage = metadata.get("storage")
-    return storage if isinstance(storage, str) and storage.startswith("s3://") else str(folder)
+    return storage if is_bucket_uri(storage) else str(folder)
 
 
 def _statuses(folder: Path, metadata: dict) -> list:
@@ -435,7 +439,7 @@ def add_sweep_commands(nouns) -> None:
         "--checkpoint-every",
         type=int,
         metavar="N",
-        help="with an s3:// --storage: upload each run's checkpoint every N epochs and when it "
+        help="with an s3:// or gs:// --storage: upload each run's checkpoint every N epochs and when it "
         "ends (default 1; metrics and status go up every epoch). A resumed run repeats at most "
         "N - 1 epochs; MLflow and TensorBoard get an epoch once its checkpoint is up. See "
         "BENCHMARKS.md for the checkpoint sizes that call for it",

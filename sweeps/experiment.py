@@ -102,13 +102,14 @@ class ExperimentError(StoreError):
 
 def resolve_storage(storage: str | Path | None) -> Path | BucketUri:
     """Where experiments live: an absolute folder from a path, a ``file://`` URI or ``None`` (the
-    default), or a bucket location from an ``s3://bucket/prefix`` URI (:mod:`sweeps.remote`).
+    default), or a bucket location from an ``s3://bucket/prefix`` or ``gs://bucket/prefix`` URI
+    (:mod:`sweeps.remote`).
 
     Trials change into their own directories, so relative paths are resolved here, once.
 
     Raises:
-        ExperimentError: for other URI schemes (``gs://``, ``hdfs://``...), naming what works.
-        runstore.bucket.BucketError: for a malformed ``s3://`` URI.
+        ExperimentError: for other URI schemes (``hdfs://``, ``az://``...), naming what works.
+        runstore.bucket.BucketError: for a malformed bucket URI.
     """
     if storage is None:
         return _storage_folder(default_storage().resolve(), "storage")
@@ -121,8 +122,8 @@ def resolve_storage(storage: str | Path | None) -> Path | BucketUri:
         scheme = text.split("://", 1)[0]
         raise ExperimentError(
             f"--storage {text}: {scheme}:// storage is not supported; use an s3:// bucket (AWS, or an "
-            "S3-compatible server such as MinIO or Ceph named by AWS_ENDPOINT_URL), or a folder "
-            "every node mounts"
+            "S3-compatible server such as MinIO or Ceph named by AWS_ENDPOINT_URL), a gs:// "
+            "bucket (Google Cloud Storage), or a folder every node mounts"
         )
     if not text.strip():
         # An empty path would be the current directory: experiments there are easily lost.

@@ -28,7 +28,7 @@ from typing import Any
 
 from core.config import config_from_dict, config_to_dict
 from runstore import POINT, RESULTS, RUNS_DIR, STATUS, STUDY_COPY, atomic_write_bytes
-from runstore.bucket import Bucket, BucketUri, is_bucket_uri
+from runstore.bucket import GCS_SCHEME, Bucket, BucketUri, is_bucket_uri
 from sweeps.experiment import (
     EXPERIMENT_FILE,
     PLAN_FILE,
@@ -150,7 +150,9 @@ def launch(
         or isinstance(checkpoint_every, bool)
         or checkpoint_every < 1
     ):
-        problem = "an integer >= 1" if isinstance(root, BucketUri) else "an s3:// --storage"
+        problem = (
+            "an integer >= 1" if isinstance(root, BucketUri) else "an s3:// or gs:// --storage"
+        )
         raise ExperimentError(
             f"--checkpoint-every {checkpoint_every}: needs {problem} (runs in a folder keep every "
             "epoch's checkpoint where they are; only uploads to a bucket are thinned)"
@@ -352,7 +354,8 @@ def resume(
 
     from ray import tune
 
-    if not tune.Tuner.can_restore(location):
+    tune_path, tune_filesystem = _tune_storage(location)
+    if not tune.Tuner.can_restore(tune_path, storage_filesystem=tune_filesystem):
         raise ExperimentError(
             f"{location}: Ray Tune never saved its state here (the launch stopped before the "
             "first trial started); launch the study again under a new --name"
@@ -365,10 +368,11 @@ def resume(
         remote.mirror.read_only = False
         remote.push(EXPERIMENT_FILE)  # the reopened MLflow parent run
     tuner = tune.Tuner.restore(
-        location,
+        tune_path,
         trainable=_trainable_with_resources(location, metadata["resources"]),
         resume_unfinished=True,
         resume_errored=True,
+        storage_filesystem=tune_filesystem,
     )
     _fit(tuner)
     if remote is not None:
@@ -677,11 +681,16 @@ def _tuner(
                 # epoch: stopping it there would lose them.
                 stop_last_trials=False,
             )
+    storage_path, storage_filesystem = (
+        _tune_storage(location.rsplit("/", 1)[0])
+        if is_bucket_uri(location)
+        else (str(folder.parent), None)
+    )
     run_config = tune.RunConfig(
         name=folder.name,
-        # An s3:// location: Tune keeps its state in the bucket itself (pyarrow's S3 client,
-        # which reads the same AWS_* settings as boto3).
-        storage_path=location.rsplit("/", 1)[0] if is_bucket_uri(location) else str(folder.parent),
+        # A bucket location: Tune keeps its state in the bucket itself (through pyarrow).
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         # Tune uploads its state to a bucket at most every sync_period (default 300 s): a driver
         # killed before the first upload leaves nothing to resume. Trials resume from their run
@@ -697,6 +706,27 @@ def _tuner(
         tune_config=tune_config,
         run_config=run_config,
     )
+
+
+def _tune_storage(location: str | Path):
+    """``(path, pyarrow filesystem or None)``: how Ray Tune reaches ``location``.
+
+    A folder, an ``s3://`` URI (pyarrow's S3 client reads the same ``AWS_*`` settings as boto3)
+    and a ``gs://`` URI on Google Cloud itself need no filesystem. pyarrow's GCS client does not
+    read ``$STORAGE_EMULATOR_HOST``, so a ``gs://`` location on a GCS-compatible server gets a
+    client pointed at it, and the path without its scheme.
+    """
+    location = str(location)
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if not location.startswith(GCS_SCHEME) or not emulator:
+        return location, None
+    import pyarrow.fs
+
+    scheme, _, host = emulator.rpartition("://")
+    filesystem = pyarrow.fs.GcsFileSystem(
+        anonymous=True, scheme=scheme or "http", endpoint_override=host
+    )
+    return location[len(GCS_SCHEME) :], filesystem
 
 
 def _trainable_with_resources(location: str | Path, resources: dict):

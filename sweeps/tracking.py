@@ -64,6 +64,7 @@ from runstore import (
     flatten_results,
     read_jsonl,
 )
+from runstore.bucket import is_bucket_uri
 from sweeps.experiment import ExperimentError, read_json_object, resolve_storage, write_json
 from sweeps.stage1 import stage1_key
 
@@ -598,7 +599,7 @@ def _run_location(metadata: dict, run_dir: Path, run: str) -> str:
     """Where a run lives for a reader: its folder, or its place in a bucket (the folder being
     then a trial's temporary copy)."""
     storage = metadata.get("storage")
-    if isinstance(storage, str) and storage.startswith("s3://"):
+    if is_bucket_uri(storage):
         return f"{storage}/{RUNS_DIR}/{run}"
     return str(run_dir)
 

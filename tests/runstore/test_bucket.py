@@ -1,4 +1,5 @@
-"""runstore.bucket against a real S3-compatible server on localhost (tests/s3.py)."""
+"""runstore.bucket against real servers on localhost: an S3-compatible one (tests/s3.py) and a
+GCS-compatible one (tests/gcs.py). Every test of a bucket runs on both."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import time
 
 import pytest
 
-from runstore.bucket import Bucket, BucketError, BucketUri, Lease, Mirror
+from runstore.bucket import Bucket, BucketError, BucketUri, GcsBucket, Lease, Mirror
+from tests import gcs
 from tests.s3 import new_bucket, start_server
 
 
@@ -16,9 +18,18 @@ def s3(tmp_path_factory):
     yield from start_server(tmp_path_factory.mktemp("s3"))
 
 
-@pytest.fixture
-def bucket(s3):
-    return Bucket(f"s3://{new_bucket()}/experiments/exp")
+@pytest.fixture(scope="module")
+def gcs_server(tmp_path_factory):
+    yield from gcs.start_server(tmp_path_factory.mktemp("gcs"))
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request):
+    if request.param == "s3":
+        request.getfixturevalue("s3")
+        return Bucket(f"s3://{new_bucket()}/experiments/exp")
+    request.getfixturevalue("gcs_server")
+    return Bucket(f"gs://{gcs.new_bucket()}/experiments/exp")
 
 
 def test_uri_parsing_and_refusals():
@@ -31,12 +42,21 @@ def test_uri_parsing_and_refusals():
     )
     assert uri.child("exp").key("runs/x") == "a/b/exp/runs/x"
     assert BucketUri.parse("s3://my-bucket").key("x") == "x"
+    gs = BucketUri.parse("gs://my_bucket/a/")
+    assert (gs.bucket, gs.prefix, str(gs.child("exp"))) == (
+        "my_bucket",
+        "a",
+        "gs://my_bucket/a/exp",
+    )
+    assert isinstance(Bucket(gs), GcsBucket) and type(Bucket("s3://my-bucket")) is Bucket
     for bad, words in [
         ("s3://", "not a bucket name"),
         ("s3://UPPER/x", "not a bucket name"),
+        ("s3://under_score", "not a bucket name"),  # S3 names have no '_'; GCS names may
+        ("gs://UPPER/x", "not a bucket name"),
         ("s3://ok-bucket/a//b", "empty"),
-        ("s3://ok-bucket/a/../b", "'..'"),
-        ("gs://bucket", "expected s3://"),
+        ("gs://ok-bucket/a/../b", "'..'"),
+        ("ftp://bucket", "expected s3://BUCKET.*or gs://"),
     ]:
         with pytest.raises(BucketError, match=words):
             BucketUri.parse(bad)
@@ -46,6 +66,21 @@ def test_a_missing_bucket_is_named(s3):
     with pytest.raises(BucketError, match="'no-such-bucket' does not exist.*") as caught:
         Bucket("s3://no-such-bucket/x").check()
     assert s3 in str(caught.value)  # the endpoint is named
+
+
+def test_a_missing_gcs_bucket_is_named(gcs_server):
+    with pytest.raises(BucketError, match="'no-such-bucket' does not exist.*gcloud") as caught:
+        Bucket("gs://no-such-bucket/x").check()
+    assert gcs_server in str(caught.value)  # the endpoint is named
+
+
+def test_a_gcs_bucket_without_credentials_is_named(tmp_path, monkeypatch):
+    # Google Cloud itself (no emulator), with credentials that are not there: refused before any
+    # request leaves the machine.
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(BucketError, match="gs://some-bucket/x: no Google Cloud credentials"):
+        Bucket("gs://some-bucket/x").check()
 
 
 def test_a_bucket_that_denies_access_is_named(tmp_path):

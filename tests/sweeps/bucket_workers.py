@@ -25,8 +25,9 @@ def nations_config(*overrides: str) -> ExperimentConfig:
 
 
 def environment() -> dict:
-    """What a spawned process needs to reach the test's S3 server."""
-    return {key: os.environ[key] for key in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
+    """What a spawned process needs to reach the test's S3 or GCS server."""
+    keys = (*CREDENTIALS, "AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST")
+    return {key: os.environ[key] for key in keys if key in os.environ}
 
 
 def fake_stage1(log: str, config: ExperimentConfig, folder: Path) -> dict:

@@ -44,8 +44,11 @@ def test_storage_paths_uris_and_the_default(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFCOM_STORAGE", str(tmp_path / "store"))
     assert resolve_storage(None) == tmp_path / "store"
     assert resolve_storage("s3://bucket/experiments/") == BucketUri("bucket", "experiments")
-    with pytest.raises(ExperimentError, match=r"gs:// storage is not supported; use an s3://"):
-        resolve_storage("gs://bucket/experiments")
+    assert resolve_storage("gs://bucket/experiments") == BucketUri("bucket", "experiments", "gs://")
+    with pytest.raises(
+        ExperimentError, match=r"hdfs:// storage is not supported; use an s3://.*gs://"
+    ):
+        resolve_storage("hdfs://namenode/experiments")
     with pytest.raises(BucketError, match=r"'B' is not a bucket name"):
         resolve_storage("s3://B/x")
 

@@ -1,5 +1,5 @@
-"""Experiments in a bucket (sweeps.remote) against a real S3-compatible server on localhost
-(tests/s3.py): the shared stage 1 under a lease, a trial's mirror, launch and its refusals. The
+"""Experiments in a bucket (sweeps.remote) against real servers on localhost, S3-compatible
+(tests/s3.py) and, for the tests marked ``BOTH``, GCS-compatible (tests/gcs.py): the shared stage 1 under a lease, a trial's mirror, launch and its refusals. The
 end-to-end study on Ray (a killed driver, resume, status and report from the bucket) is in
 test_ray_remote.py."""
 
@@ -22,6 +22,7 @@ from sweeps.experiment import ExperimentError, read_json
 from sweeps.remote import BucketStage1Store, RemoteExperiment, open_trial, pull_view
 from sweeps.stage1 import Stage1Store, stage1_key
 from sweeps.trial import RunSpec, run_trial
+from tests import gcs
 from tests.s3 import new_bucket, start_server
 from tests.smoke import SMOKE
 from tests.sweeps.bucket_workers import (
@@ -40,12 +41,28 @@ def s3(tmp_path_factory):
     yield from start_server(tmp_path_factory.mktemp("s3"))
 
 
+@pytest.fixture(scope="module")
+def gcs_server(tmp_path_factory):
+    yield from gcs.start_server(tmp_path_factory.mktemp("gcs"))
+
+
 @pytest.fixture
-def uri(s3) -> str:
-    """A new experiment's location in a fresh bucket."""
+def uri(request) -> str:
+    """A new experiment's location in a fresh bucket: S3, or GCS where a test is parametrized
+    with ``uri`` ``"gs"`` (``BOTH``)."""
+    if getattr(request, "param", "s3") == "gs":
+        request.getfixturevalue("gcs_server")
+        return f"gs://{gcs.new_bucket()}/experiments/exp"
+    request.getfixturevalue("s3")
     return f"s3://{new_bucket()}/experiments/exp"
 
 
+#: The tests that run on both kinds of bucket: the shared stage 1 under a lease (across
+#: processes), a trial's mirror, launch, status.
+BOTH = pytest.mark.parametrize("uri", ["s3", "gs"], indirect=True)
+
+
+@BOTH
 def test_trials_racing_for_a_key_in_a_bucket_train_it_once(uri, tmp_path):
     log = str(tmp_path / "trainings.log")
     asks = [
@@ -70,6 +87,7 @@ def test_trials_racing_for_a_key_in_a_bucket_train_it_once(uri, tmp_path):
     assert sorted(e["event"] for e in events) == ["reused"] * 4 + ["trained"] * 2 + ["training"] * 2
 
 
+@BOTH
 def test_a_dead_holders_lease_is_taken_over_and_its_partial_run_resumed(uri, monkeypatch, capsys):
     process = multiprocessing.get_context("spawn").Process(
         target=die_while_training, args=(environment(), uri)
@@ -118,6 +136,7 @@ def test_a_parent_experiment_in_a_bucket_is_read_and_never_written(uri, tmp_path
     assert Path(log).read_text().split() == ["0"]
 
 
+@BOTH
 def test_a_trial_in_a_bucket_trains_in_its_mirror_and_leaves_everything_in_the_bucket(uri):
     bucket = Bucket(uri)
     bucket.write(
@@ -176,6 +195,7 @@ def no_ray(monkeypatch):
     return tuned
 
 
+@BOTH
 def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_cannot_hold(
     uri, no_ray, monkeypatch
 ):
@@ -183,8 +203,9 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
     # The refusals come before Ray would start.
     monkeypatch.setattr(ray_adapter, "_start_ray", lambda address: pytest.fail("Ray started"))
     root = uri.rsplit("/", 1)[0]
+    scheme = uri.split("://")[0]
     with pytest.raises(BucketError, match="'no-such-bucket' does not exist"):
-        ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage="s3://no-such-bucket/x")
+        ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=f"{scheme}://no-such-bucket/x")
     with pytest.raises(ExperimentError, match="workers > 1 .* resources.workers = 2"):
         ray_adapter.launch(STUDIES / "smoke-two-workers.yaml", storage=root)
     with pytest.raises(ExperimentError, match="cannot live in a bucket: give --optuna-storage"):
@@ -198,10 +219,18 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
     assert metadata["name"] == "smoke-ablation" and metadata["storage"] == f"{root}/smoke-ablation"
     (study, mirror, plan, history, verbose, optuna, location) = tuned[0]
     assert location == f"{root}/smoke-ablation" and mirror.name == "smoke-ablation"
-    with pytest.raises(ExperimentError, match="'smoke-ablation' already exists in s3://"):
+    # Ray Tune reaches the same place through pyarrow: on a GCS-compatible server with a client
+    # pointed at it (pyarrow does not read $STORAGE_EMULATOR_HOST), elsewhere by the URI.
+    path, filesystem = ray_adapter._tune_storage(location)
+    if scheme == "gs":
+        found = filesystem.get_file_info(f"{path}/experiment.json")
+        assert found.size == listing["experiment.json"].size
+    else:
+        assert (path, filesystem) == (location, None)
+    with pytest.raises(ExperimentError, match=f"'smoke-ablation' already exists in {scheme}://"):
         ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=root)
     with pytest.raises(
-        ExperimentError, match="no experiment 'other' in s3://.*there: smoke-ablation"
+        ExperimentError, match=f"no experiment 'other' in {scheme}://.*there: smoke-ablation"
     ):
         ray_adapter.resume("other", storage=root)
 
@@ -280,6 +309,7 @@ def test_extend_in_a_bucket_links_the_new_experiment_to_the_old_one_there(uri, n
     assert Path(log).read_text().split() == ["0"]
 
 
+@BOTH
 def test_status_and_watch_read_an_experiment_in_the_bucket(uri, no_ray, capsys):
     def main_output(root: str) -> str:
         main(["sweep", "status", "smoke-ablation", "--storage", root])
@@ -333,7 +363,9 @@ def test_checkpoints_go_up_every_n_epochs_and_at_the_end_of_a_run(uri):
 
 def test_checkpoint_every_is_recorded_for_a_bucket_and_refused_for_a_folder(uri, no_ray, tmp_path):
     root = uri.rsplit("/", 1)[0]
-    with pytest.raises(ExperimentError, match="--checkpoint-every 3: needs an s3:// --storage"):
+    with pytest.raises(
+        ExperimentError, match="--checkpoint-every 3: needs an s3:// or gs:// --storage"
+    ):
         ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=tmp_path, checkpoint_every=3)
     with pytest.raises(ExperimentError, match="--checkpoint-every 0: needs an integer >= 1"):
         ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=root, checkpoint_every=0)
