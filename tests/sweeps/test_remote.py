@@ -58,7 +58,7 @@ def uri(request) -> str:
 
 
 #: The tests that run on both kinds of bucket: the shared stage 1 under a lease (across
-#: processes), a trial's mirror, launch, status.
+#: processes), a trial's mirror, launch and its claim of the name, status.
 BOTH = pytest.mark.parametrize("uri", ["s3", "gs"], indirect=True)
 
 
@@ -235,6 +235,7 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
         ray_adapter.resume("other", storage=root)
 
 
+@BOTH
 def test_of_two_launches_racing_for_one_name_one_pushes_and_the_other_writes_nothing(
     uri, no_ray, monkeypatch
 ):
