@@ -50,8 +50,8 @@ test: $(STAMP) lint
 test-all: $(STAMP) lint chromium
 	$(BIN)/pytest
 
-# The tests against real servers on localhost (an S3-compatible server, an MLflow tracking server),
-# Ray's killed-and-resumed study in a bucket included: about 3 minutes on a 2-core machine.
+# The tests against real servers on localhost (S3- and GCS-compatible servers, an MLflow tracking
+# server), Ray's killed-and-resumed study in a bucket included: about 3 minutes on a 2-core machine.
 test-servers: $(STAMP)
 	$(BIN)/pytest tests/runstore/test_bucket.py tests/sweeps/test_remote.py \
 		tests/sweeps/test_tracking.py tests/sweeps/test_ray_remote.py
