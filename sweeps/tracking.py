@@ -7,8 +7,9 @@ study's ``tracking:`` or ``diffcom sweep launch --mlflow URI --tensorboard/--no-
 resume and extend reuse it. An experiment without that key (launched before tracking) tracks
 nothing.
 
-TensorBoard (on unless the study or ``--no-tensorboard`` turns it off: a few KB per run, no server,
-and ``tensorboardX`` comes with Ray Tune): event files in ``<run>/tensorboard/``, one scalar per
+TensorBoard (on unless the study or ``--no-tensorboard`` turns it off: a few KB per run, no server;
+written with ``torch.utils.tensorboard``, or ``tensorboardX``, which comes with Ray Tune, where the
+``tensorboard`` package is missing: :func:`_summary_writer`): event files in ``<run>/tensorboard/``, one scalar per
 numeric epoch metric with step = the global epoch (epochs over both stages,
 :func:`sweeps.trial._global_epoch`), and when the run finishes an hparams summary (every scalar
 config value, with the final metrics) in ``<run>/tensorboard/hparams/``. ``tensorboard --logdir
@@ -336,7 +337,7 @@ class RunTracker:
         self.run_dir = Path(run_dir)
         self.config = config
         self.step_of = step_of
-        self.tensorboard = None  # a tensorboardX SummaryWriter
+        self.tensorboard = None  # a SummaryWriter (_summary_writer)
         self.mlflow = None  # an MlflowClient
         self.mlflow_uri: str | None = None
         self.run_id: str | None = None
@@ -362,13 +363,11 @@ class RunTracker:
     def open_tensorboard(self) -> None:
         last = self._last_step("tensorboard")
         try:
-            from tensorboardX import SummaryWriter
-
             # TensorBoard drops every event at or after purge_step written before it: what a
             # killed attempt logged after the last epoch recorded as logged is replaced, never
             # duplicated.
-            self.tensorboard = SummaryWriter(
-                str(self.run_dir / TENSORBOARD_DIR), purge_step=None if last is None else last + 1
+            self.tensorboard = _summary_writer(
+                self.run_dir / TENSORBOARD_DIR, purge_step=None if last is None else last + 1
             )
         except Exception as error:  # not installed, or the folder cannot be written
             _warn(f"no TensorBoard event files for {self.run_dir}: {_reason(error)}")
@@ -500,7 +499,7 @@ class RunTracker:
             self._guard(
                 "tensorboard",
                 lambda: writer.add_hparams(
-                    _hparams(self.config), final, name="hparams", global_step=step
+                    _hparams(self.config), final, run_name="hparams", global_step=step
                 ),
             )
         if self.mlflow is not None:
@@ -641,6 +640,29 @@ def _params(config: ExperimentConfig) -> dict[str, str]:
         _mlflow_name(key): _text(value)[:_MAX_PARAM_VALUE]
         for key, value in flatten(config_to_dict(config)).items()
     }
+
+
+def _summary_writer(folder: Path, purge_step: int | None):
+    """A TensorBoard event writer whose ``flush()`` returns once every event added is on disk.
+
+    ``torch.utils.tensorboard`` (with the ``tensorboard`` package, the ``tracking`` extra) waits
+    for its queue; tensorboardX's ``flush()`` does not (events still queued for its writer thread
+    stay in memory), so a worker killed just after an epoch could lose the epoch's events while
+    ``tracking.json`` says they were written. tensorboardX, which Ray Tune installs, is the
+    fallback without ``tensorboard``.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tensorboardX import SummaryWriter
+
+        class SummaryWriter(SummaryWriter):  # noqa: F811 - the fallback, with torch's names
+            def add_hparams(self, hparam_dict, metric_dict, run_name=None, global_step=None):
+                super().add_hparams(
+                    hparam_dict, metric_dict, name=run_name, global_step=global_step
+                )
+
+    return SummaryWriter(str(folder), purge_step=purge_step)
 
 
 def _hparams(config: ExperimentConfig) -> dict[str, Any]:

@@ -7,6 +7,7 @@ the CLI on Ray, killed and resumed, is tracked in test_ray_remote.py.
 """
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -394,3 +395,26 @@ def test_each_member_of_a_fused_pack_is_its_own_tracked_run(mlflow_server, tmp_p
         assert _scalars(run_dir / "tensorboard", "loss") == expected
         results = read_json(run_dir / "results.json")
         assert child.data.metrics["final.test.clean.mrr"] == results["test"]["clean"]["mrr"]
+
+
+@pytest.mark.parametrize("library", ["torch.utils.tensorboard", "tensorboardX"])
+def test_event_files_are_on_disk_at_flush_and_hparams_go_to_their_folder(
+    library, tmp_path, monkeypatch
+):
+    from sweeps.tracking import _summary_writer
+
+    if library == "tensorboardX":  # no `tensorboard` package: Ray Tune's tensorboardX
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    writer = _summary_writer(tmp_path, purge_step=None)
+    assert any(base.__module__.startswith(library) for base in type(writer).__mro__)
+    for step in (1, 2, 3):
+        writer.add_scalar("loss", 1.0 / step, global_step=step)
+    writer.flush()
+    if library == "torch.utils.tensorboard":  # tensorboardX's flush leaves queued events behind
+        assert [step for step, _ in _scalars(tmp_path, "loss")] == [1, 2, 3]  # writer still open
+    writer.add_hparams(
+        {"lr": 0.1, "name": "x"}, {"final.mrr": 0.5}, run_name="hparams", global_step=3
+    )
+    writer.close()
+    assert _scalars(tmp_path, "loss") == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+    assert _scalars(tmp_path / "hparams", "final.mrr") == [(3, 0.5)]
