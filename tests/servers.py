@@ -67,9 +67,12 @@ class MlflowServer:
             *("--default-artifact-root", str(folder / "artifacts")),
             *("--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"),
         ]
+        # MLflow's job runner (three queue consumers for its server-side jobs, which no test
+        # uses) would poll for the whole session, a quarter of a core on a 2-core machine.
+        environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         # Its own process group: the server's workers end with it at stop().
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=self._log, start_new_session=True
+            command, stdout=self._log, stderr=self._log, start_new_session=True, env=environment
         )
         self._answered = False
 
