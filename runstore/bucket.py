@@ -373,7 +373,9 @@ class GcsBucket(Bucket):
         from google.auth.exceptions import DefaultCredentialsError
 
         try:
-            self.client.get_bucket(self.uri.bucket)
+            # Listing needs only object permissions (roles/storage.objectAdmin has them, and not
+            # the bucket's own metadata, which get_bucket would read).
+            list(self.client.list_blobs(self.uri.bucket, prefix=self.uri.key(), max_results=1))
         except DefaultCredentialsError as error:
             raise BucketError(
                 f"{self.where()}: no Google Cloud credentials ({error}); run `gcloud auth "
