@@ -1,10 +1,11 @@
 """Experiments in a bucket (S3 or Google Cloud Storage): the folder layout as objects, local
 mirrors, leases.
 
-An experiment stored at ``s3://BUCKET/PREFIX/<name>/`` (or ``gs://...``) holds exactly the files of an experiment
-folder (:mod:`runstore`), each as one object under the same relative path. Nothing reads or writes
-the bucket object by object while it trains: every process works in a local folder, a
-:class:`Mirror` of (part of) the experiment, with the ordinary atomic file writes, and
+An experiment stored at ``s3://BUCKET/PREFIX/<name>/`` (or ``gs://...``) holds exactly the files
+of an experiment folder (:mod:`runstore`), each as one object under the same relative path.
+Nothing reads or writes the bucket object by object while it trains: every process works in a
+local folder, a :class:`Mirror` of (part of) the experiment, with the ordinary atomic file writes,
+and
 
 * :meth:`Mirror.pull` downloads what changed in the bucket (size or ETag) under a path;
 * :meth:`Mirror.push` uploads what changed locally since the last pull or push, metrics before
@@ -60,10 +61,13 @@ from runstore import (
 )
 
 __all__ = [
+    "GCS_SCHEME",
     "SCHEME",
+    "SCHEMES",
     "Bucket",
     "BucketError",
     "BucketUri",
+    "GcsBucket",
     "MARKER",
     "Lease",
     "Mirror",

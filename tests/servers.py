@@ -51,7 +51,7 @@ def wait_until_answering(server: subprocess.Popen, url: str, log: Path, what: st
 class MlflowServer:
     """A real ``mlflow server`` process (SQLite backend, artifacts in ``folder``).
 
-    Started by :meth:`start` without waiting, so its start-up (15-25 s on a loaded 2-core machine:
+    Started on construction without waiting, so its start-up (15-25 s on a loaded 2-core machine:
     MLflow creates its tables, then starts a web worker that imports MLflow again) can overlap
     other tests; :meth:`url` waits until it answers.
     """
