@@ -410,10 +410,6 @@ class RunTracker:
 
     # --- epochs
 
-    def epoch(self, record: dict) -> None:
-        """Log one epoch record (``metrics.jsonl``'s) at its global epoch now."""
-        self.log_records([record])
-
     def queue(self, record: dict) -> None:
         """Hold one epoch record until :meth:`log_stored` says its checkpoint is stored.
 

@@ -10,15 +10,13 @@ server's log through a pipe it never drains, and the server logs every request.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, wait_until_answering
+from tests.servers import free_port, serve
 
 
 def start_server(folder: Path) -> Iterator[str]:
@@ -31,29 +29,18 @@ def start_server(folder: Path) -> Iterator[str]:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = folder / "gcs-server.log"
-    log = log_path.open("wb")
     command = [
         *(str(_get_binary_path()), "-scheme", "http", "-backend", "memory"),
         *("-host", "127.0.0.1", "-port", str(port), "-external-url", url),
     ]
-    server = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
-    saved = os.environ.get("STORAGE_EMULATOR_HOST")
-    try:
-        wait_until_answering(server, f"{url}/storage/v1/b", log_path, "GCS server")
-        os.environ["STORAGE_EMULATOR_HOST"] = url
-        yield url
-    finally:
-        if saved is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = saved
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+    yield from serve(
+        command,
+        url=url,
+        probe="/storage/v1/b",
+        log_path=folder / "gcs-server.log",
+        what="GCS server",
+        point_at_it={"STORAGE_EMULATOR_HOST": url},
+    )
 
 
 def new_bucket() -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, wait_until_answering
+from tests.servers import free_port, serve
 
 #: What every client (this process, Ray's workers, pyarrow in Ray Tune) needs to reach the server.
 CREDENTIALS = {
@@ -33,30 +32,19 @@ def start_server(folder: Path, *, require_auth: bool = False) -> Iterator[str]:
     if importlib.util.find_spec("moto") is None:
         pytest.skip("moto[server] is not installed: make test installs it (.[dev])")
     port = free_port()
-    log = (folder / "s3-server.log").open("wb")
-    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    environment = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if require_auth else {})}
-    server = subprocess.Popen(
-        command, stdout=log, stderr=log, start_new_session=True, env=environment
-    )
     url = f"http://127.0.0.1:{port}"
-    saved = {key: os.environ.get(key) for key in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
-    try:
-        wait_until_answering(server, f"{url}/moto-api/", folder / "s3-server.log", "S3 server")
-        os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=url)
-        yield url
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+    yield from serve(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        url=url,
+        probe="/moto-api/",
+        log_path=folder / "s3-server.log",
+        what="S3 server",
+        point_at_it={**CREDENTIALS, "AWS_ENDPOINT_URL": url},
+        environment={
+            **os.environ,
+            **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if require_auth else {}),
+        },
+    )
 
 
 def new_bucket() -> str:

@@ -1,5 +1,6 @@
-"""Real server processes the tests start on localhost (MLflow, the S3 server): a free port, a
-wait until the server answers, and the MLflow server itself."""
+"""Real server processes the tests start on localhost (MLflow, the S3 and GCS servers): a free
+port, a wait until a server answers, a server's whole life (:func:`serve`), and the MLflow server
+itself."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 #: How long a server may take to answer: seconds on a quiet machine, a minute or more on a loaded
@@ -46,6 +48,44 @@ def wait_until_answering(server: subprocess.Popen, url: str, log: Path, what: st
                 f"{what} did not answer in {SERVER_DEADLINE_S} s:\n{log.read_text()[-3000:]}"
             )
         time.sleep(0.3)
+
+
+def serve(
+    command: list[str],
+    *,
+    url: str,
+    probe: str,
+    log_path: Path,
+    what: str,
+    point_at_it: dict[str, str],
+    environment: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Run a server process; yield ``url`` once ``url + probe`` answers, with ``point_at_it`` set
+    in this process's environment meanwhile (restored after); stop it.
+
+    ``environment``: the server's own, when not this process's.
+    """
+    log = log_path.open("wb")
+    server = subprocess.Popen(
+        command, stdout=log, stderr=log, start_new_session=True, env=environment
+    )
+    saved = {key: os.environ.get(key) for key in point_at_it}
+    try:
+        wait_until_answering(server, f"{url}{probe}", log_path, what)
+        os.environ.update(point_at_it)
+        yield url
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
 
 
 class MlflowServer:

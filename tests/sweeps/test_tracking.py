@@ -90,6 +90,19 @@ def _scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
     return [(event.step, pytest.approx(event.value)) for event in events.Scalars(tag)]
 
 
+def _resume_and_check_each_step_logged_once(uri: str, folder: Path, config, killed) -> None:
+    """Resume the killed run: it continues its one MLflow run, and MLflow and TensorBoard hold
+    every epoch of both stages once."""
+    run_trial(folder, RUN, [RunSpec(RUN, config)], lambda metrics: None)
+    (resumed,) = _child_runs(uri, folder)
+    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    history = _client(uri).get_metric_history(resumed.info.run_id, "loss")
+    run_dir = folder / "runs" / RUN
+    expected = _expected_losses(folder, run_dir, config)
+    assert sorted((m.step, m.value) for m in history) == expected  # each step once
+    assert _scalars(run_dir / "tensorboard", "loss") == expected
+
+
 @needs_mlflow
 def test_a_run_is_one_child_run_with_params_metrics_tags_and_its_results(
     mlflow_server, tmp_path, capsys
@@ -162,13 +175,7 @@ def test_a_killed_and_resumed_run_continues_its_one_mlflow_run(mlflow_server, tm
         run_dir / "tracking.json", {**state, "last_step": {**state["last_step"], "tensorboard": 2}}
     )
 
-    run_trial(folder, RUN, [RunSpec(RUN, config)], lambda metrics: None)
-    (resumed,) = _child_runs(mlflow_server, folder)
-    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
-    history = _client(mlflow_server).get_metric_history(resumed.info.run_id, "loss")
-    expected = _expected_losses(folder, run_dir, config)
-    assert sorted((m.step, m.value) for m in history) == expected  # each step once
-    assert _scalars(run_dir / "tensorboard", "loss") == expected
+    _resume_and_check_each_step_logged_once(mlflow_server, folder, config, killed)
 
 
 class _Killed(BaseException):
@@ -209,13 +216,7 @@ def test_an_epoch_is_logged_only_once_its_checkpoint_is_stored(mlflow_server, tm
     assert state["last_step"] == {"tensorboard": 2, "mlflow": 2}
     write_json(run_dir / "tracking.json", {**state, "last_step": {"tensorboard": 1, "mlflow": 1}})
 
-    run_trial(folder, RUN, [RunSpec(RUN, config)], lambda metrics: None)
-    (resumed,) = _child_runs(mlflow_server, folder)
-    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
-    history = _client(mlflow_server).get_metric_history(resumed.info.run_id, "loss")
-    expected = _expected_losses(folder, run_dir, config)
-    assert sorted((m.step, m.value) for m in history) == expected  # each step once
-    assert _scalars(run_dir / "tensorboard", "loss") == expected
+    _resume_and_check_each_step_logged_once(mlflow_server, folder, config, killed)
 
 
 @needs_mlflow
