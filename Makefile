@@ -9,7 +9,7 @@ export PYSTOW_HOME ?= $(CURDIR)/.cache/pystow
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install chromium demo test test-all test-servers lint bench clean
+.PHONY: install chromium azurite demo test test-all test-servers lint bench clean
 
 DEMO_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
 
@@ -34,6 +34,19 @@ chromium:
 	    echo "note: could not install chromium; PNG figures and the browser test are skipped"; \
 	  else echo "note: no chromium and no way to install it; PNG figures and the browser test are skipped"; fi; }
 
+# Azurite, Microsoft's Azure Storage emulator (an npm package), is the Azure Blob server the
+# az:// tests start on localhost; installed beside the virtual environment with the machine's
+# npm, or skipped with a note (those tests then skip).
+AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
+
+$(AZURITE):
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm install --prefix $(VENV)/azurite --no-audit --no-fund --silent azurite@3.37.0 || \
+	  echo "note: could not install Azurite; the az:// tests are skipped"; \
+	else echo "note: no npm; Azurite is not installed and the az:// tests are skipped"; fi
+
+azurite: $(STAMP) $(AZURITE)
+
 # A small ablation on UMLS as a Ray Tune experiment on this machine, then its report.
 demo: $(STAMP) chromium
 	$(BIN)/diffcom data check umls
@@ -44,15 +57,15 @@ demo: $(STAMP) chromium
 
 # The fast tier: everything but the tests that start a Ray cluster, several training processes or
 # a browser (those run in `make test-all`, which CI runs). pytest exits non-zero when no test ran.
-test: $(STAMP) lint
+test: $(STAMP) lint azurite
 	$(BIN)/pytest -m "not ray and not torchrun and not browser"
 
-test-all: $(STAMP) lint chromium
+test-all: $(STAMP) lint chromium azurite
 	$(BIN)/pytest
 
-# The tests against real servers on localhost (S3- and GCS-compatible servers, an MLflow tracking
+# The tests against real servers on localhost (S3-, GCS- and Azure-compatible servers, an MLflow tracking
 # server), Ray's killed-and-resumed study in a bucket included: about 3 minutes on a 2-core machine.
-test-servers: $(STAMP)
+test-servers: $(STAMP) azurite
 	$(BIN)/pytest tests/runstore/test_bucket.py tests/sweeps/test_remote.py \
 		tests/sweeps/test_tracking.py tests/sweeps/test_ray_remote.py
 

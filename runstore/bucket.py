@@ -1,7 +1,8 @@
-"""Experiments in a bucket (S3 or Google Cloud Storage): the folder layout as objects, local
-mirrors, leases.
+"""Experiments in a bucket (S3, Google Cloud Storage or Azure Blob Storage): the folder layout as
+objects, local mirrors, leases.
 
-An experiment stored at ``s3://BUCKET/PREFIX/<name>/`` (or ``gs://...``) holds exactly the files
+An experiment stored at ``s3://BUCKET/PREFIX/<name>/`` (or ``gs://...``, ``az://...``) holds
+exactly the files
 of an experiment folder (:mod:`runstore`), each as one object under the same relative path.
 Nothing reads or writes the bucket object by object while it trains: every process works in a
 local folder, a :class:`Mirror` of (part of) the experiment, with the ordinary atomic file writes,
@@ -28,8 +29,14 @@ object's generation standing in for the ETag. Credentials come from Application 
 Credentials; ``$STORAGE_EMULATOR_HOST`` names a GCS-compatible server (anonymous access), as
 Google's client libraries read it.
 
-This module imports the standard library only; boto3 or google-cloud-storage loads when a bucket
-is first used.
+An ``az://CONTAINER/PREFIX`` location (:class:`AzureBucket`) is a container of the storage account
+that ``$AZURE_STORAGE_CONNECTION_STRING`` names (an account key or SAS; Azurite's connection
+string for a local server), or ``$AZURE_STORAGE_ACCOUNT_NAME`` with ``$AZURE_STORAGE_ACCOUNT_KEY``
+or, without a key, the credential chain of azure-identity (``az login``, a managed identity).
+Blob Storage takes ``If-None-Match: *`` and ``If-Match: <etag>`` as S3 does.
+
+This module imports the standard library only; boto3, google-cloud-storage or azure-storage-blob
+loads when a bucket is first used.
 """
 
 from __future__ import annotations
@@ -61,6 +68,9 @@ from runstore import (
 )
 
 __all__ = [
+    "AZURE_SCHEME",
+    "AzureAccount",
+    "AzureBucket",
     "GCS_SCHEME",
     "SCHEME",
     "SCHEMES",
@@ -83,8 +93,11 @@ SCHEME = "s3://"
 #: Google Cloud Storage.
 GCS_SCHEME = "gs://"
 
+#: Azure Blob Storage: ``az://CONTAINER/PREFIX`` in the account the environment names.
+AZURE_SCHEME = "az://"
+
 #: Every object-store scheme experiments can live in.
-SCHEMES = (SCHEME, GCS_SCHEME)
+SCHEMES = (SCHEME, GCS_SCHEME, AZURE_SCHEME)
 
 #: The file that marks a local folder as a mirror (it names the bucket location); never pushed.
 MARKER = ".bucket.json"
@@ -97,7 +110,11 @@ HEAVY_PARTS = (f"{CHECKPOINT_DIR}/", f"{TENSORBOARD_DIR}/")
 _BUCKET_NAME = {
     SCHEME: re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"),
     GCS_SCHEME: re.compile(r"[a-z0-9][a-z0-9._\-]{1,61}[a-z0-9]"),
+    # Container names: no two hyphens in a row.
+    AZURE_SCHEME: re.compile(r"(?!.*--)[a-z0-9][a-z0-9\-]{1,61}[a-z0-9]"),
 }
+
+_ALLOWED_IN_NAMES = {SCHEME: "'.' or '-'", GCS_SCHEME: "'.', '_' or '-'", AZURE_SCHEME: "'-'"}
 
 
 class BucketError(StoreError):
@@ -105,14 +122,14 @@ class BucketError(StoreError):
 
 
 def is_bucket_uri(text: object) -> bool:
-    """Whether a storage argument names a bucket location (``s3://...`` or ``gs://...``)."""
+    """Whether a storage argument names a bucket location (``s3://``, ``gs://`` or ``az://``)."""
     return isinstance(text, str) and text.startswith(SCHEMES)
 
 
 @dataclass(frozen=True)
 class BucketUri:
-    """``s3://bucket/prefix`` (or ``gs://``): a bucket and a key prefix (no leading or trailing
-    ``/``)."""
+    """``s3://bucket/prefix`` (or ``gs://``, ``az://``): a bucket (an Azure container) and a key
+    prefix (no leading or trailing ``/``)."""
 
     bucket: str
     prefix: str = ""
@@ -121,14 +138,19 @@ class BucketUri:
     @classmethod
     def parse(cls, text: str) -> BucketUri:
         if not is_bucket_uri(text):
-            raise BucketError(f"{text!r}: expected s3://BUCKET[/PREFIX] or gs://BUCKET[/PREFIX]")
+            raise BucketError(
+                f"{text!r}: expected s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or "
+                "az://CONTAINER[/PREFIX]"
+            )
         scheme = next(scheme for scheme in SCHEMES if text.startswith(scheme))
         bucket, _, prefix = text[len(scheme) :].partition("/")
         if not _BUCKET_NAME[scheme].fullmatch(bucket):
-            allowed = "'.', '_' or '-'" if scheme == GCS_SCHEME else "'.' or '-'"
+            what = "an Azure container" if scheme == AZURE_SCHEME else "a bucket"
             raise BucketError(
-                f"{text}: {bucket!r} is not a bucket name (3-63 lower-case letters, digits, "
-                f"{allowed})"
+                f"{text}: {bucket!r} is not {what} name (3-63 lower-case letters, digits, "
+                f"{_ALLOWED_IN_NAMES[scheme]}"
+                + (", no '--'" if scheme == AZURE_SCHEME else "")
+                + ")"
             )
         prefix = prefix.strip("/")
         if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
@@ -167,15 +189,14 @@ class RemoteObject:
 class Bucket:
     """The objects under one :class:`BucketUri`, addressed by paths relative to its prefix.
 
-    ``Bucket(uri)`` of a ``gs://`` location is a :class:`GcsBucket`: the same methods through
-    Google's client.
+    ``Bucket(uri)`` of a ``gs://`` location is a :class:`GcsBucket`, of an ``az://`` one an
+    :class:`AzureBucket`: the same methods through Google's or Microsoft's client.
     """
 
     def __new__(cls, uri: BucketUri | str):
         if cls is Bucket:
             parsed = uri if isinstance(uri, BucketUri) else BucketUri.parse(uri)
-            if parsed.scheme == GCS_SCHEME:
-                cls = GcsBucket
+            cls = {GCS_SCHEME: GcsBucket, AZURE_SCHEME: AzureBucket}.get(parsed.scheme, Bucket)
         return super().__new__(cls)
 
     def __init__(self, uri: BucketUri | str):
@@ -498,6 +519,294 @@ class GcsBucket(Bucket):
         except (google.PreconditionFailed, google.NotFound):
             return None
         return str(blob.generation)
+
+
+# ------------------------------------------------------------------------------------ Azure
+
+
+@dataclass(frozen=True)
+class AzureAccount:
+    """The storage account that ``az://`` locations live in, as the environment names it.
+
+    Attributes:
+        name: the account's name.
+        blob_endpoint: its Blob service, e.g. ``https://NAME.blob.core.windows.net`` or a local
+            server's ``http://127.0.0.1:10000/devstoreaccount1``.
+        key: the account key, if one is given (else a SAS, else azure-identity's chain).
+        sas: a shared access signature, if one is given.
+        connection_string: the connection string it came from, if any.
+    """
+
+    name: str
+    blob_endpoint: str
+    key: str | None = None
+    sas: str | None = None
+    connection_string: str | None = None
+
+    @classmethod
+    def from_environment(cls) -> AzureAccount:
+        """From ``$AZURE_STORAGE_CONNECTION_STRING``, else ``$AZURE_STORAGE_ACCOUNT_NAME`` (with
+        ``$AZURE_STORAGE_ACCOUNT_KEY`` when set).
+
+        Raises:
+            BucketError: neither is set, or the connection string is malformed.
+        """
+        text = os.environ.get("AZURE_STORAGE_CONNECTION_STRING", "").strip()
+        if text:
+            return cls.parse(text)
+        name = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME", "").strip()
+        if not name:
+            raise BucketError(
+                "az:// storage needs a storage account: set AZURE_STORAGE_CONNECTION_STRING, or "
+                "AZURE_STORAGE_ACCOUNT_NAME (with AZURE_STORAGE_ACCOUNT_KEY, or signed in with "
+                "`az login` or a managed identity)"
+            )
+        key = os.environ.get("AZURE_STORAGE_ACCOUNT_KEY", "").strip() or None
+        return cls(name, f"https://{name}.blob.core.windows.net", key=key)
+
+    @classmethod
+    def parse(cls, text: str) -> AzureAccount:
+        """An account from a connection string (``Key=Value`` parts separated by ``;``)."""
+        where = "AZURE_STORAGE_CONNECTION_STRING"
+        fields: dict[str, str] = {}
+        for part in filter(None, (part.strip() for part in text.split(";"))):
+            key, separator, value = part.partition("=")
+            if not separator:
+                raise BucketError(
+                    f"{where}: {key!r} is not a Key=Value part (expected e.g. "
+                    "'AccountName=...;AccountKey=...;BlobEndpoint=...')"
+                )
+            fields[key.strip().lower()] = value.strip()
+        name, endpoint = fields.get("accountname"), fields.get("blobendpoint")
+        if not endpoint and name:
+            protocol = fields.get("defaultendpointsprotocol", "https")
+            endpoint = (
+                f"{protocol}://{name}.blob.{fields.get('endpointsuffix', 'core.windows.net')}"
+            )
+        if not endpoint:
+            raise BucketError(f"{where}: names neither AccountName nor BlobEndpoint")
+        if not name:  # a SAS-only string: the account is the endpoint's first label
+            name = endpoint.split("://", 1)[-1].split(".", 1)[0]
+        return cls(
+            name,
+            endpoint.rstrip("/"),
+            key=fields.get("accountkey"),
+            sas=fields.get("sharedaccesssignature"),
+            connection_string=text,
+        )
+
+    def client(self):
+        """A ``BlobServiceClient`` for the account: few, short retries (a refused connection
+        fails a check in seconds, not minutes)."""
+        from azure.storage.blob import BlobServiceClient, ExponentialRetry
+
+        options = {
+            "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=3, retry_total=3),
+            "connection_timeout": 10,
+            "read_timeout": 120,
+        }
+        if self.connection_string:
+            return BlobServiceClient.from_connection_string(self.connection_string, **options)
+        if self.key:
+            credential = {"account_name": self.name, "account_key": self.key}
+        else:
+            from azure.identity import DefaultAzureCredential
+
+            credential = DefaultAzureCredential()
+        return BlobServiceClient(self.blob_endpoint, credential=credential, **options)
+
+    def pyarrow_filesystem(self):
+        """The same account as a ``pyarrow.fs.AzureFileSystem`` (what Ray Tune writes through).
+
+        pyarrow wants the service's authority without the account: ``.blob.core.windows.net``
+        after the account's name, or the ``host:port`` of a server that puts the account in the
+        path (Azurite).
+        """
+        from urllib.parse import urlsplit
+
+        import pyarrow.fs
+
+        url = urlsplit(self.blob_endpoint)
+        host = url.netloc
+        authority = host[len(self.name) :] if host.startswith(f"{self.name}.") else host
+        options: dict[str, str] = {
+            "blob_storage_authority": authority,
+            "dfs_storage_authority": authority.replace(".blob.", ".dfs.", 1),
+            "blob_storage_scheme": url.scheme,
+            "dfs_storage_scheme": url.scheme,
+        }
+        if self.key:
+            options["account_key"] = self.key
+        elif self.sas:
+            options["sas_token"] = self.sas
+        return pyarrow.fs.AzureFileSystem(self.name, **options)
+
+
+class AzureBucket(Bucket):
+    """An ``az://CONTAINER/PREFIX`` location through azure-storage-blob. Blob Storage's ETags
+    and conditions are S3's: :meth:`create` sends ``If-None-Match: *``, :meth:`replace`
+    ``If-Match``; a large upload is staged in blocks and committed whole, so a reader never sees
+    half of it."""
+
+    _account: AzureAccount | None = None
+
+    @property
+    def account(self) -> AzureAccount:
+        """The storage account, read from the environment on first use."""
+        if self._account is None:
+            self._account = AzureAccount.from_environment()
+        return self._account
+
+    @property
+    def client(self):
+        """The container's client."""
+        if self._client is None:
+            self._client = self.account.client().get_container_client(self.uri.bucket)
+        return self._client
+
+    def where(self) -> str:
+        return f"{self.uri} (account {self.account.name}, endpoint {self.account.blob_endpoint})"
+
+    def child(self, name: str) -> Bucket:
+        child = super().child(name)
+        child._account = self._account
+        return child
+
+    def check(self) -> None:
+        """Refuse a container that does not exist, cannot be reached, or cannot be written.
+
+        Raises:
+            BucketError: naming the container, the account, the endpoint and what failed.
+        """
+        from azure.core import exceptions as azure
+
+        try:
+            # Listing needs only data access (a SAS or the Storage Blob Data Contributor role),
+            # not the container's own properties.
+            next(
+                iter(self.client.list_blobs(name_starts_with=self.uri.key(), results_per_page=1)),
+                None,
+            )
+        except azure.ResourceNotFoundError:
+            raise BucketError(
+                f"{self.where()}: the container {self.uri.bucket!r} does not exist; create it "
+                "first (az storage container create --name CONTAINER) or check the name"
+            ) from None
+        except (azure.ClientAuthenticationError, azure.HttpResponseError) as error:
+            if getattr(error, "status_code", None) in (401, 403) or isinstance(
+                error, azure.ClientAuthenticationError
+            ):
+                raise BucketError(
+                    f"{self.where()}: access to the container {self.uri.bucket!r} is denied "
+                    f"({_azure_reason(error)}); check the account key, SAS or role assignment"
+                ) from None
+            raise BucketError(f"{self.where()}: {_azure_reason(error)}") from None
+        except BucketError:
+            raise
+        except Exception as error:  # a refused connection, a DNS failure, no credential found
+            raise BucketError(f"{self.where()}: cannot reach the storage ({error})") from None
+        probe = f".diffcom-probe-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        try:
+            self.write(probe, b"write check\n")
+            self.delete(probe)
+        except azure.HttpResponseError as error:
+            raise BucketError(
+                f"{self.where()}: cannot write to the container ({_azure_reason(error)}): "
+                "experiments need read and write access"
+            ) from None
+
+    def _blob(self, relative: str):
+        return self.client.get_blob_client(self.uri.key(relative))
+
+    def listing(self, under: str = "") -> dict[str, RemoteObject]:
+        prefix = self.uri.key(under)
+        prefix = f"{prefix}/" if prefix else ""
+        found: dict[str, RemoteObject] = {}
+        for blob in self.client.list_blobs(name_starts_with=prefix or None):
+            relative = blob.name[len(self.uri.key()) :].lstrip("/")
+            found[relative] = RemoteObject(
+                int(blob.size or 0), blob.etag.strip('"'), blob.last_modified.timestamp()
+            )
+        return found
+
+    def head(self, relative: str) -> tuple[str, float, float] | None:
+        from email.utils import parsedate_to_datetime
+
+        from azure.core.exceptions import ResourceNotFoundError
+
+        seen: dict[str, str | None] = {}
+        try:
+            properties = self._blob(relative).get_blob_properties(
+                raw_response_hook=lambda answer: seen.update(
+                    date=answer.http_response.headers.get("Date")
+                )
+            )
+        except ResourceNotFoundError:
+            return None
+        date = seen.get("date")
+        now = parsedate_to_datetime(date).timestamp() if date else time.time()
+        return properties.etag.strip('"'), properties.last_modified.timestamp(), now
+
+    def read(self, relative: str) -> tuple[bytes, str, float] | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            # One object, one ETag: the client pins the ETag across a large blob's range reads.
+            stream = self._blob(relative).download_blob()
+            payload = stream.readall()
+        except ResourceNotFoundError:
+            return None
+        properties = stream.properties
+        return payload, properties.etag.strip('"'), properties.last_modified.timestamp()
+
+    def download(self, relative: str, path: Path) -> None:
+        with atomic_write(path) as stream:
+            self._blob(relative).download_blob().readinto(stream)
+
+    def upload(self, path: Path, relative: str) -> None:
+        with path.open("rb") as stream:
+            self._blob(relative).upload_blob(stream, overwrite=True)
+
+    def write(self, relative: str, payload: bytes) -> str:
+        return self._blob(relative).upload_blob(payload, overwrite=True)["etag"].strip('"')
+
+    def create(self, relative: str, payload: bytes) -> str | None:
+        from azure.core.exceptions import ResourceExistsError
+
+        try:
+            # overwrite=False sends If-None-Match: *
+            answer = self._blob(relative).upload_blob(payload, overwrite=False)
+        except ResourceExistsError:
+            return None
+        return answer["etag"].strip('"')
+
+    def replace(self, relative: str, payload: bytes, etag: str) -> str | None:
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+
+        try:
+            answer = self._blob(relative).upload_blob(
+                payload,
+                overwrite=True,
+                etag=f'"{etag}"',
+                match_condition=MatchConditions.IfNotModified,
+            )
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return None
+        return answer["etag"].strip('"')
+
+    def delete(self, relative: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with contextlib.suppress(ResourceNotFoundError):  # as S3's delete: gone either way
+            self._blob(relative).delete_blob()
+
+
+def _azure_reason(error) -> str:
+    """An Azure error's status and code, without the SDK's multi-line message."""
+    code = getattr(error, "error_code", None) or getattr(error, "reason", None) or ""
+    status = getattr(error, "status_code", None)
+    return " ".join(str(part) for part in (status, code) if part) or type(error).__name__
 
 
 # ---------------------------------------------------------------------------------- mirrors

@@ -19,8 +19,10 @@ def _storage_argument(parser: argparse.ArgumentParser) -> None:
         "--storage",
         help="experiment storage: a folder path (or file:// URI) every node sees, created if "
         "missing; not empty, not a file; or a bucket: s3://BUCKET/PREFIX (an S3-compatible "
-        "server through $AWS_ENDPOINT_URL) or gs://BUCKET/PREFIX (a GCS-compatible one through "
-        "$STORAGE_EMULATOR_HOST) (default: $DIFFCOM_STORAGE or ~/diffcom-experiments)",
+        "server through $AWS_ENDPOINT_URL), gs://BUCKET/PREFIX (a GCS-compatible one through "
+        "$STORAGE_EMULATOR_HOST) or az://CONTAINER/PREFIX (the account of "
+        "$AZURE_STORAGE_CONNECTION_STRING or $AZURE_STORAGE_ACCOUNT_NAME) (default: "
+        "$DIFFCOM_STORAGE or ~/diffcom-experiments)",
     )
 
 
@@ -439,7 +441,8 @@ def add_sweep_commands(nouns) -> None:
         "--checkpoint-every",
         type=int,
         metavar="N",
-        help="with an s3:// or gs:// --storage: upload each run's checkpoint every N epochs and when it "
+        help="with an s3://, gs:// or az:// --storage: upload each run's checkpoint every N epochs "
+        "and when it "
         "ends (default 1; metrics and status go up every epoch). A resumed run repeats at most "
         "N - 1 epochs; MLflow and TensorBoard get an epoch once its checkpoint is up. See "
         "BENCHMARKS.md for the checkpoint sizes that call for it",

@@ -102,13 +102,13 @@ class ExperimentError(StoreError):
 
 def resolve_storage(storage: str | Path | None) -> Path | BucketUri:
     """Where experiments live: an absolute folder from a path, a ``file://`` URI or ``None`` (the
-    default), or a bucket location from an ``s3://bucket/prefix`` or ``gs://bucket/prefix`` URI
-    (:mod:`sweeps.remote`).
+    default), or a bucket location from an ``s3://bucket/prefix``, ``gs://bucket/prefix`` or
+    ``az://container/prefix`` URI (:mod:`sweeps.remote`).
 
     Trials change into their own directories, so relative paths are resolved here, once.
 
     Raises:
-        ExperimentError: for other URI schemes (``hdfs://``, ``az://``...), naming what works.
+        ExperimentError: for other URI schemes (``hdfs://``, ``abfs://``...), naming what works.
         runstore.bucket.BucketError: for a malformed bucket URI.
     """
     if storage is None:
@@ -120,10 +120,13 @@ def resolve_storage(storage: str | Path | None) -> Path | BucketUri:
         text = text[len("file://") :]
     elif "://" in text:
         scheme = text.split("://", 1)[0]
+        # Experiments need conditional writes (a lease on a shared stage 1, the claim of a
+        # name), which the three object stores have and fsspec's file systems do not offer.
         raise ExperimentError(
             f"--storage {text}: {scheme}:// storage is not supported; use an s3:// bucket (AWS, or an "
             "S3-compatible server such as MinIO or Ceph named by AWS_ENDPOINT_URL), a gs:// "
-            "bucket (Google Cloud Storage), or a folder every node mounts"
+            "bucket (Google Cloud Storage), an az://CONTAINER/PREFIX location (Azure Blob "
+            "Storage), or a folder every node mounts (HDFS, for one, through its NFS gateway)"
         )
     if not text.strip():
         # An empty path would be the current directory: experiments there are easily lost.

@@ -28,7 +28,14 @@ from typing import Any
 
 from core.config import config_from_dict, config_to_dict
 from runstore import POINT, RESULTS, RUNS_DIR, STATUS, STUDY_COPY, atomic_write_bytes
-from runstore.bucket import GCS_SCHEME, Bucket, BucketUri, is_bucket_uri
+from runstore.bucket import (
+    AZURE_SCHEME,
+    GCS_SCHEME,
+    AzureAccount,
+    Bucket,
+    BucketUri,
+    is_bucket_uri,
+)
 from sweeps.experiment import (
     EXPERIMENT_FILE,
     PLAN_FILE,
@@ -151,7 +158,9 @@ def launch(
         or checkpoint_every < 1
     ):
         problem = (
-            "an integer >= 1" if isinstance(root, BucketUri) else "an s3:// or gs:// --storage"
+            "an integer >= 1"
+            if isinstance(root, BucketUri)
+            else "an s3://, gs:// or az:// --storage"
         )
         raise ExperimentError(
             f"--checkpoint-every {checkpoint_every}: needs {problem} (runs in a folder keep every "
@@ -714,9 +723,13 @@ def _tune_storage(location: str | Path):
     A folder, an ``s3://`` URI (pyarrow's S3 client reads the same ``AWS_*`` settings as boto3)
     and a ``gs://`` URI on Google Cloud itself need no filesystem. pyarrow's GCS client does not
     read ``$STORAGE_EMULATOR_HOST``, so a ``gs://`` location on a GCS-compatible server gets a
-    client pointed at it, and the path without its scheme.
+    client pointed at it, and the path without its scheme. pyarrow reads no Azure settings from
+    the environment at all: an ``az://`` location gets an AzureFileSystem of the account that
+    :class:`runstore.bucket.AzureAccount` finds there, and ``CONTAINER/PREFIX`` as its path.
     """
     location = str(location)
+    if location.startswith(AZURE_SCHEME):
+        return location[len(AZURE_SCHEME) :], AzureAccount.from_environment().pyarrow_filesystem()
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if not location.startswith(GCS_SCHEME) or not emulator:
         return location, None

@@ -1,4 +1,5 @@
-"""Experiments that live in a bucket (``--storage s3://bucket/prefix`` or ``gs://...``); no Ray here.
+"""Experiments that live in a bucket (``--storage s3://bucket/prefix``, ``gs://...`` or
+``az://...``); no Ray here.
 
 The bucket holds the experiment's folder layout object by object (:mod:`runstore.bucket`). Each
 process works in a local mirror of the part it needs, so the trainer, the trial runner and the

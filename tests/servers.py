@@ -1,4 +1,4 @@
-"""Real server processes the tests start on localhost (MLflow, the S3 and GCS servers): a free
+"""Real server processes the tests start on localhost (MLflow, the S3, GCS and Azure servers): a free
 port, a wait until a server answers, a server's whole life (:func:`serve`), and the MLflow server
 itself."""
 
@@ -27,20 +27,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def answers(url: str) -> bool:
-    """Whether ``url`` answers 200 now."""
+def answers(url: str, status: int = 200) -> bool:
+    """Whether ``url`` answers with ``status`` now."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
+            return response.status == status
+    except urllib.error.HTTPError as error:
+        return error.code == status
     except (OSError, urllib.error.URLError):
         return False
 
 
-def wait_until_answering(server: subprocess.Popen, url: str, log: Path, what: str) -> None:
-    """Poll ``url`` until it answers; fail with the end of ``log`` when ``server`` exits first
-    or :data:`SERVER_DEADLINE_S` runs out."""
+def wait_until_answering(
+    server: subprocess.Popen, url: str, log: Path, what: str, status: int = 200
+) -> None:
+    """Poll ``url`` until it answers with ``status``; fail with the end of ``log`` when
+    ``server`` exits first or :data:`SERVER_DEADLINE_S` runs out."""
     started = time.monotonic()
-    while not answers(url):
+    while not answers(url, status):
         if server.poll() is not None:
             raise AssertionError(f"{what} exited:\n{log.read_text()[-3000:]}")
         if time.monotonic() - started > SERVER_DEADLINE_S:
@@ -59,9 +63,10 @@ def serve(
     what: str,
     point_at_it: dict[str, str],
     environment: dict[str, str] | None = None,
+    probe_status: int = 200,
 ) -> Iterator[str]:
-    """Run a server process; yield ``url`` once ``url + probe`` answers, with ``point_at_it`` set
-    in this process's environment meanwhile (restored after); stop it.
+    """Run a server process; yield ``url`` once ``url + probe`` answers (with ``probe_status``),
+    with ``point_at_it`` set in this process's environment meanwhile (restored after); stop it.
 
     ``environment``: the server's own, when not this process's.
     """
@@ -71,7 +76,7 @@ def serve(
     )
     saved = {key: os.environ.get(key) for key in point_at_it}
     try:
-        wait_until_answering(server, f"{url}{probe}", log_path, what)
+        wait_until_answering(server, f"{url}{probe}", log_path, what, probe_status)
         os.environ.update(point_at_it)
         yield url
     finally:

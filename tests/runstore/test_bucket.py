@@ -1,5 +1,6 @@
-"""runstore.bucket against real servers on localhost: an S3-compatible one (tests/s3.py) and a
-GCS-compatible one (tests/gcs.py). Every test of a bucket runs on both."""
+"""runstore.bucket against real servers on localhost: an S3-compatible one (tests/s3.py), a
+GCS-compatible one (tests/gcs.py) and Azurite (tests/azure.py). Every test of a bucket runs on
+all three."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import time
 
 import pytest
 
-from runstore.bucket import Bucket, BucketError, BucketUri, GcsBucket, Lease, Mirror
-from tests import gcs
+from runstore.bucket import (
+    AzureAccount,
+    AzureBucket,
+    Bucket,
+    BucketError,
+    BucketUri,
+    GcsBucket,
+    Lease,
+    Mirror,
+)
+from tests import azure, gcs
 from tests.s3 import new_bucket, start_server
 
 
@@ -23,11 +33,19 @@ def gcs_server(tmp_path_factory):
     yield from gcs.start_server(tmp_path_factory.mktemp("gcs"))
 
 
-@pytest.fixture(params=["s3", "gs"])
+@pytest.fixture(scope="module")
+def azurite(tmp_path_factory):
+    yield from azure.start_server(tmp_path_factory.mktemp("azurite"))
+
+
+@pytest.fixture(params=["s3", "gs", "az"])
 def bucket(request):
     if request.param == "s3":
         request.getfixturevalue("s3")
         return Bucket(f"s3://{new_bucket()}/experiments/exp")
+    if request.param == "az":
+        request.getfixturevalue("azurite")
+        return Bucket(f"az://{azure.new_container()}/experiments/exp")
     request.getfixturevalue("gcs_server")
     return Bucket(f"gs://{gcs.new_bucket()}/experiments/exp")
 
@@ -49,6 +67,9 @@ def test_uri_parsing_and_refusals():
         "gs://my_bucket/a/exp",
     )
     assert isinstance(Bucket(gs), GcsBucket) and type(Bucket("s3://my-bucket")) is Bucket
+    az = BucketUri.parse("az://my-container/a/b")
+    assert (az.bucket, az.prefix, az.scheme) == ("my-container", "a/b", "az://")
+    assert isinstance(Bucket(az), AzureBucket)
     for bad, words in [
         ("s3://", "not a bucket name"),
         ("s3://UPPER/x", "not a bucket name"),
@@ -56,7 +77,9 @@ def test_uri_parsing_and_refusals():
         ("gs://UPPER/x", "not a bucket name"),
         ("s3://ok-bucket/a//b", "empty"),
         ("gs://ok-bucket/a/../b", "'..'"),
-        ("ftp://bucket", "expected s3://BUCKET.*or gs://"),
+        ("az://my_container", "not an Azure container name"),  # no '_' in containers
+        ("az://my--container", "no '--'"),
+        ("ftp://bucket", "expected s3://BUCKET.*gs://BUCKET.*or az://CONTAINER"),
     ]:
         with pytest.raises(BucketError, match=words):
             BucketUri.parse(bad)
@@ -81,6 +104,50 @@ def test_a_gcs_bucket_without_credentials_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
     with pytest.raises(BucketError, match="gs://some-bucket/x: no Google Cloud credentials"):
         Bucket("gs://some-bucket/x").check()
+
+
+def test_a_missing_azure_container_is_named(azurite):
+    with pytest.raises(BucketError, match="container 'no-such-container' does not exist") as caught:
+        Bucket("az://no-such-container/x").check()
+    assert f"account {azure.ACCOUNT}, endpoint {azurite}" in str(caught.value)
+
+
+def test_an_azure_account_that_denies_access_is_named(azurite, monkeypatch):
+    container = azure.new_container()
+    wrong_key = azure.KEY[:-8] + "AAAAAAA="
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", azure.connection_string(azurite, wrong_key)
+    )
+    with pytest.raises(BucketError, match=f"access to the container '{container}' is denied"):
+        Bucket(f"az://{container}/x").check()
+
+
+def test_an_azure_location_without_an_account_is_named(monkeypatch):
+    for name in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(BucketError, match="az:// storage needs a storage account"):
+        Bucket("az://some-container/x").check()
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "AccountName=x;AccountKey")
+    with pytest.raises(BucketError, match="'AccountKey' is not a Key=Value part"):
+        Bucket("az://some-container/x").check()
+
+
+def test_azure_accounts_from_the_environment(monkeypatch):
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", "lab")
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", "c2VjcmV0")
+    assert AzureAccount.from_environment() == AzureAccount(
+        "lab", "https://lab.blob.core.windows.net", key="c2VjcmV0"
+    )
+    sovereign = AzureAccount.parse(
+        "DefaultEndpointsProtocol=https;AccountName=lab;AccountKey=c2VjcmV0;"
+        "EndpointSuffix=core.usgovcloudapi.net"
+    )
+    assert sovereign.blob_endpoint == "https://lab.blob.core.usgovcloudapi.net"
+    signed = AzureAccount.parse(
+        "BlobEndpoint=https://lab.blob.core.windows.net/;SharedAccessSignature=sv=1&sig=x"
+    )
+    assert (signed.name, signed.sas, signed.key) == ("lab", "sv=1&sig=x", None)
 
 
 def test_a_bucket_that_denies_access_is_named(tmp_path):

@@ -25,8 +25,13 @@ def nations_config(*overrides: str) -> ExperimentConfig:
 
 
 def environment() -> dict:
-    """What a spawned process needs to reach the test's S3 or GCS server."""
-    keys = (*CREDENTIALS, "AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST")
+    """What a spawned process needs to reach the test's S3, GCS or Azure server."""
+    keys = (
+        *CREDENTIALS,
+        "AWS_ENDPOINT_URL",
+        "STORAGE_EMULATOR_HOST",
+        "AZURE_STORAGE_CONNECTION_STRING",
+    )
     return {key: os.environ[key] for key in keys if key in os.environ}
 
 

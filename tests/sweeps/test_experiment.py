@@ -45,8 +45,10 @@ def test_storage_paths_uris_and_the_default(tmp_path, monkeypatch):
     assert resolve_storage(None) == tmp_path / "store"
     assert resolve_storage("s3://bucket/experiments/") == BucketUri("bucket", "experiments")
     assert resolve_storage("gs://bucket/experiments") == BucketUri("bucket", "experiments", "gs://")
+    assert resolve_storage("az://lab/exp") == BucketUri("lab", "exp", "az://")
     with pytest.raises(
-        ExperimentError, match=r"hdfs:// storage is not supported; use an s3://.*gs://"
+        ExperimentError,
+        match=r"hdfs:// storage is not supported; use an s3://.*gs://.*az://CONTAINER",
     ):
         resolve_storage("hdfs://namenode/experiments")
     with pytest.raises(BucketError, match=r"'B' is not a bucket name"):

@@ -1,7 +1,10 @@
-"""Experiments in a bucket (sweeps.remote) against real servers on localhost, S3-compatible
-(tests/s3.py) and, for the tests marked ``BOTH``, GCS-compatible (tests/gcs.py): the shared stage 1 under a lease, a trial's mirror, launch and its refusals. The
-end-to-end study on Ray (a killed driver, resume, status and report from the bucket) is in
-test_ray_remote.py."""
+"""Experiments in a bucket (sweeps.remote) against real servers on localhost: S3-compatible
+(tests/s3.py), GCS-compatible (tests/gcs.py) and Azurite (tests/azure.py). The shared stage 1
+under a lease, a trial's mirror, launch and its refusals, status. Every test runs on S3; the
+race for a stage-1 key and launch on all three stores, the others on S3 and one more (the
+stores' own contract, leases and mirrors included, is tested on all three in
+tests/runstore/test_bucket.py). The end-to-end study on Ray (a killed driver, resume, status
+and report from the bucket) is in test_ray_remote.py."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from sweeps.experiment import ExperimentError, read_json
 from sweeps.remote import BucketStage1Store, RemoteExperiment, open_trial, pull_view
 from sweeps.stage1 import Stage1Store, stage1_key
 from sweeps.trial import RunSpec, run_trial
-from tests import gcs
+from tests import azure, gcs
 from tests.s3 import new_bucket, start_server
 from tests.smoke import SMOKE
 from tests.sweeps.bucket_workers import (
@@ -46,23 +49,32 @@ def gcs_server(tmp_path_factory):
     yield from gcs.start_server(tmp_path_factory.mktemp("gcs"))
 
 
+@pytest.fixture(scope="module")
+def azurite(tmp_path_factory):
+    yield from azure.start_server(tmp_path_factory.mktemp("azurite"))
+
+
 @pytest.fixture
 def uri(request) -> str:
-    """A new experiment's location in a fresh bucket: S3, or GCS where a test is parametrized
-    with ``uri`` ``"gs"`` (``BOTH``)."""
-    if getattr(request, "param", "s3") == "gs":
+    """A new experiment's location in a fresh bucket: S3, or the store a test is parametrized
+    with (``"gs"``, ``"az"``)."""
+    store = getattr(request, "param", "s3")
+    if store == "gs":
         request.getfixturevalue("gcs_server")
         return f"gs://{gcs.new_bucket()}/experiments/exp"
+    if store == "az":
+        request.getfixturevalue("azurite")
+        return f"az://{azure.new_container()}/experiments/exp"
     request.getfixturevalue("s3")
     return f"s3://{new_bucket()}/experiments/exp"
 
 
-#: The tests that run on both kinds of bucket: the shared stage 1 under a lease (across
-#: processes), a trial's mirror, launch and its claim of the name, status.
-BOTH = pytest.mark.parametrize("uri", ["s3", "gs"], indirect=True)
+ALL_STORES = pytest.mark.parametrize("uri", ["s3", "gs", "az"], indirect=True)
+S3_AND_GCS = pytest.mark.parametrize("uri", ["s3", "gs"], indirect=True)
+S3_AND_AZURE = pytest.mark.parametrize("uri", ["s3", "az"], indirect=True)
 
 
-@BOTH
+@ALL_STORES
 def test_trials_racing_for_a_key_in_a_bucket_train_it_once(uri, tmp_path):
     log = str(tmp_path / "trainings.log")
     asks = [
@@ -87,7 +99,7 @@ def test_trials_racing_for_a_key_in_a_bucket_train_it_once(uri, tmp_path):
     assert sorted(e["event"] for e in events) == ["reused"] * 4 + ["trained"] * 2 + ["training"] * 2
 
 
-@BOTH
+@S3_AND_GCS
 def test_a_dead_holders_lease_is_taken_over_and_its_partial_run_resumed(uri, monkeypatch, capsys):
     process = multiprocessing.get_context("spawn").Process(
         target=die_while_training, args=(environment(), uri)
@@ -136,7 +148,7 @@ def test_a_parent_experiment_in_a_bucket_is_read_and_never_written(uri, tmp_path
     assert Path(log).read_text().split() == ["0"]
 
 
-@BOTH
+@S3_AND_AZURE
 def test_a_trial_in_a_bucket_trains_in_its_mirror_and_leaves_everything_in_the_bucket(uri):
     bucket = Bucket(uri)
     bucket.write(
@@ -195,7 +207,7 @@ def no_ray(monkeypatch):
     return tuned
 
 
-@BOTH
+@ALL_STORES
 def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_cannot_hold(
     uri, no_ray, monkeypatch
 ):
@@ -219,10 +231,11 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
     assert metadata["name"] == "smoke-ablation" and metadata["storage"] == f"{root}/smoke-ablation"
     (study, mirror, plan, history, verbose, optuna, location) = tuned[0]
     assert location == f"{root}/smoke-ablation" and mirror.name == "smoke-ablation"
-    # Ray Tune reaches the same place through pyarrow: on a GCS-compatible server with a client
-    # pointed at it (pyarrow does not read $STORAGE_EMULATOR_HOST), elsewhere by the URI.
+    # Ray Tune reaches the same place through pyarrow: on a GCS-compatible server and in Azure
+    # with a client pointed at it (pyarrow reads neither $STORAGE_EMULATOR_HOST nor Azure's
+    # settings), on S3 by the URI.
     path, filesystem = ray_adapter._tune_storage(location)
-    if scheme == "gs":
+    if scheme in ("gs", "az"):
         found = filesystem.get_file_info(f"{path}/experiment.json")
         assert found.size == listing["experiment.json"].size
     else:
@@ -235,7 +248,7 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
         ray_adapter.resume("other", storage=root)
 
 
-@BOTH
+@S3_AND_AZURE
 def test_of_two_launches_racing_for_one_name_one_pushes_and_the_other_writes_nothing(
     uri, no_ray, monkeypatch
 ):
@@ -310,7 +323,7 @@ def test_extend_in_a_bucket_links_the_new_experiment_to_the_old_one_there(uri, n
     assert Path(log).read_text().split() == ["0"]
 
 
-@BOTH
+@S3_AND_AZURE
 def test_status_and_watch_read_an_experiment_in_the_bucket(uri, no_ray, capsys):
     def main_output(root: str) -> str:
         main(["sweep", "status", "smoke-ablation", "--storage", root])
@@ -365,7 +378,7 @@ def test_checkpoints_go_up_every_n_epochs_and_at_the_end_of_a_run(uri):
 def test_checkpoint_every_is_recorded_for_a_bucket_and_refused_for_a_folder(uri, no_ray, tmp_path):
     root = uri.rsplit("/", 1)[0]
     with pytest.raises(
-        ExperimentError, match="--checkpoint-every 3: needs an s3:// or gs:// --storage"
+        ExperimentError, match="--checkpoint-every 3: needs an s3://, gs:// or az:// --storage"
     ):
         ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=tmp_path, checkpoint_every=3)
     with pytest.raises(ExperimentError, match="--checkpoint-every 0: needs an integer >= 1"):
