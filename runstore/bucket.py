@@ -231,40 +231,67 @@ class Bucket:
 
     # -------------------------------------------------------------------------------- checks
 
+    #: What the store calls its top level, how to create one, what to check when denied.
+    NOUN = "bucket"
+    CREATE_HINT = "aws s3 mb s3://BUCKET"
+    DENIED_HINT = "check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket policy"
+
     def check(self) -> None:
-        """Refuse a bucket that does not exist, cannot be reached, or cannot be written.
+        """Refuse a bucket that does not exist, cannot be reached, or cannot be written: one
+        listing request, then a probe object written and deleted.
 
         Raises:
             BucketError: naming the bucket, the endpoint and what failed.
         """
-        from botocore.exceptions import BotoCoreError, ClientError
-
+        name = self.uri.bucket
         try:
-            self.client.head_bucket(Bucket=self.uri.bucket)
-        except ClientError as error:
-            code = _code(error)
-            if code in ("404", "NoSuchBucket", "NotFound"):
-                raise BucketError(
-                    f"{self.where()}: the bucket {self.uri.bucket!r} does not exist; create it "
-                    "first (aws s3 mb s3://BUCKET) or check the name"
-                ) from None
-            if code in ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId"):
-                raise BucketError(
-                    f"{self.where()}: access to the bucket {self.uri.bucket!r} is denied ({code}); "
-                    "check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket policy"
-                ) from None
-            raise BucketError(f"{self.where()}: {error}") from None
-        except BotoCoreError as error:
-            raise BucketError(f"{self.where()}: cannot reach the storage ({error})") from None
+            self._ask_for_one_object()
+        except Exception as error:
+            failure = self._failure(error)
+            if failure is None:
+                raise
+            kind, reason = failure
+            message = {
+                "missing": f"the {self.NOUN} {name!r} does not exist; create it first "
+                f"({self.CREATE_HINT}) or check the name",
+                "denied": f"access to the {self.NOUN} {name!r} is denied ({reason}); "
+                f"{self.DENIED_HINT}",
+                "unreachable": f"cannot reach the storage ({reason})",
+            }.get(kind, reason)
+            raise BucketError(f"{self.where()}: {message}") from None
         probe = f".diffcom-probe-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
         try:
             self.write(probe, b"write check\n")
             self.delete(probe)
-        except ClientError as error:
+        except Exception as error:
+            failure = self._failure(error)
+            if failure is None or failure[0] == "unreachable":
+                raise
             raise BucketError(
-                f"{self.where()}: cannot write to the bucket ({_code(error)}): experiments need "
-                "read and write access"
+                f"{self.where()}: cannot write to the {self.NOUN} ({failure[1]}): experiments "
+                "need read and write access"
             ) from None
+
+    def _ask_for_one_object(self) -> None:
+        """The cheapest request that fails for a missing, denied or unreachable bucket."""
+        self.client.head_bucket(Bucket=self.uri.bucket)
+
+    def _failure(self, error: Exception) -> tuple[str, str] | None:
+        """``(kind, reason)`` of a client's error: kind ``missing``, ``denied``,
+        ``unreachable`` or ``other`` (the reason is then the whole message); ``None`` for an
+        error that is not the store's (a bug: raised as it is)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(error, ClientError):
+            code = _code(error)
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                return "missing", code
+            if code in ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId"):
+                return "denied", code
+            return "other", str(error)
+        if isinstance(error, BotoCoreError):
+            return "unreachable", str(error)
+        return None
 
     # ------------------------------------------------------------------------------- objects
 
@@ -388,45 +415,29 @@ class GcsBucket(Bucket):
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         return f"{self.uri} (endpoint {emulator})" if emulator else str(self.uri)
 
-    def check(self) -> None:
-        """Refuse a bucket that does not exist, cannot be reached, or cannot be written.
+    CREATE_HINT = "gcloud storage buckets create gs://BUCKET"
+    DENIED_HINT = "check the credentials and the bucket's IAM roles"
 
-        Raises:
-            BucketError: naming the bucket, the endpoint and what failed.
-        """
+    def _ask_for_one_object(self) -> None:
+        # Listing needs only object permissions (roles/storage.objectAdmin has them, and not the
+        # bucket's own metadata, which get_bucket would read).
+        list(self.client.list_blobs(self.uri.bucket, prefix=self.uri.key(), max_results=1))
+
+    def _failure(self, error: Exception) -> tuple[str, str] | None:
         from google.api_core import exceptions as google
         from google.auth.exceptions import DefaultCredentialsError
 
-        try:
-            # Listing needs only object permissions (roles/storage.objectAdmin has them, and not
-            # the bucket's own metadata, which get_bucket would read).
-            list(self.client.list_blobs(self.uri.bucket, prefix=self.uri.key(), max_results=1))
-        except DefaultCredentialsError as error:
-            raise BucketError(
-                f"{self.where()}: no Google Cloud credentials ({error}); run `gcloud auth "
-                "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
-            ) from None
-        except google.NotFound:
-            raise BucketError(
-                f"{self.where()}: the bucket {self.uri.bucket!r} does not exist; create it first "
-                "(gcloud storage buckets create gs://BUCKET) or check the name"
-            ) from None
-        except (google.Forbidden, google.Unauthorized) as error:
-            raise BucketError(
-                f"{self.where()}: access to the bucket {self.uri.bucket!r} is denied "
-                f"({error.code}); check the credentials and the bucket's IAM roles"
-            ) from None
-        except Exception as error:  # a refused connection, a DNS failure, a server error
-            raise BucketError(f"{self.where()}: cannot reach the storage ({error})") from None
-        probe = f".diffcom-probe-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
-        try:
-            self.write(probe, b"write check\n")
-            self.delete(probe)
-        except (google.Forbidden, google.Unauthorized) as error:
-            raise BucketError(
-                f"{self.where()}: cannot write to the bucket ({error.code}): experiments need "
-                "read and write access"
-            ) from None
+        if isinstance(error, DefaultCredentialsError):
+            return "other", (
+                f"no Google Cloud credentials ({error}); run `gcloud auth application-default "
+                "login` or set GOOGLE_APPLICATION_CREDENTIALS"
+            )
+        if isinstance(error, google.NotFound):
+            return "missing", str(error.code)
+        if isinstance(error, (google.Forbidden, google.Unauthorized)):
+            return "denied", str(error.code)
+        # A refused connection, a DNS failure, a server error.
+        return "unreachable", str(error)
 
     def _blob(self, relative: str):
         return self.client.bucket(self.uri.bucket).blob(self.uri.key(relative))
@@ -665,55 +676,42 @@ class AzureBucket(Bucket):
         return self._client
 
     def where(self) -> str:
-        return f"{self.uri} (account {self.account.name}, endpoint {self.account.blob_endpoint})"
+        try:
+            account = self.account
+        except BucketError:  # no account in the environment: the error says so
+            return str(self.uri)
+        return f"{self.uri} (account {account.name}, endpoint {account.blob_endpoint})"
 
     def child(self, name: str) -> Bucket:
         child = super().child(name)
         child._account = self._account
         return child
 
-    def check(self) -> None:
-        """Refuse a container that does not exist, cannot be reached, or cannot be written.
+    NOUN = "container"
+    CREATE_HINT = "az storage container create --name CONTAINER"
+    DENIED_HINT = "check the account key, SAS or role assignment"
 
-        Raises:
-            BucketError: naming the container, the account, the endpoint and what failed.
-        """
+    def _ask_for_one_object(self) -> None:
+        # Listing needs only data access (a SAS or the Storage Blob Data Contributor role), not
+        # the container's own properties.
+        pages = self.client.list_blobs(name_starts_with=self.uri.key(), results_per_page=1)
+        next(iter(pages), None)
+
+    def _failure(self, error: Exception) -> tuple[str, str] | None:
         from azure.core import exceptions as azure
 
-        try:
-            # Listing needs only data access (a SAS or the Storage Blob Data Contributor role),
-            # not the container's own properties.
-            next(
-                iter(self.client.list_blobs(name_starts_with=self.uri.key(), results_per_page=1)),
-                None,
-            )
-        except azure.ResourceNotFoundError:
-            raise BucketError(
-                f"{self.where()}: the container {self.uri.bucket!r} does not exist; create it "
-                "first (az storage container create --name CONTAINER) or check the name"
-            ) from None
-        except (azure.ClientAuthenticationError, azure.HttpResponseError) as error:
-            if getattr(error, "status_code", None) in (401, 403) or isinstance(
-                error, azure.ClientAuthenticationError
-            ):
-                raise BucketError(
-                    f"{self.where()}: access to the container {self.uri.bucket!r} is denied "
-                    f"({_azure_reason(error)}); check the account key, SAS or role assignment"
-                ) from None
-            raise BucketError(f"{self.where()}: {_azure_reason(error)}") from None
-        except BucketError:
-            raise
-        except Exception as error:  # a refused connection, a DNS failure, no credential found
-            raise BucketError(f"{self.where()}: cannot reach the storage ({error})") from None
-        probe = f".diffcom-probe-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
-        try:
-            self.write(probe, b"write check\n")
-            self.delete(probe)
-        except azure.HttpResponseError as error:
-            raise BucketError(
-                f"{self.where()}: cannot write to the container ({_azure_reason(error)}): "
-                "experiments need read and write access"
-            ) from None
+        if isinstance(error, BucketError):
+            return "other", str(error)  # no account in the environment
+        if isinstance(error, azure.ResourceNotFoundError):
+            return "missing", _azure_reason(error)
+        if isinstance(error, azure.ClientAuthenticationError) or (
+            isinstance(error, azure.HttpResponseError) and error.status_code in (401, 403)
+        ):
+            return "denied", _azure_reason(error)
+        if isinstance(error, azure.HttpResponseError):
+            return "other", _azure_reason(error)
+        # A refused connection, a DNS failure, no credential found by azure-identity.
+        return "unreachable", str(error)
 
     def _blob(self, relative: str):
         return self.client.get_blob_client(self.uri.key(relative))
