@@ -626,21 +626,23 @@ class AzureAccount:
             credential = DefaultAzureCredential()
         return BlobServiceClient(self.blob_endpoint, credential=credential, **options)
 
-    def pyarrow_filesystem(self):
-        """The same account as a ``pyarrow.fs.AzureFileSystem`` (what Ray Tune writes through).
+    def pyarrow_options(self) -> dict[str, str]:
+        """The arguments of ``pyarrow.fs.AzureFileSystem`` for the account.
 
         pyarrow wants the service's authority without the account: ``.blob.core.windows.net``
         after the account's name, or the ``host:port`` of a server that puts the account in the
-        path (Azurite).
+        path (Azurite). Without a key or SAS, pyarrow's own default credential signs in, and it
+        reads no environment for a user-assigned managed identity or a service principal: the
+        ``$AZURE_CLIENT_ID``, ``$AZURE_TENANT_ID`` and ``$AZURE_CLIENT_SECRET`` that
+        azure-identity reads are passed on.
         """
         from urllib.parse import urlsplit
-
-        import pyarrow.fs
 
         url = urlsplit(self.blob_endpoint)
         host = url.netloc
         authority = host[len(self.name) :] if host.startswith(f"{self.name}.") else host
-        options: dict[str, str] = {
+        options = {
+            "account_name": self.name,
             "blob_storage_authority": authority,
             "dfs_storage_authority": authority.replace(".blob.", ".dfs.", 1),
             "blob_storage_scheme": url.scheme,
@@ -650,7 +652,21 @@ class AzureAccount:
             options["account_key"] = self.key
         elif self.sas:
             options["sas_token"] = self.sas
-        return pyarrow.fs.AzureFileSystem(self.name, **options)
+        else:
+            for option, variable in (
+                ("client_id", "AZURE_CLIENT_ID"),
+                ("tenant_id", "AZURE_TENANT_ID"),
+                ("client_secret", "AZURE_CLIENT_SECRET"),
+            ):
+                if os.environ.get(variable):
+                    options[option] = os.environ[variable]
+        return options
+
+    def pyarrow_filesystem(self):
+        """The same account as a ``pyarrow.fs.AzureFileSystem`` (what Ray Tune writes through)."""
+        import pyarrow.fs
+
+        return pyarrow.fs.AzureFileSystem(**self.pyarrow_options())
 
 
 class AzureBucket(Bucket):

@@ -148,6 +148,22 @@ def test_azure_accounts_from_the_environment(monkeypatch):
         "BlobEndpoint=https://lab.blob.core.windows.net/;SharedAccessSignature=sv=1&sig=x"
     )
     assert (signed.name, signed.sas, signed.key) == ("lab", "sv=1&sig=x", None)
+    # What Ray Tune's pyarrow client gets: the authority without the account, or a local server's
+    # host and port; without a key or SAS, the identity azure-identity would use.
+    assert sovereign.pyarrow_options()["blob_storage_authority"] == ".blob.core.usgovcloudapi.net"
+    local = AzureAccount("devstoreaccount1", "http://127.0.0.1:10000/devstoreaccount1", key="k")
+    assert local.pyarrow_options() == {
+        "account_name": "devstoreaccount1",
+        "account_key": "k",
+        "blob_storage_authority": "127.0.0.1:10000",
+        "dfs_storage_authority": "127.0.0.1:10000",
+        "blob_storage_scheme": "http",
+        "dfs_storage_scheme": "http",
+    }
+    monkeypatch.setenv("AZURE_CLIENT_ID", "identity-of-the-vm")
+    keyless = AzureAccount("lab", "https://lab.blob.core.windows.net")
+    assert keyless.pyarrow_options()["client_id"] == "identity-of-the-vm"
+    assert "account_key" not in keyless.pyarrow_options()
 
 
 def test_a_bucket_that_denies_access_is_named(tmp_path):
