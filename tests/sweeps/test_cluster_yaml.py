@@ -1,6 +1,7 @@
-"""cluster.yaml, the Ray cluster launcher file, and the on-premises variant kept in its comments.
+"""cluster.yaml, the Ray cluster launcher file, and the variants kept in its comments (on
+premises, AWS with an S3 bucket, Google Cloud with a GCS bucket).
 
-Both are checked offline against the JSON schema that ships inside the ray package
+All are checked offline against the JSON schema that ships inside the ray package
 (`ray/autoscaler/ray-schema.json`, what `ray up` validates against) and by the launcher's own
 preparation step. Nothing starts Ray and nothing reaches the network.
 """
@@ -25,6 +26,9 @@ LOCAL_END = "# --- end ---"
 # The bucket variant (experiments in S3, no EFS) is the commented block between these two.
 BUCKET_START = "# --- bucket variant ---"
 BUCKET_END = "# --- end of bucket variant ---"
+# The Google Cloud variant (experiments in GCS) is the commented block between these two.
+GCP_START = "# --- gcp variant ---"
+GCP_END = "# --- end of gcp variant ---"
 
 LAUNCH = re.compile(
     r"diffcom sweep launch (?P<study>\S+) --address auto --storage (?P<storage>\S+)"
@@ -96,10 +100,17 @@ def bucket_config(text) -> dict:
     return yaml.safe_load(local_variant_text(text, BUCKET_START, BUCKET_END))
 
 
-@pytest.fixture(params=["aws", "on-premises", "bucket"])
+@pytest.fixture
+def gcp_config(text) -> dict:
+    return yaml.safe_load(local_variant_text(text, GCP_START, GCP_END))
+
+
+@pytest.fixture(params=["aws", "on-premises", "bucket", "gcp"])
 def any_config(request, text) -> dict:
     if request.param == "bucket":
         return yaml.safe_load(local_variant_text(text, BUCKET_START, BUCKET_END))
+    if request.param == "gcp":
+        return yaml.safe_load(local_variant_text(text, GCP_START, GCP_END))
     return yaml.safe_load(text if request.param == "aws" else local_variant_text(text))
 
 
@@ -273,3 +284,36 @@ def test_bucket_variant_is_valid_and_launches_into_a_bucket_the_workers_can_reac
     from runstore.bucket import BucketUri
 
     assert all(BucketUri.parse(m["storage"].replace("BUCKET", "my-bucket")) for m in in_bucket)
+
+
+def test_gcp_variant_is_valid_and_launches_into_a_gcs_bucket_the_workers_can_write(
+    text, gcp_config, schema
+):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    jsonschema.validate(gcp_config, schema)
+    validate_config(prepare_config(copy.deepcopy(gcp_config)))
+    assert gcp_config["provider"]["type"] == "gcp"
+    assert not [c for c in all_commands(gcp_config) if "mount" in c]
+    head = gcp_config["head_node_type"]
+    assert gcp_config["available_node_types"][head]["resources"] == {"CPU": 0}
+    workers = [t for name, t in gcp_config["available_node_types"].items() if name != head]
+    assert workers
+    for worker in workers:
+        assert worker["resources"].get("GPU", 0) >= 1
+        node = worker["node_config"]
+        # The account `ray up` makes for the head (roles/storage.objectAdmin among its roles),
+        # with a scope that lets those roles apply: the trials write the bucket.
+        (account,) = node["serviceAccounts"]
+        assert account["email"] == "ray-autoscaler-sa-v1@PROJECT_ID.iam.gserviceaccount.com"
+        assert account["scopes"] == ["https://www.googleapis.com/auth/cloud-platform"]
+        assert {"onHostMaintenance": "TERMINATE"} in node["scheduling"]  # a GPU VM cannot migrate
+        assert {"key": "install-nvidia-driver", "value": "True"} in node["metadata"]["items"]
+    assert any("google-api-python-client" in c for c in gcp_config["head_setup_commands"])
+    launches = [m for line in comment_lines(text) if (m := LAUNCH.search(line))]
+    in_gcs = [m for m in launches if m["storage"].startswith("gs://")]
+    assert in_gcs, "no `diffcom sweep launch ... --storage gs://...` for the Google Cloud variant"
+    assert all((REPO / m["study"]).is_file() for m in in_gcs)
+    from runstore.bucket import BucketUri
+
+    assert all(BucketUri.parse(m["storage"].replace("BUCKET", "my-bucket")) for m in in_gcs)
