@@ -220,6 +220,21 @@ def test_pull_keeps_a_file_changed_here_and_not_yet_pushed(bucket, tmp_path):
     assert (second.local / "f").read_text() == "mine"
 
 
+def test_a_checkpoint_larger_than_one_request_goes_up_and_down_whole(bucket, tmp_path):
+    # 65 MiB: past the size each client sends in one request (S3 and GCS 8 MiB, Azure 64 MiB),
+    # so the upload is multipart, resumable or staged blocks, and the download ranged.
+    payload = bytes(range(256)) * (65 * 4096)
+    writer = Mirror(bucket, tmp_path / "writer")
+    checkpoint = writer.local / "runs" / "a" / "checkpoints" / "last.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(payload)
+    assert writer.push() == 1
+    assert bucket.listing()["runs/a/checkpoints/last.pt"].size == len(payload)
+    reader = Mirror(bucket, tmp_path / "reader")
+    assert reader.pull() == 1
+    assert (reader.local / "runs" / "a" / "checkpoints" / "last.pt").read_bytes() == payload
+
+
 def test_conditional_writes(bucket):
     etag = bucket.create("lease", b"a")
     assert etag and bucket.create("lease", b"b") is None
