@@ -1,5 +1,6 @@
 """cluster.yaml, the Ray cluster launcher file, and the variants kept in its comments (on
-premises, AWS with an S3 bucket, Google Cloud with a GCS bucket).
+premises, AWS with an S3 bucket, Google Cloud with a GCS bucket, Azure with a Blob Storage
+container).
 
 All are checked offline against the JSON schema that ships inside the ray package
 (`ray/autoscaler/ray-schema.json`, what `ray up` validates against) and by the launcher's own
@@ -29,6 +30,9 @@ BUCKET_END = "# --- end of bucket variant ---"
 # The Google Cloud variant (experiments in GCS) is the commented block between these two.
 GCP_START = "# --- gcp variant ---"
 GCP_END = "# --- end of gcp variant ---"
+# The Azure variant (experiments in Blob Storage) is the commented block between these two.
+AZURE_START = "# --- azure variant ---"
+AZURE_END = "# --- end of azure variant ---"
 
 LAUNCH = re.compile(
     r"diffcom sweep launch (?P<study>\S+) --address auto --storage (?P<storage>\S+)"
@@ -105,12 +109,19 @@ def gcp_config(text) -> dict:
     return yaml.safe_load(local_variant_text(text, GCP_START, GCP_END))
 
 
-@pytest.fixture(params=["aws", "on-premises", "bucket", "gcp"])
+@pytest.fixture
+def azure_config(text) -> dict:
+    return yaml.safe_load(local_variant_text(text, AZURE_START, AZURE_END))
+
+
+@pytest.fixture(params=["aws", "on-premises", "bucket", "gcp", "azure"])
 def any_config(request, text) -> dict:
     if request.param == "bucket":
         return yaml.safe_load(local_variant_text(text, BUCKET_START, BUCKET_END))
     if request.param == "gcp":
         return yaml.safe_load(local_variant_text(text, GCP_START, GCP_END))
+    if request.param == "azure":
+        return yaml.safe_load(local_variant_text(text, AZURE_START, AZURE_END))
     return yaml.safe_load(text if request.param == "aws" else local_variant_text(text))
 
 
@@ -317,3 +328,33 @@ def test_gcp_variant_is_valid_and_launches_into_a_gcs_bucket_the_workers_can_wri
     from runstore.bucket import BucketUri
 
     assert all(BucketUri.parse(m["storage"].replace("BUCKET", "my-bucket")) for m in in_gcs)
+
+
+def test_azure_variant_is_valid_and_gives_every_node_the_account_and_its_identity(
+    text, azure_config, schema
+):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    jsonschema.validate(azure_config, schema)
+    validate_config(prepare_config(copy.deepcopy(azure_config)))
+    provider = azure_config["provider"]
+    assert provider["type"] == "azure"
+    # One identity made beforehand with the storage data role, shared by every node.
+    assert provider["msi_name"] and provider["msi_resource_group"]
+    assert not [c for c in all_commands(azure_config) if "mount" in c]
+    head = azure_config["head_node_type"]
+    workers = [t for name, t in azure_config["available_node_types"].items() if name != head]
+    assert workers and all(t["resources"].get("GPU", 0) >= 1 for t in workers)
+    # What runstore.bucket.AzureAccount reads, where `ray start` (bash -i) and the driver read it.
+    exports = [c for c in azure_config["setup_commands"] if "~/.bashrc" in c and "AZURE_" in c]
+    assert exports and all(
+        name in exports[0] for name in ("AZURE_STORAGE_ACCOUNT_NAME=", "AZURE_CLIENT_ID=")
+    )
+    assert "Storage Blob Data Contributor" in text
+    launches = [m for line in comment_lines(text) if (m := LAUNCH.search(line))]
+    in_azure = [m for m in launches if m["storage"].startswith("az://")]
+    assert in_azure, "no `diffcom sweep launch ... --storage az://...` for the Azure variant"
+    assert all((REPO / m["study"]).is_file() for m in in_azure)
+    from runstore.bucket import BucketUri
+
+    assert all(BucketUri.parse(m["storage"].replace("CONTAINER", "lab")) for m in in_azure)
