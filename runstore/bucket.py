@@ -2,8 +2,8 @@
 objects, local mirrors, leases.
 
 An experiment stored at ``s3://BUCKET/PREFIX/<name>/`` (or ``gs://...``, ``az://...``) holds
-exactly the files
-of an experiment folder (:mod:`runstore`), each as one object under the same relative path.
+exactly the files of an experiment folder (:mod:`runstore`), each as one object under the same
+relative path.
 Nothing reads or writes the bucket object by object while it trains: every process works in a
 local folder, a :class:`Mirror` of (part of) the experiment, with the ordinary atomic file writes,
 and
@@ -50,7 +50,7 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runstore import (
@@ -399,6 +399,9 @@ class GcsBucket(Bucket):
     every write makes a new one, and ``ifGenerationMatch`` makes :meth:`create` (generation 0:
     no object) and :meth:`replace` conditional, as S3's ``If-None-Match`` and ``If-Match`` do."""
 
+    CREATE_HINT = "gcloud storage buckets create gs://BUCKET"
+    DENIED_HINT = "check the credentials and the bucket's IAM roles"
+
     @property
     def client(self):
         if self._client is None:
@@ -417,9 +420,6 @@ class GcsBucket(Bucket):
     def where(self) -> str:
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         return f"{self.uri} (endpoint {emulator})" if emulator else str(self.uri)
-
-    CREATE_HINT = "gcloud storage buckets create gs://BUCKET"
-    DENIED_HINT = "check the credentials and the bucket's IAM roles"
 
     def _ask_for_one_object(self) -> None:
         # Listing needs only object permissions (roles/storage.objectAdmin has them, and not the
@@ -553,9 +553,10 @@ class AzureAccount:
 
     name: str
     blob_endpoint: str
-    key: str | None = None
-    sas: str | None = None
-    connection_string: str | None = None
+    # Secrets: never in a repr (an error message, a log line).
+    key: str | None = field(default=None, repr=False)
+    sas: str | None = field(default=None, repr=False)
+    connection_string: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_environment(cls) -> AzureAccount:
@@ -634,10 +635,10 @@ class AzureAccount:
 
         pyarrow wants the service's authority without the account: ``.blob.core.windows.net``
         after the account's name, or the ``host:port`` of a server that puts the account in the
-        path (Azurite). Without a key or SAS, pyarrow's own default credential signs in, and it
-        reads no environment for a user-assigned managed identity or a service principal: the
+        path (Azurite). Without a key or SAS, pyarrow's own default credential signs in; the
         ``$AZURE_CLIENT_ID``, ``$AZURE_TENANT_ID`` and ``$AZURE_CLIENT_SECRET`` that
-        azure-identity reads are passed on.
+        azure-identity reads (a user-assigned managed identity, a service principal) are passed
+        to it as arguments, so both clients sign in as the same identity.
         """
         from urllib.parse import urlsplit
 
@@ -678,6 +679,10 @@ class AzureBucket(Bucket):
     ``If-Match``; a large upload is staged in blocks and committed whole, so a reader never sees
     half of it."""
 
+    NOUN = "container"
+    CREATE_HINT = "az storage container create --name CONTAINER"
+    DENIED_HINT = "check the account key, SAS or role assignment"
+
     _account: AzureAccount | None = None
 
     @property
@@ -705,10 +710,6 @@ class AzureBucket(Bucket):
         child = super().child(name)
         child._account = self._account
         return child
-
-    NOUN = "container"
-    CREATE_HINT = "az storage container create --name CONTAINER"
-    DENIED_HINT = "check the account key, SAS or role assignment"
 
     def _ask_for_one_object(self) -> None:
         # Listing needs only data access (a SAS or the Storage Blob Data Contributor role), not
