@@ -442,10 +442,9 @@ def add_sweep_commands(nouns) -> None:
         type=int,
         metavar="N",
         help="with an s3://, gs:// or az:// --storage: upload each run's checkpoint every N epochs "
-        "and when it "
-        "ends (default 1; metrics and status go up every epoch). A resumed run repeats at most "
-        "N - 1 epochs; MLflow and TensorBoard get an epoch once its checkpoint is up. See "
-        "BENCHMARKS.md for the checkpoint sizes that call for it",
+        "and when it ends (default 1; metrics and status go up every epoch). A resumed run "
+        "repeats at most N - 1 epochs; MLflow and TensorBoard get an epoch once its checkpoint "
+        "is up. See BENCHMARKS.md for the checkpoint sizes that call for it",
     )
     _storage_argument(launch)
     _address_argument(launch)
