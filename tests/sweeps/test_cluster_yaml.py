@@ -272,46 +272,51 @@ def test_comments_launch_the_on_premises_variant_on_nfs(text, local_config):
     assert all((REPO / m["study"]).is_file() for m in on_nfs)
 
 
+def check_bucket_variant(
+    text: str, config: dict, schema: dict, provider: str, scheme: str, top: str
+) -> list[dict]:
+    """What every variant with its experiments in an object store shares: valid for the schema and
+    the launcher, no file system mounted (the bucket is the shared storage), a comment launching a
+    study into ``scheme`` (``top``: the bucket's placeholder there). Returns the worker types."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from runstore.bucket import BucketUri
+
+    jsonschema.validate(config, schema)
+    validate_config(prepare_config(copy.deepcopy(config)))
+    assert config["provider"]["type"] == provider
+    assert not [c for c in all_commands(config) if "mount" in c]
+    launches = [m for line in comment_lines(text) if (m := LAUNCH.search(line))]
+    in_store = [m for m in launches if m["storage"].startswith(scheme)]
+    assert in_store, (
+        f"no `diffcom sweep launch ... --storage {scheme}...` for the {provider} variant"
+    )
+    assert all((REPO / m["study"]).is_file() for m in in_store)
+    assert all(BucketUri.parse(m["storage"].replace(top, "my-store")) for m in in_store)
+    head = config["head_node_type"]
+    workers = [t for name, t in config["available_node_types"].items() if name != head]
+    assert workers and all(t["resources"].get("GPU", 0) >= 1 for t in workers)
+    return workers
+
+
 def test_bucket_variant_is_valid_and_launches_into_a_bucket_the_workers_can_reach(
     text, bucket_config, schema
 ):
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    jsonschema.validate(bucket_config, schema)
-    validate_config(prepare_config(copy.deepcopy(bucket_config)))
-    assert bucket_config["provider"]["type"] == "aws"
-    # No file system to mount: the bucket is the shared storage.
-    assert not [c for c in all_commands(bucket_config) if "mount" in c]
-    head = bucket_config["head_node_type"]
-    workers = [t for name, t in bucket_config["available_node_types"].items() if name != head]
-    assert workers and all(
+    workers = check_bucket_variant(text, bucket_config, schema, "aws", "s3://", "BUCKET")
+    assert all(
         t["node_config"]["IamInstanceProfile"]["Arn"].endswith("instance-profile/ray-autoscaler-v1")
         for t in workers
     ), "trials run on the workers, which need the bucket's credentials"
-    launches = [m for line in comment_lines(text) if (m := LAUNCH.search(line))]
-    in_bucket = [m for m in launches if m["storage"].startswith("s3://")]
-    assert in_bucket, "no `diffcom sweep launch ... --storage s3://...` for the bucket variant"
-    assert all((REPO / m["study"]).is_file() for m in in_bucket)
-    from runstore.bucket import BucketUri
-
-    assert all(BucketUri.parse(m["storage"].replace("BUCKET", "my-bucket")) for m in in_bucket)
 
 
 def test_gcp_variant_is_valid_and_launches_into_a_gcs_bucket_the_workers_can_write(
     text, gcp_config, schema
 ):
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    jsonschema.validate(gcp_config, schema)
-    validate_config(prepare_config(copy.deepcopy(gcp_config)))
-    assert gcp_config["provider"]["type"] == "gcp"
-    assert not [c for c in all_commands(gcp_config) if "mount" in c]
-    head = gcp_config["head_node_type"]
-    assert gcp_config["available_node_types"][head]["resources"] == {"CPU": 0}
-    workers = [t for name, t in gcp_config["available_node_types"].items() if name != head]
-    assert workers
+    workers = check_bucket_variant(text, gcp_config, schema, "gcp", "gs://", "BUCKET")
+    assert gcp_config["available_node_types"][gcp_config["head_node_type"]]["resources"] == {
+        "CPU": 0
+    }
     for worker in workers:
-        assert worker["resources"].get("GPU", 0) >= 1
         node = worker["node_config"]
         # The account `ray up` makes for the head (roles/storage.objectAdmin among its roles),
         # with a scope that lets those roles apply: the trials write the bucket.
@@ -321,40 +326,18 @@ def test_gcp_variant_is_valid_and_launches_into_a_gcs_bucket_the_workers_can_wri
         assert {"onHostMaintenance": "TERMINATE"} in node["scheduling"]  # a GPU VM cannot migrate
         assert {"key": "install-nvidia-driver", "value": "True"} in node["metadata"]["items"]
     assert any("google-api-python-client" in c for c in gcp_config["head_setup_commands"])
-    launches = [m for line in comment_lines(text) if (m := LAUNCH.search(line))]
-    in_gcs = [m for m in launches if m["storage"].startswith("gs://")]
-    assert in_gcs, "no `diffcom sweep launch ... --storage gs://...` for the Google Cloud variant"
-    assert all((REPO / m["study"]).is_file() for m in in_gcs)
-    from runstore.bucket import BucketUri
-
-    assert all(BucketUri.parse(m["storage"].replace("BUCKET", "my-bucket")) for m in in_gcs)
 
 
 def test_azure_variant_is_valid_and_gives_every_node_the_account_and_its_identity(
     text, azure_config, schema
 ):
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    jsonschema.validate(azure_config, schema)
-    validate_config(prepare_config(copy.deepcopy(azure_config)))
+    check_bucket_variant(text, azure_config, schema, "azure", "az://", "CONTAINER")
     provider = azure_config["provider"]
-    assert provider["type"] == "azure"
     # One identity made beforehand with the storage data role, shared by every node.
     assert provider["msi_name"] and provider["msi_resource_group"]
-    assert not [c for c in all_commands(azure_config) if "mount" in c]
-    head = azure_config["head_node_type"]
-    workers = [t for name, t in azure_config["available_node_types"].items() if name != head]
-    assert workers and all(t["resources"].get("GPU", 0) >= 1 for t in workers)
+    assert "Storage Blob Data Contributor" in text
     # What runstore.bucket.AzureAccount reads, where `ray start` (bash -i) and the driver read it.
     exports = [c for c in azure_config["setup_commands"] if "~/.bashrc" in c and "AZURE_" in c]
     assert exports and all(
         name in exports[0] for name in ("AZURE_STORAGE_ACCOUNT_NAME=", "AZURE_CLIENT_ID=")
     )
-    assert "Storage Blob Data Contributor" in text
-    launches = [m for line in comment_lines(text) if (m := LAUNCH.search(line))]
-    in_azure = [m for m in launches if m["storage"].startswith("az://")]
-    assert in_azure, "no `diffcom sweep launch ... --storage az://...` for the Azure variant"
-    assert all((REPO / m["study"]).is_file() for m in in_azure)
-    from runstore.bucket import BucketUri
-
-    assert all(BucketUri.parse(m["storage"].replace("CONTAINER", "lab")) for m in in_azure)
