@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import azure, gcs, s3
 from tests.servers import MlflowServer
 
 _SESSION_ROOT = tempfile.mkdtemp(prefix="diffcom-tests-")
@@ -26,6 +27,25 @@ def cache_dir(tmp_path):
     folder = tmp_path / "cache"
     folder.mkdir()
     return folder
+
+
+# The object-store servers on localhost, one per test module that asks (tests/s3.py, gcs.py,
+# azure.py); each fixture's value is the server's URL, with the environment pointing at it.
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    yield from s3.start_server(tmp_path_factory.mktemp("s3"))
+
+
+@pytest.fixture(scope="module")
+def gcs_server(tmp_path_factory):
+    yield from gcs.start_server(tmp_path_factory.mktemp("gcs"))
+
+
+@pytest.fixture(scope="module")
+def azurite(tmp_path_factory):
+    yield from azure.start_server(tmp_path_factory.mktemp("azurite"))
 
 
 #: The session's one MLflow server, started when collection finds a test that needs it.

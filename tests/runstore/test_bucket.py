@@ -23,25 +23,10 @@ from tests import azure, gcs
 from tests.s3 import new_bucket, start_server
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    yield from start_server(tmp_path_factory.mktemp("s3"))
-
-
-@pytest.fixture(scope="module")
-def gcs_server(tmp_path_factory):
-    yield from gcs.start_server(tmp_path_factory.mktemp("gcs"))
-
-
-@pytest.fixture(scope="module")
-def azurite(tmp_path_factory):
-    yield from azure.start_server(tmp_path_factory.mktemp("azurite"))
-
-
 @pytest.fixture(params=["s3", "gs", "az"])
 def bucket(request):
     if request.param == "s3":
-        request.getfixturevalue("s3")
+        request.getfixturevalue("s3_server")
         return Bucket(f"s3://{new_bucket()}/experiments/exp")
     if request.param == "az":
         request.getfixturevalue("azurite")
@@ -85,10 +70,10 @@ def test_uri_parsing_and_refusals():
             BucketUri.parse(bad)
 
 
-def test_a_missing_bucket_is_named(s3):
+def test_a_missing_bucket_is_named(s3_server):
     with pytest.raises(BucketError, match="'no-such-bucket' does not exist.*") as caught:
         Bucket("s3://no-such-bucket/x").check()
-    assert s3 in str(caught.value)  # the endpoint is named
+    assert s3_server in str(caught.value)  # the endpoint is named
 
 
 def test_a_missing_gcs_bucket_is_named(gcs_server):

@@ -16,7 +16,7 @@ import pytest
 
 from diffcom.cli import main
 from runstore.bucket import Bucket
-from tests.s3 import new_bucket, start_server
+from tests.s3 import new_bucket
 from tests.sweeps.test_ray_adapter import _diffcom, _Driver, _wait_for
 
 pytestmark = pytest.mark.ray
@@ -26,11 +26,6 @@ STUDIES = Path(__file__).parent / "studies"
 #: Stage-2 epochs of the long cell here (the shared study has 40): enough that the driver is
 #: killed while it trains (the kill comes a few epochs in), few enough to keep the resume short.
 LONG_EPOCHS = 24
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    yield from start_server(tmp_path_factory.mktemp("s3"))
 
 
 def _json(bucket: Bucket, relative: str) -> dict:
@@ -57,7 +52,7 @@ def _states(bucket: Bucket) -> str:
 
 
 def test_a_study_in_a_bucket_survives_a_killed_driver_and_reports_from_the_bucket(
-    s3, mlflow_server, tmp_path, capsys
+    s3_server, mlflow_server, tmp_path, capsys
 ):
     storage = f"s3://{new_bucket()}/experiments"
     bucket = Bucket(f"{storage}/smoke-ablation")

@@ -26,7 +26,7 @@ from sweeps.remote import BucketStage1Store, RemoteExperiment, open_trial, pull_
 from sweeps.stage1 import Stage1Store, stage1_key
 from sweeps.trial import RunSpec, run_trial
 from tests import azure, gcs
-from tests.s3 import new_bucket, start_server
+from tests.s3 import new_bucket
 from tests.smoke import SMOKE
 from tests.sweeps.bucket_workers import (
     ask,
@@ -37,21 +37,6 @@ from tests.sweeps.bucket_workers import (
 )
 
 STUDIES = Path(__file__).parent / "studies"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    yield from start_server(tmp_path_factory.mktemp("s3"))
-
-
-@pytest.fixture(scope="module")
-def gcs_server(tmp_path_factory):
-    yield from gcs.start_server(tmp_path_factory.mktemp("gcs"))
-
-
-@pytest.fixture(scope="module")
-def azurite(tmp_path_factory):
-    yield from azure.start_server(tmp_path_factory.mktemp("azurite"))
 
 
 @pytest.fixture
@@ -65,7 +50,7 @@ def uri(request) -> str:
     if store == "az":
         request.getfixturevalue("azurite")
         return f"az://{azure.new_container()}/experiments/exp"
-    request.getfixturevalue("s3")
+    request.getfixturevalue("s3_server")
     return f"s3://{new_bucket()}/experiments/exp"
 
 
