@@ -124,9 +124,27 @@ class BucketError(StoreError):
     """The bucket cannot be used: missing, denied, unreachable, or a malformed URI."""
 
 
+#: ``protocol://`` at the start of a storage argument: a URI, not a folder.
+_URI_START = re.compile(r"([a-z][a-z0-9+.\-]*)://", re.IGNORECASE)
+
+#: Schemes that name no store of their own, and what to give instead.
+_REFUSED_SCHEMES = {
+    "file": "a folder: give its path",
+    "local": "a folder: give its path",
+    "memory": "a store inside one process, which other processes (trials) cannot see",
+    "http": "read-only (HTTP)",
+    "https": "read-only (HTTP)",
+    "s3a": "S3 under another name: use s3://",
+    "gcs": "Google Cloud Storage under another name: use gs://",
+    "abfs": "Azure Blob Storage under another name: use az://CONTAINER/PREFIX",
+    "abfss": "Azure Blob Storage under another name: use az://CONTAINER/PREFIX",
+}
+
+
 def is_bucket_uri(text: object) -> bool:
-    """Whether a storage argument names a bucket location (``s3://``, ``gs://`` or ``az://``)."""
-    return isinstance(text, str) and text.startswith(SCHEMES)
+    """Whether a storage argument names a location in a store (``s3://``, ``gs://``,
+    ``az://``, or any other ``protocol://`` that fsspec opens), not a folder."""
+    return isinstance(text, str) and _URI_START.match(text) is not None
 
 
 @dataclass(frozen=True)
@@ -142,12 +160,14 @@ class BucketUri:
     def parse(cls, text: str) -> BucketUri:
         if not is_bucket_uri(text):
             raise BucketError(
-                f"{text!r}: expected s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or "
-                "az://CONTAINER[/PREFIX]"
+                f"{text!r}: expected s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX], "
+                "az://CONTAINER[/PREFIX] or another fsspec URI (e.g. sftp://HOST/PATH)"
             )
-        scheme = next(scheme for scheme in SCHEMES if text.startswith(scheme))
+        scheme = _URI_START.match(text).group(0).lower()
         bucket, _, prefix = text[len(scheme) :].partition("/")
-        if not _BUCKET_NAME[scheme].fullmatch(bucket):
+        if scheme not in SCHEMES:
+            _check_other_store(text, scheme, bucket)
+        elif not _BUCKET_NAME[scheme].fullmatch(bucket):
             what = "an Azure container" if scheme == AZURE_SCHEME else "a bucket"
             raise BucketError(
                 f"{text}: {bucket!r} is not {what} name (3-63 lower-case letters, digits, "
@@ -179,6 +199,28 @@ class BucketUri:
         return f"{root}/{self.prefix}" if self.prefix else root
 
 
+def _check_other_store(text: str, scheme: str, host: str) -> None:
+    """Refuse a URI of a scheme other than S3's, GCS's and Azure's that fsspec cannot open, or
+    that names no shared store (see :mod:`runstore.filesystem`)."""
+    protocol = scheme[: -len("://")]
+    if protocol in _REFUSED_SCHEMES:
+        raise BucketError(f"{text}: {scheme} is {_REFUSED_SCHEMES[protocol]}")
+    from fsspec.registry import known_implementations, registry
+
+    if protocol not in known_implementations and protocol not in registry:
+        raise BucketError(
+            f"{text}: fsspec knows no file system {protocol!r}; expected s3://, gs://, az:// "
+            "or a protocol fsspec opens (sftp://, ftp://, hdfs://, webdav://, smb://...)"
+        )
+    if not host:
+        raise BucketError(f"{text}: expected {scheme}HOST/PATH (no host)")
+    if ":" in host.partition("@")[0] and "@" in host:
+        raise BucketError(
+            f"{text}: a password in the URI would be written into experiment.json and every "
+            f"message that names the location; set FSSPEC_{protocol.upper()}_PASSWORD instead"
+        )
+
+
 @dataclass(frozen=True)
 class RemoteObject:
     """What a listing says of one object: its size, ETag (quotes removed) and modification
@@ -199,7 +241,12 @@ class Bucket:
     def __new__(cls, uri: BucketUri | str):
         if cls is Bucket:
             parsed = uri if isinstance(uri, BucketUri) else BucketUri.parse(uri)
-            cls = {GCS_SCHEME: GcsBucket, AZURE_SCHEME: AzureBucket}.get(parsed.scheme, Bucket)
+            if parsed.scheme in SCHEMES:
+                cls = {GCS_SCHEME: GcsBucket, AZURE_SCHEME: AzureBucket}.get(parsed.scheme, Bucket)
+            else:
+                from runstore.filesystem import FilesystemBucket
+
+                cls = FilesystemBucket
         return super().__new__(cls)
 
     def __init__(self, uri: BucketUri | str):

@@ -22,6 +22,7 @@ import hashlib
 import math
 import os
 import shlex
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from runstore.bucket import (
     BucketUri,
     is_bucket_uri,
 )
+from runstore.filesystem import Coordinator, FilesystemBucket, use_coordinators
 from sweeps.experiment import (
     EXPERIMENT_FILE,
     PLAN_FILE,
@@ -92,6 +94,10 @@ BUCKET_SYNC_SECONDS = 15
 
 #: Retries of a failed trial (a lost node, a killed worker) from its last checkpoint.
 MAX_FAILURES = 2
+
+#: The Ray namespace of the stores' coordinators: one per store for every driver and trial on a
+#: cluster, whichever job started it.
+COORDINATOR_NAMESPACE = "diffcom"
 
 
 # ---------------------------------------------------------------------------------- public API
@@ -728,6 +734,9 @@ def _tune_storage(location: str | Path):
     :class:`runstore.bucket.AzureAccount` finds there, and ``CONTAINER/PREFIX`` as its path.
     """
     location = str(location)
+    if is_bucket_uri(location) and isinstance(store := Bucket(location), FilesystemBucket):
+        filesystem, path = store.pyarrow_filesystem()
+        return path, filesystem
     if location.startswith(AZURE_SCHEME):
         return location[len(AZURE_SCHEME) :], AzureAccount.from_environment().pyarrow_filesystem()
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -740,6 +749,76 @@ def _tune_storage(location: str | Path):
         anonymous=True, scheme=scheme or "http", endpoint_override=host
     )
     return location[len(GCS_SCHEME) :], filesystem
+
+
+class RayCoordinator:
+    """The coordinator of a store without conditional writes (:mod:`runstore.filesystem`) for
+    every process of a Ray cluster: a named, detached actor holding a
+    :class:`runstore.filesystem.Coordinator`, which runs one call at a time.
+
+    Detached, it outlives the driver that started it (a killed driver's trials still hold their
+    leases, and a resumed driver finds them); it takes no CPU. Restarted on another node after
+    its own is lost, it starts with no versions and adopts each lease it finds as renewed then.
+    """
+
+    def __init__(self, store: str):
+        self.store = store
+        self.name = f"diffcom-coordinator-{hashlib.sha256(store.encode()).hexdigest()[:12]}"
+        self._handle = None
+
+    def _actor(self):
+        import ray
+
+        if self._handle is None:
+            actor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)(Coordinator)
+            self._handle = actor.options(
+                name=self.name,
+                namespace=COORDINATOR_NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+            ).remote()
+        return self._handle
+
+    def _call(self, method: str, *args):
+        import ray
+        from ray.exceptions import RayActorError
+
+        for attempt in range(3):
+            try:
+                return ray.get(getattr(self._actor(), method).remote(*args))
+            except RayActorError:
+                # Killed by hand, or its node lost while restarting: ask for it again (a new one
+                # if it is gone), at most three times.
+                self._handle = None
+                if attempt == 2:
+                    raise
+
+    def create(self, location: str, relative: str, payload: bytes) -> str | None:
+        return self._call("create", location, relative, payload)
+
+    def replace(self, location: str, relative: str, payload: bytes, etag: str) -> str | None:
+        return self._call("replace", location, relative, payload, etag)
+
+    def head(self, location: str, relative: str) -> tuple[str, float, float] | None:
+        return self._call("head", location, relative)
+
+
+_RAY_COORDINATORS: dict[str, RayCoordinator] = {}
+
+
+def _coordinator_in_ray(store: str) -> RayCoordinator | None:
+    """The store's Ray coordinator in a process where Ray is initialized (a driver after
+    ``ray.init``, a trial); ``None`` elsewhere (this machine's coordinator then)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    if store not in _RAY_COORDINATORS:
+        _RAY_COORDINATORS[store] = RayCoordinator(store)
+    return _RAY_COORDINATORS[store]
+
+
+# Every process that runs this module's drivers or trials coordinates fsspec stores through Ray.
+use_coordinators(_coordinator_in_ray)
 
 
 def _trainable_with_resources(location: str | Path, resources: dict):

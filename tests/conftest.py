@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import azure, gcs, s3
+from tests import azure, gcs, s3, sftp
 from tests.servers import MlflowServer
 
 _SESSION_ROOT = tempfile.mkdtemp(prefix="diffcom-tests-")
@@ -30,7 +30,8 @@ def cache_dir(tmp_path):
 
 
 # The object-store servers on localhost, one per test module that asks (tests/s3.py, gcs.py,
-# azure.py); each fixture's value is the server's URL, with the environment pointing at it.
+# azure.py, sftp.py); each fixture's value is the server's URL, with the environment pointing at
+# it.
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,11 @@ def gcs_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def azurite(tmp_path_factory):
     yield from azure.start_server(tmp_path_factory.mktemp("azurite"))
+
+
+@pytest.fixture(scope="module")
+def sftp_server(tmp_path_factory):
+    yield from sftp.start_server(tmp_path_factory.mktemp("sftp"))
 
 
 #: The session's one MLflow server, started when collection finds a test that needs it.

@@ -1,6 +1,6 @@
-"""Real server processes the tests start on localhost (MLflow, the S3, GCS and Azure servers): a free
-port, a wait until a server answers, a server's whole life (:func:`serve`), and the MLflow server
-itself."""
+"""Real server processes the tests start on localhost (MLflow, the S3, GCS, Azure and SFTP
+servers): a free port, a wait until a server answers, a server's whole life (:func:`serve`), and
+the MLflow server itself."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 #: How long a server may take to answer: seconds on a quiet machine, a minute or more on a loaded
@@ -39,12 +39,19 @@ def answers(url: str, status: int = 200) -> bool:
 
 
 def wait_until_answering(
-    server: subprocess.Popen, url: str, log: Path, what: str, status: int = 200
+    server: subprocess.Popen,
+    url: str,
+    log: Path,
+    what: str,
+    status: int = 200,
+    *,
+    ready: Callable[[], bool] | None = None,
 ) -> None:
-    """Poll ``url`` until it answers with ``status``; fail with the end of ``log`` when
-    ``server`` exits first or :data:`SERVER_DEADLINE_S` runs out."""
+    """Poll ``url`` until it answers with ``status`` (or ``ready()`` until it is true, for a
+    server that speaks no HTTP); fail with the end of ``log`` when ``server`` exits first or
+    :data:`SERVER_DEADLINE_S` runs out."""
     started = time.monotonic()
-    while not answers(url, status):
+    while not (ready() if ready is not None else answers(url, status)):
         if server.poll() is not None:
             raise AssertionError(f"{what} exited:\n{log.read_text()[-3000:]}")
         if time.monotonic() - started > SERVER_DEADLINE_S:
@@ -64,9 +71,11 @@ def serve(
     point_at_it: dict[str, str],
     environment: dict[str, str] | None = None,
     probe_status: int = 200,
+    ready: Callable[[], bool] | None = None,
 ) -> Iterator[str]:
     """Run a server process; yield ``url`` once ``url + probe`` answers (with ``probe_status``),
-    with ``point_at_it`` set in this process's environment meanwhile (restored after); stop it.
+    or ``ready()`` is true, with ``point_at_it`` set in this process's environment meanwhile
+    (restored after); stop it.
 
     ``environment``: the server's own, when not this process's.
     """
@@ -76,7 +85,7 @@ def serve(
     )
     saved = {key: os.environ.get(key) for key in point_at_it}
     try:
-        wait_until_answering(server, f"{url}{probe}", log_path, what, probe_status)
+        wait_until_answering(server, f"{url}{probe}", log_path, what, probe_status, ready=ready)
         os.environ.update(point_at_it)
         yield url
     finally:

@@ -1,6 +1,7 @@
-"""runstore.bucket against real servers on localhost: an S3-compatible one (tests/s3.py), a
-GCS-compatible one (tests/gcs.py) and Azurite (tests/azure.py). Every test of a bucket runs on
-all three."""
+"""runstore.bucket and runstore.filesystem against real servers on localhost: an S3-compatible one
+(tests/s3.py), a GCS-compatible one (tests/gcs.py), Azurite (tests/azure.py) and an SFTP server
+(tests/sftp.py), the last through fsspec with a coordinator in place of conditional writes. Every
+test of a bucket runs on all four."""
 
 from __future__ import annotations
 
@@ -19,12 +20,17 @@ from runstore.bucket import (
     Lease,
     Mirror,
 )
-from tests import azure, gcs
+from runstore.filesystem import Coordinator, FilesystemBucket, digest
+from tests import azure, gcs, sftp
 from tests.s3 import new_bucket, start_server
 
 
-@pytest.fixture(params=["s3", "gs", "az"])
+@pytest.fixture(params=["s3", "gs", "az", "sftp"])
 def bucket(request):
+    if request.param == "sftp":
+        bucket = Bucket(f"{sftp.new_folder(request.getfixturevalue('sftp_server'))}/exp")
+        bucket.client.makedirs(bucket._path(), exist_ok=True)
+        return bucket
     if request.param == "s3":
         request.getfixturevalue("s3_server")
         return Bucket(f"s3://{new_bucket()}/experiments/exp")
@@ -52,6 +58,13 @@ def test_uri_parsing_and_refusals():
         "gs://my_bucket/a/exp",
     )
     assert isinstance(Bucket(gs), GcsBucket) and type(Bucket("s3://my-bucket")) is Bucket
+    other = BucketUri.parse("sftp://me@lab-storage:2222/data/experiments/")
+    assert (other.scheme, other.bucket, other.prefix) == (
+        "sftp://",
+        "me@lab-storage:2222",
+        "data/experiments",
+    )
+    assert isinstance(Bucket(other), FilesystemBucket)
     az = BucketUri.parse("az://my-container/a/b")
     assert (az.bucket, az.prefix, az.scheme) == ("my-container", "a/b", "az://")
     assert isinstance(Bucket(az), AzureBucket)
@@ -64,7 +77,13 @@ def test_uri_parsing_and_refusals():
         ("gs://ok-bucket/a/../b", "'..'"),
         ("az://my_container", "not an Azure container name"),  # no '_' in containers
         ("az://my--container", "no '--'"),
-        ("ftp://bucket", "expected s3://BUCKET.*gs://BUCKET.*or az://CONTAINER"),
+        ("experiments/x", "expected s3://BUCKET.*gs://BUCKET.*az://CONTAINER.*fsspec"),
+        ("file:///data/x", "a folder: give its path"),
+        ("memory://x/y", "inside one process"),
+        ("gcs://b/x", "use gs://"),
+        ("nosuch://host/x", "fsspec knows no file system 'nosuch'"),
+        ("sftp:///data/x", "no host"),
+        ("sftp://me:secret@host/x", "FSSPEC_SFTP_PASSWORD"),
     ]:
         with pytest.raises(BucketError, match=words):
             BucketUri.parse(bad)
@@ -280,3 +299,67 @@ def test_a_dead_holders_lease_is_taken_over(bucket):
         assert bucket.replace("l", b"x", "stale-etag") is None
     finally:
         taker.release()
+
+
+# ----------------------------------------------------------------- stores fsspec opens (SFTP)
+
+
+def test_a_missing_denied_or_unreachable_sftp_store_is_named(sftp_server, monkeypatch):
+    with pytest.raises(BucketError, match="folder '/no-such-folder/x' does not exist on tester@"):
+        Bucket(f"{sftp_server}/no-such-folder/x").check()
+    there = sftp.new_folder(sftp_server)
+    monkeypatch.setenv("FSSPEC_SFTP_PASSWORD", "wrong")
+    with pytest.raises(BucketError, match="access to the folder .* is denied.*Authentication"):
+        Bucket(there).check()
+    with pytest.raises(BucketError, match="sftp://tester@127.0.0.1:1/x: cannot reach the storage"):
+        Bucket("sftp://tester@127.0.0.1:1/x").check()
+
+
+def test_ray_tunes_pyarrow_view_of_an_sftp_store_copies_from_many_threads(sftp_server, tmp_path):
+    # What Ray Tune does with its state and a trial's files: pyarrow copies a folder with
+    # several threads at once. One SFTP session shared between them deadlocked.
+    import pyarrow.fs
+
+    bucket = Bucket(sftp.new_folder(sftp_server))
+    source = tmp_path / "trial"
+    for index in range(24):
+        (source / f"sub-{index % 3}").mkdir(parents=True, exist_ok=True)
+        (source / f"sub-{index % 3}" / f"file-{index}").write_bytes(bytes([index]) * 100_000)
+    filesystem, path = bucket.pyarrow_filesystem()
+    done, failed = threading.Event(), []
+
+    def copy() -> None:
+        try:
+            pyarrow.fs.copy_files(
+                str(source),
+                f"{path}/deep/trial",
+                destination_filesystem=filesystem,
+                use_threads=True,
+            )
+        except Exception as error:
+            failed.append(error)
+        done.set()
+
+    threading.Thread(target=copy, daemon=True).start()
+    assert done.wait(300), "pyarrow's threaded copy into the SFTP store did not finish"
+    assert not failed, failed
+    listing = bucket.listing("deep/trial")
+    assert len(listing) == 24 and {item.size for item in listing.values()} == {100_000}
+
+
+def test_a_coordinator_dates_a_file_it_never_saw_from_its_first_look(sftp_server):
+    # A coordinator that restarted (its node lost) knows no lease: each counts as renewed at the
+    # first look, so a dead holder's lease goes one TTL later, never early.
+    location = sftp.new_folder(sftp_server)
+    Bucket(location).write("l", b'{"holder": "before the restart"}')
+    coordinator = Coordinator()
+    version, changed, now = coordinator.head(location, "l")
+    assert changed == now and version == digest(b'{"holder": "before the restart"}')
+    time.sleep(0.05)
+    assert coordinator.head(location, "l")[1] == changed  # unchanged since: the same time
+    assert coordinator.replace(location, "l", b"new", "stale") is None
+    renewed = coordinator.replace(location, "l", b"new", version)
+    assert renewed == digest(b"new") and coordinator.head(location, "l")[1] > changed
+    assert coordinator.create(location, "l", b"other") is None
+    Bucket(location).delete("l")
+    assert coordinator.head(location, "l") is None and coordinator.create(location, "l", b"x")

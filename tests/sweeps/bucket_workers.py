@@ -25,12 +25,14 @@ def nations_config(*overrides: str) -> ExperimentConfig:
 
 
 def environment() -> dict:
-    """What a spawned process needs to reach the test's S3, GCS or Azure server."""
+    """What a spawned process needs to reach the test's S3, GCS, Azure or SFTP server."""
     keys = (
         *CREDENTIALS,
         "AWS_ENDPOINT_URL",
         "STORAGE_EMULATOR_HOST",
         "AZURE_STORAGE_CONNECTION_STRING",
+        "FSSPEC_SFTP_PASSWORD",
+        "FSSPEC_SFTP_LOOK_FOR_KEYS",
     )
     return {key: os.environ[key] for key in keys if key in os.environ}
 

@@ -1,8 +1,9 @@
 """Experiments in a bucket (sweeps.remote) against real servers on localhost: S3-compatible
-(tests/s3.py), GCS-compatible (tests/gcs.py) and Azurite (tests/azure.py). The shared stage 1
+(tests/s3.py), GCS-compatible (tests/gcs.py), Azurite (tests/azure.py) and SFTP (tests/sftp.py,
+through fsspec, its conditional writes done by this machine's coordinator). The shared stage 1
 under a lease, a trial's mirror, launch and its refusals, status. Every test runs on S3; the
-race for a stage-1 key and launch on all three stores, the others on S3 and one more (the
-stores' own contract, leases and mirrors included, is tested on all three in
+race for a stage-1 key and launch on all four stores, the others on S3 and one or two more (the
+stores' own contract, leases and mirrors included, is tested on all four in
 tests/runstore/test_bucket.py). The end-to-end study on Ray (a killed driver, resume, status
 and report from the bucket) is in test_ray_remote.py."""
 
@@ -25,7 +26,7 @@ from sweeps.experiment import ExperimentError, read_json
 from sweeps.remote import BucketStage1Store, RemoteExperiment, open_trial, pull_view
 from sweeps.stage1 import Stage1Store, stage1_key
 from sweeps.trial import RunSpec, run_trial
-from tests import azure, gcs
+from tests import azure, gcs, sftp
 from tests.s3 import new_bucket
 from tests.smoke import SMOKE
 from tests.sweeps.bucket_workers import (
@@ -42,8 +43,12 @@ STUDIES = Path(__file__).parent / "studies"
 @pytest.fixture
 def uri(request) -> str:
     """A new experiment's location in a fresh bucket: S3, or the store a test is parametrized
-    with (``"gs"``, ``"az"``)."""
+    with (``"gs"``, ``"az"``, ``"sftp"``: a fresh folder on the SFTP server)."""
     store = getattr(request, "param", "s3")
+    if store == "sftp":
+        root = Bucket(f"{sftp.new_folder(request.getfixturevalue('sftp_server'))}/experiments")
+        root.client.makedirs(root._path(), exist_ok=True)
+        return f"{root.uri}/exp"
     if store == "gs":
         request.getfixturevalue("gcs_server")
         return f"gs://{gcs.new_bucket()}/experiments/exp"
@@ -54,8 +59,8 @@ def uri(request) -> str:
     return f"s3://{new_bucket()}/experiments/exp"
 
 
-ALL_STORES = pytest.mark.parametrize("uri", ["s3", "gs", "az"], indirect=True)
-S3_AND_GCS = pytest.mark.parametrize("uri", ["s3", "gs"], indirect=True)
+ALL_STORES = pytest.mark.parametrize("uri", ["s3", "gs", "az", "sftp"], indirect=True)
+S3_GCS_AND_SFTP = pytest.mark.parametrize("uri", ["s3", "gs", "sftp"], indirect=True)
 S3_AND_AZURE = pytest.mark.parametrize("uri", ["s3", "az"], indirect=True)
 
 
@@ -84,7 +89,7 @@ def test_trials_racing_for_a_key_in_a_bucket_train_it_once(uri, tmp_path):
     assert sorted(e["event"] for e in events) == ["reused"] * 4 + ["trained"] * 2 + ["training"] * 2
 
 
-@S3_AND_GCS
+@S3_GCS_AND_SFTP
 def test_a_dead_holders_lease_is_taken_over_and_its_partial_run_resumed(uri, monkeypatch, capsys):
     process = multiprocessing.get_context("spawn").Process(
         target=die_while_training, args=(environment(), uri)
@@ -201,8 +206,11 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
     monkeypatch.setattr(ray_adapter, "_start_ray", lambda address: pytest.fail("Ray started"))
     root = uri.rsplit("/", 1)[0]
     scheme = uri.split("://")[0]
-    with pytest.raises(BucketError, match="'no-such-bucket' does not exist"):
-        ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=f"{scheme}://no-such-bucket/x")
+    missing, words = f"{scheme}://no-such-bucket/x", "'no-such-bucket' does not exist"
+    if scheme == "sftp":  # a host that is there, a folder that is not
+        missing, words = f"{root}-missing", "folder '/.*-missing' does not exist on tester@"
+    with pytest.raises(BucketError, match=words):
+        ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=missing)
     with pytest.raises(ExperimentError, match="workers > 1 .* resources.workers = 2"):
         ray_adapter.launch(STUDIES / "smoke-two-workers.yaml", storage=root)
     with pytest.raises(ExperimentError, match="cannot live in a bucket: give --optuna-storage"):
@@ -218,9 +226,9 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
     assert location == f"{root}/smoke-ablation" and mirror.name == "smoke-ablation"
     # Ray Tune reaches the same place through pyarrow: on a GCS-compatible server and in Azure
     # with a client pointed at it (pyarrow reads neither $STORAGE_EMULATOR_HOST nor Azure's
-    # settings), on S3 by the URI.
+    # settings), over SFTP through fsspec, on S3 by the URI.
     path, filesystem = ray_adapter._tune_storage(location)
-    if scheme in ("gs", "az"):
+    if scheme in ("gs", "az", "sftp"):
         found = filesystem.get_file_info(f"{path}/experiment.json")
         assert found.size == listing["experiment.json"].size
     else:
@@ -233,7 +241,7 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
         ray_adapter.resume("other", storage=root)
 
 
-@S3_AND_AZURE
+@pytest.mark.parametrize("uri", ["s3", "az", "sftp"], indirect=True)
 def test_of_two_launches_racing_for_one_name_one_pushes_and_the_other_writes_nothing(
     uri, no_ray, monkeypatch
 ):
