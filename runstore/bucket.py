@@ -35,8 +35,12 @@ string for a local server), or ``$AZURE_STORAGE_ACCOUNT_NAME`` with ``$AZURE_STO
 or, without a key, the credential chain of azure-identity (``az login``, a managed identity).
 Blob Storage takes ``If-None-Match: *`` and ``If-Match: <etag>`` as S3 does.
 
-This module imports the standard library only; boto3, google-cloud-storage or azure-storage-blob
-loads when a bucket is first used.
+Any other ``protocol://`` that fsspec opens (``sftp://HOST/PATH``, ``hdfs://``, ``ftp://``...)
+is a :class:`runstore.filesystem.FilesystemBucket`: the same methods through fsspec, with a
+coordinator in place of the conditional writes such stores lack.
+
+This module imports the standard library only; boto3, google-cloud-storage, azure-storage-blob or
+fsspec loads when a bucket is first used.
 """
 
 from __future__ import annotations
@@ -143,8 +147,12 @@ _REFUSED_SCHEMES = {
 
 def is_bucket_uri(text: object) -> bool:
     """Whether a storage argument names a location in a store (``s3://``, ``gs://``,
-    ``az://``, or any other ``protocol://`` that fsspec opens), not a folder."""
-    return isinstance(text, str) and _URI_START.match(text) is not None
+    ``az://``, or any other ``protocol://`` that fsspec opens), not a folder (a path, or a
+    ``file://`` URI)."""
+    if not isinstance(text, str):
+        return False
+    found = _URI_START.match(text)
+    return found is not None and found.group(1).lower() != "file"
 
 
 @dataclass(frozen=True)
@@ -158,12 +166,13 @@ class BucketUri:
 
     @classmethod
     def parse(cls, text: str) -> BucketUri:
-        if not is_bucket_uri(text):
+        found = _URI_START.match(text)
+        if found is None:
             raise BucketError(
                 f"{text!r}: expected s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX], "
                 "az://CONTAINER[/PREFIX] or another fsspec URI (e.g. sftp://HOST/PATH)"
             )
-        scheme = _URI_START.match(text).group(0).lower()
+        scheme = found.group(0).lower()
         bucket, _, prefix = text[len(scheme) :].partition("/")
         if scheme not in SCHEMES:
             _check_other_store(text, scheme, bucket)

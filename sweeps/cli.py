@@ -20,9 +20,10 @@ def _storage_argument(parser: argparse.ArgumentParser) -> None:
         help="experiment storage: a folder path (or file:// URI) every node sees, created if "
         "missing; not empty, not a file; or a bucket: s3://BUCKET/PREFIX (an S3-compatible "
         "server through $AWS_ENDPOINT_URL), gs://BUCKET/PREFIX (a GCS-compatible one through "
-        "$STORAGE_EMULATOR_HOST) or az://CONTAINER/PREFIX (the account of "
-        "$AZURE_STORAGE_CONNECTION_STRING or $AZURE_STORAGE_ACCOUNT_NAME) (default: "
-        "$DIFFCOM_STORAGE or ~/diffcom-experiments)",
+        "$STORAGE_EMULATOR_HOST), az://CONTAINER/PREFIX (the account of "
+        "$AZURE_STORAGE_CONNECTION_STRING or $AZURE_STORAGE_ACCOUNT_NAME), or another store "
+        "fsspec opens, e.g. sftp://[USER@]HOST[:PORT]/PATH (options in $FSSPEC_SFTP_*) "
+        "(default: $DIFFCOM_STORAGE or ~/diffcom-experiments)",
     )
 
 

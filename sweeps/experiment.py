@@ -102,14 +102,15 @@ class ExperimentError(StoreError):
 
 def resolve_storage(storage: str | Path | None) -> Path | BucketUri:
     """Where experiments live: an absolute folder from a path, a ``file://`` URI or ``None`` (the
-    default), or a bucket location from an ``s3://bucket/prefix``, ``gs://bucket/prefix`` or
-    ``az://container/prefix`` URI (:mod:`sweeps.remote`).
+    default), or a location in a store from an ``s3://bucket/prefix``, ``gs://bucket/prefix``,
+    ``az://container/prefix`` or other fsspec URI such as ``sftp://host/path``
+    (:mod:`sweeps.remote`, :mod:`runstore.filesystem`).
 
     Trials change into their own directories, so relative paths are resolved here, once.
 
     Raises:
-        ExperimentError: for other URI schemes (``hdfs://``, ``abfs://``...), naming what works.
-        runstore.bucket.BucketError: for a malformed bucket URI.
+        ExperimentError: for text that is neither a path nor a URI.
+        runstore.bucket.BucketError: for a malformed URI, or a scheme fsspec does not know.
     """
     if storage is None:
         return _storage_folder(default_storage().resolve(), "storage")
@@ -119,14 +120,10 @@ def resolve_storage(storage: str | Path | None) -> Path | BucketUri:
     if text.startswith("file://"):
         text = text[len("file://") :]
     elif "://" in text:
-        scheme = text.split("://", 1)[0]
-        # Experiments need conditional writes (a lease on a shared stage 1, the claim of a
-        # name), which the three object stores have and fsspec's file systems do not offer.
         raise ExperimentError(
-            f"--storage {text}: {scheme}:// storage is not supported; use an s3:// bucket (AWS, or an "
-            "S3-compatible server such as MinIO or Ceph named by AWS_ENDPOINT_URL), a gs:// "
-            "bucket (Google Cloud Storage), an az://CONTAINER/PREFIX location (Azure Blob "
-            "Storage), or a folder every node mounts (HDFS, for one, through its NFS gateway)"
+            f"--storage {text}: neither a folder nor a URI (expected a path, or PROTOCOL://..., "
+            "e.g. s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX, "
+            "sftp://HOST/PATH)"
         )
     if not text.strip():
         # An empty path would be the current directory: experiments there are easily lost.

@@ -803,7 +803,8 @@ class RayCoordinator:
         return self._call("head", location, relative)
 
 
-_RAY_COORDINATORS: dict[str, RayCoordinator] = {}
+#: This process's coordinators, by Ray cluster (its GCS address) and store.
+_RAY_COORDINATORS: dict[tuple[str, str], RayCoordinator] = {}
 
 
 def _coordinator_in_ray(store: str) -> RayCoordinator | None:
@@ -812,9 +813,10 @@ def _coordinator_in_ray(store: str) -> RayCoordinator | None:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return None
-    if store not in _RAY_COORDINATORS:
-        _RAY_COORDINATORS[store] = RayCoordinator(store)
-    return _RAY_COORDINATORS[store]
+    key = (ray.get_runtime_context().gcs_address, store)
+    if key not in _RAY_COORDINATORS:
+        _RAY_COORDINATORS[key] = RayCoordinator(store)
+    return _RAY_COORDINATORS[key]
 
 
 # Every process that runs this module's drivers or trials coordinates fsspec stores through Ray.

@@ -1,5 +1,5 @@
 """A real Azure Blob Storage server on localhost for tests: Azurite, Microsoft's own emulator (an
-npm package: ``make test`` installs it into ``.venv/azurite``), one process per test module,
+npm package: ``make test`` installs it into ``.venv/azurite``), one process per test session,
 reached over HTTP by azure-storage-blob and pyarrow's AzureFileSystem through
 ``$AZURE_STORAGE_CONNECTION_STRING``, as users' code reaches Azure. Azurite enforces
 ``If-None-Match`` and ``If-Match`` on uploads, which leases rely on.

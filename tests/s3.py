@@ -1,5 +1,5 @@
 """A real S3-compatible server on localhost for tests: moto's standalone server (``moto[server]``),
-one process per test module, reached over HTTP by the same boto3 and pyarrow clients users run
+one process per test session, reached over HTTP by the same boto3 and pyarrow clients users run
 against AWS. Nothing is patched in-process."""
 
 from __future__ import annotations

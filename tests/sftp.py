@@ -1,4 +1,4 @@
-"""A real SFTP server on localhost for tests: asyncssh's SFTP server, one process per test module,
+"""A real SFTP server on localhost for tests: asyncssh's SFTP server, one process per test session,
 serving a temporary folder as its root, reached by fsspec's SFTP file system (paramiko) as users'
 code reaches a lab's storage server over SSH. The client finds its password in
 ``$FSSPEC_SFTP_PASSWORD``, one of fsspec's own environment variables.

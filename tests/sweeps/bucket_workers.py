@@ -73,3 +73,12 @@ def die_while_training(environment: dict, uri: str) -> None:
         os._exit(17)  # no release, no cleanup: a SIGKILL or a lost node
 
     BucketStage1Store(experiment, []).obtain(nations_config(), crash, trial="first")
+
+
+def claim_in_ray(location: str, index: int) -> str | None:
+    """A Ray task's conditional create of ``claim`` at ``location`` (through the store's Ray
+    coordinator once :mod:`sweeps.ray_adapter` is imported); its version, or ``None``."""
+    import sweeps.ray_adapter  # noqa: F401  (installs the Ray coordinators)
+    from runstore.bucket import Bucket
+
+    return Bucket(location).create("claim", f"claimed by task {index}".encode())

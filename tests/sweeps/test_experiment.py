@@ -46,11 +46,15 @@ def test_storage_paths_uris_and_the_default(tmp_path, monkeypatch):
     assert resolve_storage("s3://bucket/experiments/") == BucketUri("bucket", "experiments")
     assert resolve_storage("gs://bucket/experiments") == BucketUri("bucket", "experiments", "gs://")
     assert resolve_storage("az://lab/exp") == BucketUri("lab", "exp", "az://")
-    with pytest.raises(
-        ExperimentError,
-        match=r"hdfs:// storage is not supported; use an s3://.*gs://.*az://CONTAINER",
-    ):
-        resolve_storage("hdfs://namenode/experiments")
+    # Any other store fsspec opens; a scheme it does not know, or text that is no URI, refused.
+    assert resolve_storage("hdfs://namenode:8020/experiments") == BucketUri(
+        "namenode:8020", "experiments", "hdfs://"
+    )
+    assert resolve_storage("sftp://me@lab/data/exp").scheme == "sftp://"
+    with pytest.raises(BucketError, match=r"fsspec knows no file system 'nosuch'"):
+        resolve_storage("nosuch://host/experiments")
+    with pytest.raises(ExperimentError, match=r"neither a folder nor a URI .*sftp://HOST/PATH"):
+        resolve_storage("my store://x")
     with pytest.raises(BucketError, match=r"'B' is not a bucket name"):
         resolve_storage("s3://B/x")
 

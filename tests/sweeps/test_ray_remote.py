@@ -2,7 +2,8 @@
 SIGKILLed mid-study, resumed, every trial finished with nothing lost or rerun and one MLflow run
 each, then ``status`` and ``report`` straight from the bucket. The bucket is a real S3-compatible
 server on localhost (tests/s3.py), reached by the driver, Ray Tune and the trials over HTTP; the
-MLflow server is the session's real one (tests/conftest.py).
+MLflow server is the session's real one (tests/conftest.py). Then the coordinator of a store
+without conditional writes (an SFTP server, tests/sftp.py) as the Ray actor that tasks share.
 
 Every wait is for an event (an object in the bucket, a process exit) under one generous deadline.
 """
@@ -15,9 +16,12 @@ from pathlib import Path
 import pytest
 
 from diffcom.cli import main
-from runstore.bucket import Bucket
+from runstore.bucket import Bucket, Lease
+from sweeps.ray_adapter import COORDINATOR_NAMESPACE, RayCoordinator
 from tests.s3 import new_bucket
-from tests.sweeps.test_ray_adapter import _diffcom, _Driver, _wait_for
+from tests.sftp import new_folder
+from tests.sweeps.bucket_workers import claim_in_ray
+from tests.sweeps.test_ray_adapter import ROOT, _diffcom, _Driver, _wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -152,3 +156,36 @@ def _assert_one_mlflow_run_per_trial(uri: str, metadata: dict) -> None:
         assert child.data.tags["mlflow.parentRunId"] == tracking["parent_run_id"]
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
         assert sorted(steps) == list(range(1, 2 + stage2_epochs + 1)), cell  # stage 1: 2 epochs
+
+
+def test_a_store_without_conditional_writes_is_coordinated_by_one_ray_actor(
+    sftp_server, monkeypatch
+):
+    import ray
+
+    location = new_folder(sftp_server)
+    bucket = Bucket(location)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the workers import tests.sweeps.bucket_workers
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a local Ray, as sweeps.ray_adapter starts it
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        # Two tasks in two other processes and this process claim one name: one wins.
+        claim = ray.remote(num_cpus=1)(claim_in_ray)
+        tasks = [claim.remote(location, index) for index in range(2)]
+        here = bucket.create("claim", b"claimed by the test")
+        outcomes = [here, *ray.get(tasks, timeout=300)]
+        assert sum(outcome is not None for outcome in outcomes) == 1, outcomes
+        # Through one detached actor, which this process reaches too.
+        coordinator = bucket.coordinator
+        assert isinstance(coordinator, RayCoordinator)
+        actor = ray.get_actor(coordinator.name, namespace=COORDINATOR_NAMESPACE)
+        with Lease(bucket, "stage1/k.lease", "here", ttl=30) as lease:
+            assert bucket.create("stage1/k.lease", b"another holder") is None
+        assert not lease.lost and not bucket.exists("stage1/k.lease")
+        version, changed, _ = bucket.head("claim")
+        # Its node lost: it restarts with no versions, and dates each file from its first look.
+        ray.kill(actor, no_restart=False)
+        after = bucket.head("claim")
+        assert after[0] == version and after[1] > changed
+    finally:
+        ray.shutdown()

@@ -1,11 +1,13 @@
 """Experiments in a bucket (sweeps.remote) against real servers on localhost: S3-compatible
 (tests/s3.py), GCS-compatible (tests/gcs.py), Azurite (tests/azure.py) and SFTP (tests/sftp.py,
 through fsspec, its conditional writes done by this machine's coordinator). The shared stage 1
-under a lease, a trial's mirror, launch and its refusals, status. Every test runs on S3; the
-race for a stage-1 key and launch on all four stores, the others on S3 and one or two more (the
+under a lease, a trial's mirror, launch and its refusals, status.
+
+Every test runs on S3, launch on all four stores, the others on one or two more: the race of six
+processes for a stage-1 key on SFTP too, whose processes share this machine's coordinator. The
 stores' own contract, leases and mirrors included, is tested on all four in
-tests/runstore/test_bucket.py). The end-to-end study on Ray (a killed driver, resume, status
-and report from the bucket) is in test_ray_remote.py."""
+tests/runstore/test_bucket.py; the end-to-end study on Ray (a killed driver, resume, status and
+report from the bucket) is in test_ray_remote.py."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ S3_GCS_AND_SFTP = pytest.mark.parametrize("uri", ["s3", "gs", "sftp"], indirect=
 S3_AND_AZURE = pytest.mark.parametrize("uri", ["s3", "az"], indirect=True)
 
 
-@ALL_STORES
+@pytest.mark.parametrize("uri", ["s3", "sftp"], indirect=True)
 def test_trials_racing_for_a_key_in_a_bucket_train_it_once(uri, tmp_path):
     log = str(tmp_path / "trainings.log")
     asks = [
