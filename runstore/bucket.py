@@ -302,7 +302,7 @@ class Bucket:
         Raises:
             BucketError: naming the bucket, the endpoint and what failed.
         """
-        name = self.uri.bucket
+        name = self._top()
         try:
             self._ask_for_one_object()
         except Exception as error:
@@ -311,9 +311,9 @@ class Bucket:
                 raise
             kind, reason = failure
             message = {
-                "missing": f"the {self.NOUN} {name!r} does not exist; create it first "
+                "missing": f"the {self.NOUN} {name} does not exist; create it first "
                 f"({self.CREATE_HINT}) or check the name",
-                "denied": f"access to the {self.NOUN} {name!r} is denied ({reason}); "
+                "denied": f"access to the {self.NOUN} {name} is denied ({reason}); "
                 f"{self.DENIED_HINT}",
                 "unreachable": f"cannot reach the storage ({reason})",
             }.get(kind, reason)
@@ -330,6 +330,10 @@ class Bucket:
                 f"{self.where()}: cannot write to the {self.NOUN} ({failure[1]}): experiments "
                 "need read and write access"
             ) from None
+
+    def _top(self) -> str:
+        """The bucket (container, folder) that :meth:`check` names, quoted."""
+        return repr(self.uri.bucket)
 
     def _ask_for_one_object(self) -> None:
         """The cheapest request that fails for a missing, denied or unreachable bucket."""

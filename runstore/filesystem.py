@@ -7,8 +7,9 @@ under the same relative path; mirrors, status, watch, report and resume work unc
 differs:
 
 * **Writes** go to a temporary name beside the file (one :func:`runstore.is_temporary` accepts,
-  so listings skip it) and are renamed over it, so a reader never sees half a checkpoint where
-  the store renames atomically (SFTP's ``posix-rename``, FTP, HDFS, SMB, WebDAV's ``MOVE``).
+  so listings skip it) and are renamed over it (the file system's ``mv``), so a reader never sees
+  half a checkpoint where that rename is atomic and replaces the file: SFTP's ``posix-rename``
+  (tested here), and a rename on the server's own disk for most FTP, SMB and HDFS servers.
 * **Versions.** A listing dates and sizes each file; where the store gives no checksum, a file's
   version (its "ETag") is its size and modification time. A store that keeps whole seconds (an
   SFTP server) may then hide a rewrite of the same size within the same second from a reader
@@ -39,6 +40,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -80,7 +82,7 @@ class FilesystemBucket(Bucket):
     """A location in a store fsspec opens (see the module docstring)."""
 
     NOUN = "folder"
-    CREATE_HINT = "create it on the server, e.g. mkdir -p PATH"
+    CREATE_HINT = "check the path; on an SFTP server it is absolute"
     DENIED_HINT = (
         "check the credentials fsspec reads for it (FSSPEC_<PROTOCOL>_USERNAME, _PASSWORD, "
         "_KEY_FILENAME..., or an SSH agent) and the folder's permissions"
@@ -114,40 +116,44 @@ class FilesystemBucket(Bucket):
         return str(self.uri)
 
     def _path(self, relative: str = "") -> str:
-        root = type(self.client)._strip_protocol(f"{self.store}/{self.uri.key()}").rstrip("/")
+        """The path of ``relative`` in the store's file system (no connection needed)."""
+        import fsspec
+
+        try:
+            kind = fsspec.get_filesystem_class(self.protocol)
+        except ImportError as error:  # the protocol's package is missing
+            raise BucketError(f"{self.uri}: {error}") from None
+        root = kind._strip_protocol(f"{self.store}/{self.uri.key()}").rstrip("/")
         relative = relative.strip("/")
         return f"{root}/{relative}" if relative else root or "/"
 
     # -------------------------------------------------------------------------------- checks
 
+    def _top(self) -> str:
+        return f"{self._path()!r} on {self.uri.bucket}"
+
     def _ask_for_one_object(self) -> None:
-        if not self.client.isdir(self._path()):
-            raise FileNotFoundError(self._path())
+        # As a local --storage folder, the folder is created if missing (as far as the server
+        # lets this user); the probe write that follows checks it can be written.
+        make_folders(self.client, self._path())
 
     def _failure(self, error: Exception) -> tuple[str, str] | None:
         reason = f"{type(error).__name__}: {error}".rstrip(": ")
+        name = type(error).__name__
         if isinstance(error, BucketError):
             return "other", str(error)
         if isinstance(error, FileNotFoundError):
             return "missing", reason
-        if isinstance(error, PermissionError) or "Authentication" in type(error).__name__:
+        if isinstance(error, PermissionError) or "Authentication" in name:
             return "denied", reason
-        if isinstance(error, OSError) or "SSHException" in type(error).__name__:
-            return "unreachable", reason  # refused, timed out, no route, a broken session
+        if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror)) or name in (
+            "NoValidConnectionsError",
+            "SSHException",
+        ):
+            return "unreachable", reason  # refused, timed out, no such host, a broken session
+        if isinstance(error, OSError):
+            return "other", f"cannot use it ({reason})"  # e.g. a file where the folder should be
         return None
-
-    def check(self) -> None:
-        try:
-            super().check()
-        except BucketError as error:
-            message = str(error)
-            if "does not exist" in message:
-                # A folder, not a bucket: say which path on the server is missing.
-                message = message.replace(
-                    f"the folder {self.uri.bucket!r} does not exist",
-                    f"the folder {self._path()!r} does not exist on {self.uri.bucket}",
-                )
-            raise BucketError(message) from None
 
     # ------------------------------------------------------------------------------- objects
 
@@ -254,6 +260,8 @@ def make_folders(filesystem, path: str) -> None:
     between the two."""
     if filesystem.isdir(path):
         return
+    if filesystem.exists(path):
+        raise NotADirectoryError(f"{path} is a file, not a folder")
     parent = filesystem._parent(path)
     if parent and parent != path:
         make_folders(filesystem, parent)

@@ -307,10 +307,15 @@ def test_a_dead_holders_lease_is_taken_over(bucket):
 # ----------------------------------------------------------------- stores fsspec opens (SFTP)
 
 
-def test_a_missing_denied_or_unreachable_sftp_store_is_named(sftp_server, monkeypatch):
-    with pytest.raises(BucketError, match="folder '/no-such-folder/x' does not exist on tester@"):
-        Bucket(f"{sftp_server}/no-such-folder/x").check()
+def test_an_sftp_store_is_created_and_a_blocked_denied_or_unreachable_one_named(
+    sftp_server, monkeypatch
+):
     there = sftp.new_folder(sftp_server)
+    Bucket(f"{there}/new/experiments").check()  # created, as a local --storage folder is
+    assert Bucket(there).listing() == {}
+    Bucket(there).write("blocker", b"a file")
+    with pytest.raises(BucketError, match="cannot use it .*/blocker is a file, not a folder"):
+        Bucket(f"{there}/blocker/x").check()
     monkeypatch.setenv("FSSPEC_SFTP_PASSWORD", "wrong")
     with pytest.raises(BucketError, match="access to the folder .* is denied.*Authentication"):
         Bucket(there).check()

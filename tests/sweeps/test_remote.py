@@ -209,8 +209,9 @@ def test_launch_into_a_bucket_pushes_the_experiment_and_refuses_what_a_bucket_ca
     root = uri.rsplit("/", 1)[0]
     scheme = uri.split("://")[0]
     missing, words = f"{scheme}://no-such-bucket/x", "'no-such-bucket' does not exist"
-    if scheme == "sftp":  # a host that is there, a folder that is not
-        missing, words = f"{root}-missing", "folder '/.*-missing' does not exist on tester@"
+    if scheme == "sftp":  # a folder is created if missing: a file in its way refuses it
+        Bucket(root).write("blocker", b"a file")
+        missing, words = f"{root}/blocker/x", "blocker is a file, not a folder"
     with pytest.raises(BucketError, match=words):
         ray_adapter.launch(STUDIES / "smoke-ablation.yaml", storage=missing)
     with pytest.raises(ExperimentError, match="workers > 1 .* resources.workers = 2"):
