@@ -63,9 +63,9 @@ test: $(STAMP) lint azurite
 test-all: $(STAMP) lint chromium azurite
 	$(BIN)/pytest
 
-# The tests against real servers on localhost (S3-, GCS- and Azure-compatible servers, an MLflow
-# tracking server), Ray's killed-and-resumed study in a bucket included: about 3 minutes on a
-# 2-core machine.
+# The tests against real servers on localhost (S3-, GCS- and Azure-compatible servers, an SFTP
+# server, an MLflow tracking server), Ray's killed-and-resumed study in a bucket included: about
+# 3.5 minutes on a 2-core machine.
 test-servers: $(STAMP) azurite
 	$(BIN)/pytest tests/runstore/test_bucket.py tests/sweeps/test_remote.py \
 		tests/sweeps/test_tracking.py tests/sweeps/test_ray_remote.py

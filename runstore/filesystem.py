@@ -56,6 +56,7 @@ __all__ = [
     "LocalCoordinator",
     "digest",
     "make_folders",
+    "renamed_into",
     "use_coordinators",
 ]
 
@@ -223,18 +224,8 @@ class FilesystemBucket(Bucket):
 
     @contextlib.contextmanager
     def _renamed_into(self, relative: str) -> Iterator[str]:
-        """A temporary path beside ``relative`` to write; renamed over it after the block."""
-        final = self._path(relative)
-        parent, _, name = final.rpartition("/")
-        make_folders(self.client, parent or "/")
-        temporary = f"{parent}/.{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-        try:
+        with renamed_into(self.client, self._path(relative)) as temporary:
             yield temporary
-            self.client.mv(temporary, final)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.client.rm_file(temporary)
-            raise
 
     # --------------------------------------------------------------------------- coordination
 
@@ -254,13 +245,33 @@ class FilesystemBucket(Bucket):
         return pyarrow.fs.PyFileSystem(StoreHandler(self.store)), self._path()
 
 
+@contextlib.contextmanager
+def renamed_into(filesystem, final: str) -> Iterator[str]:
+    """A temporary path beside ``final`` to write (in the same thread); renamed over ``final``
+    after the block, removed if the block fails. Its folder is created first."""
+    parent, _, name = final.rpartition("/")
+    make_folders(filesystem, parent or "/")
+    temporary = f"{parent}/.{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    try:
+        yield temporary
+        filesystem.mv(temporary, final)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            filesystem.rm_file(temporary)
+        raise
+
+
 def make_folders(filesystem, path: str) -> None:
     """``mkdir -p path`` that another process or thread may be doing at the same time: fsspec's
     ``makedirs`` checks, then creates, and fails on SFTP when someone else created the folder
     between the two."""
-    if filesystem.isdir(path):
+    try:
+        kind = filesystem.info(path).get("type")  # one request: isdir, then exists, would race
+    except FileNotFoundError:
+        kind = None
+    if kind == "directory":
         return
-    if filesystem.exists(path):
+    if kind is not None:
         raise NotADirectoryError(f"{path} is a file, not a folder")
     parent = filesystem._parent(path)
     if parent and parent != path:

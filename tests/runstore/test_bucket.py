@@ -323,7 +323,7 @@ def test_an_sftp_store_is_created_and_a_blocked_denied_or_unreachable_one_named(
         Bucket("sftp://tester@127.0.0.1:1/x").check()
 
 
-def test_ray_tunes_pyarrow_view_of_an_sftp_store_copies_from_many_threads(sftp_server, tmp_path):
+def test_ray_tunes_pyarrow_view_of_an_sftp_store_is_safe_under_many_threads(sftp_server, tmp_path):
     # What Ray Tune does with its state and a trial's files: pyarrow copies a folder with
     # several threads at once. One SFTP session shared between them deadlocked.
     import pyarrow.fs
@@ -353,6 +353,21 @@ def test_ray_tunes_pyarrow_view_of_an_sftp_store_copies_from_many_threads(sftp_s
     assert not failed, failed
     listing = bucket.listing("deep/trial")
     assert len(listing) == 24 and {item.size for item in listing.values()} == {100_000}
+
+    # A stream opened in one thread and closed in another, while the first goes on using the
+    # store: what pyarrow's threads do, and what deadlocked a shared SFTP session.
+    stream = filesystem.open_output_stream(f"{path}/state/experiment_state.json")
+    stream.write(b"{}" * 50_000)
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    for _ in range(20):
+        filesystem.get_file_info(f"{path}/deep/trial/sub-0/file-0")
+    closer.join(timeout=300)
+    assert not closer.is_alive(), "closing the stream in another thread did not finish"
+    with filesystem.open_input_stream(f"{path}/state/experiment_state.json") as reader:
+        assert reader.read() == b"{}" * 50_000
+    assert "state/experiment_state.json" in bucket.listing("state")  # no temporary left beside
+    assert len(bucket.listing("state")) == 1
 
 
 def test_a_coordinator_dates_a_file_it_never_saw_from_its_first_look(sftp_server):
