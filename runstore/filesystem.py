@@ -139,8 +139,8 @@ class FilesystemBucket(Bucket):
         make_folders(self.client, self._path())
 
     def _failure(self, error: Exception) -> tuple[str, str] | None:
-        reason = f"{type(error).__name__}: {error}".rstrip(": ")
         name = type(error).__name__
+        reason = f"{name}: {error}".rstrip(": ")
         if isinstance(error, BucketError):
             return "other", str(error)
         if isinstance(error, FileNotFoundError):

@@ -731,7 +731,9 @@ def _tune_storage(location: str | Path):
     read ``$STORAGE_EMULATOR_HOST``, so a ``gs://`` location on a GCS-compatible server gets a
     client pointed at it, and the path without its scheme. pyarrow reads no Azure settings from
     the environment at all: an ``az://`` location gets an AzureFileSystem of the account that
-    :class:`runstore.bucket.AzureAccount` finds there, and ``CONTAINER/PREFIX`` as its path.
+    :class:`runstore.bucket.AzureAccount` finds there, and ``CONTAINER/PREFIX`` as its path. Any
+    other store fsspec opens (``sftp://``...) gets pyarrow's handler of its fsspec file systems
+    (:class:`runstore.arrow.StoreHandler`) and its path on the server.
     """
     location = str(location)
     if is_bucket_uri(location) and isinstance(store := Bucket(location), FilesystemBucket):
