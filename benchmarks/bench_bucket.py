@@ -130,7 +130,7 @@ SFTP_PASSWORD = "bench"
 
 
 def _start_sftp_server(folder: Path, port: int, log) -> tuple[subprocess.Popen, str]:
-    import socket
+    from tests.sftp import answers_ssh
 
     root = folder / "sftp-root"
     root.mkdir()
@@ -139,13 +139,7 @@ def _start_sftp_server(folder: Path, port: int, log) -> tuple[subprocess.Popen, 
         [*command, SFTP_PASSWORD], stdout=log, stderr=log, start_new_session=True
     )
     started = time.monotonic()
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
-                if connection.recv(8).startswith(b"SSH-"):
-                    break
-        except OSError:
-            pass
+    while not answers_ssh(port):
         if server.poll() is not None or time.monotonic() - started > 300:
             raise SystemExit(f"the sftp server did not start: see {folder / 'sftp-server.log'}")
         time.sleep(0.3)

@@ -86,6 +86,7 @@ __all__ = [
     "ranks_file",
     "read_json",
     "read_jsonl",
+    "temporary_name",
     "write_json",
     "write_jsonl",
 ]
@@ -181,8 +182,16 @@ def default_storage() -> Path:
 # ---------------------------------------------------------------------------------- atomic writes
 
 
+def temporary_name(name: str) -> str:
+    """The name a write of the file ``name`` goes under before it is renamed into place: hidden,
+    with the process id and a random part (concurrent writers never share one);
+    :func:`is_temporary` knows it."""
+    return f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+
+
 def is_temporary(name: str) -> bool:
-    """Whether a file name is one :func:`atomic_write` uses while writing (left only by a kill)."""
+    """Whether a file name is one :func:`temporary_name` gives (a write in flight, or left by a
+    kill)."""
     return _TEMPORARY.fullmatch(name) is not None
 
 
@@ -197,7 +206,7 @@ def atomic_write(path: str | Path) -> Iterator[IO[bytes]]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    temporary = path.with_name(temporary_name(path.name))
     try:
         handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(handle, "wb") as stream:

@@ -39,7 +39,6 @@ import fcntl
 import hashlib
 import json
 import os
-import secrets
 import socket
 import tempfile
 import threading
@@ -47,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from runstore import atomic_write_bytes, is_temporary
+from runstore import atomic_write_bytes, is_temporary, temporary_name
 from runstore.bucket import Bucket, BucketError, BucketUri, RemoteObject
 
 __all__ = [
@@ -195,7 +194,7 @@ class FilesystemBucket(Bucket):
     def download(self, relative: str, path: Path) -> None:
         # get_file, not a read loop: SFTP's get pipelines its reads (65 MiB: 0.8 s, not 16 s).
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        temporary = path.with_name(temporary_name(path.name))
         try:
             self.client.get_file(self._path(relative), str(temporary))
             os.replace(temporary, path)
@@ -251,7 +250,7 @@ def renamed_into(filesystem, final: str) -> Iterator[str]:
     after the block, removed if the block fails. Its folder is created first."""
     parent, _, name = final.rpartition("/")
     make_folders(filesystem, parent or "/")
-    temporary = f"{parent}/.{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    temporary = f"{parent}/{temporary_name(name)}"
     try:
         yield temporary
         filesystem.mv(temporary, final)

@@ -20,7 +20,7 @@ USER = "tester"
 PASSWORD = "sftp-test-password"
 
 
-def _answers_ssh(port: int) -> bool:
+def answers_ssh(port: int) -> bool:
     """Whether an SSH server sends its banner on ``port`` now."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
@@ -45,20 +45,22 @@ def start_server(folder: Path) -> Iterator[str]:
         [sys.executable, __file__, str(port), str(root), PASSWORD],
         url=f"sftp://{USER}@127.0.0.1:{port}",
         probe="",
-        ready=lambda: _answers_ssh(port),
+        ready=lambda: answers_ssh(port),
         log_path=folder / "sftp-server.log",
         what="SFTP server",
         point_at_it={"FSSPEC_SFTP_PASSWORD": PASSWORD, "FSSPEC_SFTP_LOOK_FOR_KEYS": "false"},
     )
 
 
-def new_folder(url: str) -> str:
-    """A fresh, empty folder on the server at ``url``; its ``sftp://`` URI."""
+def new_folder(url: str, below: str = "") -> str:
+    """A fresh, empty folder on the server at ``url`` (with ``below``, that path inside it,
+    created too); its ``sftp://`` URI."""
     from runstore.bucket import Bucket
+    from runstore.filesystem import make_folders
 
-    uri = f"{url}/t-{uuid.uuid4().hex[:12]}"
+    uri = f"{url}/t-{uuid.uuid4().hex[:12]}" + (f"/{below}" if below else "")
     bucket = Bucket(uri)
-    bucket.client.makedirs(bucket._path(), exist_ok=True)
+    make_folders(bucket.client, bucket._path())
     return uri
 
 

@@ -28,9 +28,7 @@ from tests.s3 import new_bucket, start_server
 @pytest.fixture(params=["s3", "gs", "az", "sftp"])
 def bucket(request):
     if request.param == "sftp":
-        bucket = Bucket(f"{sftp.new_folder(request.getfixturevalue('sftp_server'))}/exp")
-        bucket.client.makedirs(bucket._path(), exist_ok=True)
-        return bucket
+        return Bucket(sftp.new_folder(request.getfixturevalue("sftp_server"), "exp"))
     if request.param == "s3":
         request.getfixturevalue("s3_server")
         return Bucket(f"s3://{new_bucket()}/experiments/exp")

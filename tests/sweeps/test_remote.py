@@ -48,9 +48,7 @@ def uri(request) -> str:
     with (``"gs"``, ``"az"``, ``"sftp"``: a fresh folder on the SFTP server)."""
     store = getattr(request, "param", "s3")
     if store == "sftp":
-        root = Bucket(f"{sftp.new_folder(request.getfixturevalue('sftp_server'))}/experiments")
-        root.client.makedirs(root._path(), exist_ok=True)
-        return f"{root.uri}/exp"
+        return f"{sftp.new_folder(request.getfixturevalue('sftp_server'), 'experiments')}/exp"
     if store == "gs":
         request.getfixturevalue("gcs_server")
         return f"gs://{gcs.new_bucket()}/experiments/exp"
